@@ -1,0 +1,71 @@
+"""`python -m llama.zoo`: every preset with its parameter count, computed three ways against the published one.
+
+The module count instantiates the real `Transformer` on the `meta` device (no memory is allocated), so it checks
+the code, not just the formula.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from .config import PRESETS, count_parameters
+from .model import Transformer
+
+
+def module_parameter_count(name: str) -> int:
+    """Unique parameters of the preset's `Transformer`, built on the meta device (tied matrices count once)."""
+    with torch.device("meta"):
+        model = Transformer(PRESETS[name].args)
+    return sum(p.numel() for p in model.parameters())
+
+
+def zoo_table(include_tiny: bool = False) -> list[dict]:
+    rows = []
+    for name, preset in PRESETS.items():
+        if preset.published is None and not include_tiny:
+            continue
+        a = preset.args
+        computed = module_parameter_count(name)
+        rows.append(dict(name=name, family=preset.family, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
+                         n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, ffn_hidden_dim=a.ffn_hidden_dim,
+                         vocab_size=a.vocab_size, rope_theta=a.rope_theta, norm_eps=a.norm_eps,
+                         max_seq_len=a.max_seq_len, tied=a.tie_word_embeddings,
+                         rope_scaling=a.rope_scaling.rope_type + f"x{a.rope_scaling.factor:g}" if a.rope_scaling else "-",
+                         computed=computed, formula=count_parameters(a), published=preset.published,
+                         match=computed == preset.published if preset.published else None))
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["name", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
+            "rope_theta", "norm_eps", "max_seq_len", "tied", "rope_scaling", "computed", "published", "match"]
+    fmt = {"computed": "{:,}", "published": "{:,}", "rope_theta": "{:g}", "norm_eps": "{:g}"}
+    cells = [[fmt.get(c, "{}").format(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(v.rjust(w) if v[:1].isdigit() else v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tiny", action="store_true", help="also list the tiny test presets")
+    parser.add_argument("--json", help="write the table as JSON to this file")
+    args = parser.parse_args(argv)
+    rows = zoo_table(args.tiny)
+    print(format_table(rows))
+    released = [r for r in rows if r["published"] is not None]
+    n_ok = sum(r["match"] for r in released)
+    print(f"\n{n_ok}/{len(released)} released presets reproduce the published parameter count exactly")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if n_ok == len(released) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
