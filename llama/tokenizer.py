@@ -1,0 +1,357 @@
+"""Tokenizers of the LLaMA family: one entry point, two file formats.
+
+`Tokenizer(path)` reads the file, recognises its format and returns the matching subclass:
+
+* `SentencePieceTokenizer`: a SentencePiece BPE `.model` file (protobuf). LLaMA 1, Llama 2 and Code Llama use one
+  with 32,000 pieces (Code Llama 7B/13B/70B: 32,016 incl. infilling pieces), unk 0, bos 1, eos 2 and no pad
+  piece (pad -1). Byte fallback covers any text. (LLaMA paper §2; Meta `llama/tokenizer.py`, codellama.)
+* `TiktokenTokenizer`: Llama 3's byte-level BPE file, one line `<base64 token bytes> <rank>` per token
+  (128,000 lines), plus 256 special tokens appended after the last rank, so V = 128,256. Text is first
+  split by a regex (the pre-tokeniser) and each piece is BPE-merged by rank. (Llama 3 herd paper §3.1.2 /
+  Table 3; Meta `llama-models/models/llama3/tokenizer.py`.)
+
+Meta ships both files as `tokenizer.model`, so the format is recognised from the content, never from the name.
+
+Not supported: Llama 4's o200k-style tokenizer (200,000 ranks + 2,048 specials). Our spec (models.md) pins only five
+of its special ids (bos, eos, eom, eot, pad) and neither its full special-token list nor its pre-tokeniser regex.
+
+No tensors here, so no shape legend: token ids are plain `list[int]`.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import operator
+import os
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import sentencepiece
+import tiktoken
+
+__all__ = [
+    "Tokenizer",
+    "SentencePieceTokenizer",
+    "TiktokenTokenizer",
+    "LLAMA3_PATTERN",
+    "llama3_special_tokens",
+    "load_tiktoken_ranks",
+]
+
+AllowedSpecial = Literal["all"] | Iterable[str]
+
+
+class Tokenizer:
+    """Load a LLaMA tokenizer file (or a checkpoint folder holding `tokenizer.model`) and pick its format.
+
+    `Tokenizer(path)` returns a `SentencePieceTokenizer` or a `TiktokenTokenizer`; both are `Tokenizer`s and share
+    this interface:
+
+        n_words / vocab_size     rows of the embedding table this tokenizer needs
+        bos_id, eos_id, pad_id   pad_id is -1 where the format has no pad token
+        stop_tokens              ids at which chat generation ends
+        encode(s, *, bos, eos, allowed_special=(), disallowed_special=()) -> list[int]
+        decode(ids) -> str
+    """
+
+    kind: str  # "sentencepiece" | "tiktoken"
+    path: Path
+    n_words: int
+    bos_id: int
+    eos_id: int
+    pad_id: int
+    stop_tokens: tuple[int, ...]
+
+    def __new__(cls, path: str | os.PathLike | None = None):
+        # Like pathlib.Path: calling the base class dispatches to the subclass that fits the file; Python then
+        # runs that subclass's __init__ with the same argument.
+        if cls is Tokenizer:
+            if path is None:
+                raise TypeError("Tokenizer(path) needs the path of a tokenizer.model file or of a checkpoint folder")
+            cls = _subclass_for(_resolve_path(path))
+        return super().__new__(cls)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_words
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: AllowedSpecial = (),
+               disallowed_special: AllowedSpecial = ()) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: Sequence[int]) -> str:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({str(self.path)!r}, n_words={self.n_words}, bos_id={self.bos_id}, "
+                f"eos_id={self.eos_id}, pad_id={self.pad_id})")
+
+    # -- checks shared by both formats -----------------------------------------------------------------------------
+
+    def _wrap(self, ids: list[int], bos: bool, eos: bool) -> list[int]:
+        if bos and self.bos_id < 0:
+            raise ValueError(f"{self.path} defines no bos token; call encode(..., bos=False)")
+        if eos and self.eos_id < 0:
+            raise ValueError(f"{self.path} defines no eos token; call encode(..., eos=False)")
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        if isinstance(ids, (str, bytes)):
+            raise TypeError(f"decode expects a sequence of token ids, got {type(ids).__name__}; "
+                            "pass a list of ints (tensor.tolist())")
+        try:
+            ids = [operator.index(t) for t in ids]
+        except TypeError as err:
+            raise TypeError(f"decode expects integer token ids ({err}); pass a list of ints, e.g. tensor.tolist()") \
+                from None
+        for position, t in enumerate(ids):
+            if not 0 <= t < self.n_words:
+                raise ValueError(f"token id {t} at position {position} is outside this tokenizer's vocabulary "
+                                 f"[0, {self.n_words}); remove padding (-1) and ids the model cannot produce "
+                                 "before decoding")
+        return ids
+
+
+def _resolve_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        inside = path / "tokenizer.model"
+        if not inside.is_file():
+            raise FileNotFoundError(
+                f"no tokenizer.model in folder {path}; pass the file itself (Hugging Face Llama 3 repos keep it "
+                "in original/tokenizer.model)")
+        return inside
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.model file")
+    return path
+
+
+# A Llama 3 ranks file is ASCII lines "<base64> <decimal rank>"; a SentencePiece model is a protobuf whose first byte
+# is 0x0a (field 1, the piece list), so its first "line" is empty and never matches.
+_RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+={0,2} [0-9]+")
+
+
+def _subclass_for(path: Path) -> type[Tokenizer]:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if not head:
+        raise ValueError(f"tokenizer file {path} is empty; re-download or re-copy it")
+    if _RANK_LINE.fullmatch(head.split(b"\n", 1)[0].rstrip(b"\r")):
+        return TiktokenTokenizer
+    return SentencePieceTokenizer
+
+
+# =====================================================================================================================
+# SentencePiece (LLaMA 1, Llama 2, Code Llama)
+# =====================================================================================================================
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """SentencePiece BPE model: LLaMA 1 / Llama 2 / Code Llama (unk 0, bos 1, eos 2, pad -1)."""
+
+    kind = "sentencepiece"
+
+    # Code Llama's infilling pieces (Code Llama paper §2.3) and the <step> marker of Code Llama 70B Instruct; each
+    # id attribute is None when the model lacks the piece (LLaMA 1, Llama 2, Code Llama 34B).
+    INFILL_PIECES = {"prefix_id": "▁<PRE>", "middle_id": "▁<MID>", "suffix_id": "▁<SUF>", "eot_id": "▁<EOT>",
+                     "step_id": "<step>"}
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _resolve_path(path)
+        self.sp_model = sentencepiece.SentencePieceProcessor()
+        try:
+            self.sp_model.Load(str(self.path))
+        except (RuntimeError, OSError) as err:
+            raise ValueError(
+                f"{self.path} is neither a SentencePiece model nor a Llama 3 BPE ranks file ({err}); it may be "
+                "truncated or corrupt: re-download it (LLaMA 1/2 and Code Llama: tokenizer.model in the checkpoint "
+                "folder; Llama 3: original/tokenizer.model)") from None
+        self.n_words = self.sp_model.vocab_size()
+        self.bos_id = self.sp_model.bos_id()
+        self.eos_id = self.sp_model.eos_id()
+        self.pad_id = self.sp_model.pad_id()
+        self.stop_tokens = (self.eos_id,)
+        for attribute, piece in self.INFILL_PIECES.items():
+            piece_id = self.sp_model.piece_to_id(piece)
+            setattr(self, attribute, None if piece_id == self.sp_model.unk_id() else piece_id)
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: AllowedSpecial = (),
+               disallowed_special: AllowedSpecial = ()) -> list[int]:
+        """Text -> ids. SentencePiece prepends "▁" (a space) to the text and falls back to byte pieces <0xNN>."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects a str, got {type(s).__name__}; decode bytes first (b.decode('utf-8'))")
+        if allowed_special == "all" or tuple(allowed_special) or disallowed_special == "all" or \
+                tuple(disallowed_special):
+            raise ValueError("a SentencePiece tokenizer has no special tokens inside text (\"<s>\" is encoded as "
+                             "plain text); drop allowed_special/disallowed_special and use bos=/eos=")
+        return self._wrap(self.sp_model.encode(s), bos, eos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text. Control ids (bos, eos, unk) decode to nothing; the leading "▁" is dropped."""
+        return self.sp_model.decode(self._check_ids(ids))
+
+
+# =====================================================================================================================
+# tiktoken-format byte-level BPE (Llama 3, 3.1, 3.2, 3.3)
+# =====================================================================================================================
+
+# The Llama 3 pre-tokeniser (Meta `pat_str`, the cl100k pattern): text is cut into pieces and BPE never merges across
+# two pieces. Alternatives, tried left to right at each position:
+LLAMA3_PATTERN = "|".join([
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)",  # English contractions, any case
+    r"[^\r\n\p{L}\p{N}]?\p{L}+",      # a word, with at most one leading non-letter (usually the space)
+    r"\p{N}{1,3}",                    # numbers in groups of at most three digits
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",     # punctuation runs, optional leading space, trailing newlines
+    r"\s*[\r\n]+",                    # newlines with the whitespace before them
+    r"\s+(?!\S)",                     # whitespace, leaving the last space to the following word
+    r"\s+",                           # any other whitespace
+])
+
+LLAMA3_NUM_SPECIAL_TOKENS = 256
+
+
+def llama3_special_tokens(n_base: int) -> dict[str, int]:
+    """Llama 3's 256 special tokens, numbered from `n_base` (= 128,000 for the released file).
+
+    Names as in Meta's llama-models (Llama 3.1 onwards). The ids are those of Llama 3.0 too; 3.0 (meta-llama/llama3)
+    called five of them reserved: ids +4, +5, +8, +10, +11 were <|reserved_special_token_2/3/4/5/6|>, and its
+    remaining reserved tokens count up from 5 instead of 2.
+    """
+    named = [
+        "<|begin_of_text|>",          # +0  bos
+        "<|end_of_text|>",            # +1  eos (end of a document)
+        "<|reserved_special_token_0|>",
+        "<|reserved_special_token_1|>",
+        "<|finetune_right_pad_id|>",  # +4  pad
+        "<|step_id|>",
+        "<|start_header_id|>",        # +6  chat: opens a role header
+        "<|end_header_id|>",          # +7  chat: closes it
+        "<|eom_id|>",                 # +8  end of message (the model waits for a tool result)
+        "<|eot_id|>",                 # +9  end of turn
+        "<|python_tag|>",             # +10 tool call follows
+        "<|image|>",                  # +11 Llama 3.2 Vision image placeholder
+    ]
+    reserved = [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(named))]
+    return {name: n_base + offset for offset, name in enumerate(named + reserved)}
+
+
+def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
+    """Read a `<base64 token> <rank>` file into {token bytes: rank}, checking what tiktoken silently assumes."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a BPE ranks file (non-ASCII bytes); it may be corrupt: re-download it") \
+            from None
+    ranks: dict[bytes, int] = {}
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split()
+        if len(fields) != 2 or not fields[1].isdigit():
+            raise ValueError(f"{path}, line {line_no}: expected '<base64 token> <rank>', got {line[:60]!r}; the "
+                             "file is truncated or corrupt: re-download it")
+        try:
+            token = base64.b64decode(fields[0], validate=True)
+        except binascii.Error:
+            raise ValueError(f"{path}, line {line_no}: {fields[0][:40]!r} is not valid base64; the file is corrupt: "
+                             "re-download it") from None
+        if token in ranks:
+            raise ValueError(f"{path}, line {line_no}: token {token!r} appears twice (ranks {ranks[token]} and "
+                             f"{fields[1]}); the file is corrupt: re-download it")
+        ranks[token] = int(fields[1])
+    # Special tokens are numbered from len(ranks), so the ranks must be exactly 0 .. n-1.
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: ranks are not the consecutive integers 0..{len(ranks) - 1} (duplicates or gaps); "
+                         "the file is corrupt or not a Llama 3 tokenizer: re-download it")
+    # Byte-level BPE: every byte must be a token, otherwise some text cannot be encoded at all.
+    missing = [b for b in range(256) if bytes([b]) not in ranks]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} of the 256 single bytes have no rank (first: {missing[0]:#04x}); "
+                         "a byte-level BPE file must contain every byte: use a complete Llama 3 tokenizer.model")
+    return ranks
+
+
+# tiktoken's Rust core can overflow its stack on very long runs of one character class (openai/tiktoken#195); Meta
+# encodes text in windows of 400,000 characters and cuts any run of more than 25,000 whitespace or non-whitespace
+# characters. We do the same, so ids equal Meta's even for such inputs.
+_MAX_ENCODE_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+
+
+def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
+    """Cut `s` so that no piece holds more than `max_run` consecutive whitespace or non-whitespace characters."""
+    start, run, run_is_space = 0, 0, None
+    for i, ch in enumerate(s):
+        if ch.isspace() is run_is_space:
+            run += 1
+            if run > max_run:
+                yield s[start:i]
+                start, run = i, 1
+        else:
+            run, run_is_space = 1, ch.isspace()
+    yield s[start:]
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Llama 3's byte-level BPE (tiktoken ranks file + 256 special tokens; bos 128000, eos 128001, eot 128009)."""
+
+    kind = "tiktoken"
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = _resolve_path(path)
+        ranks = load_tiktoken_ranks(self.path)
+        n_base = len(ranks)
+        self.special_tokens = llama3_special_tokens(n_base)
+        self.model = tiktoken.Encoding(name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                                       special_tokens=self.special_tokens)
+        self.n_words = n_base + len(self.special_tokens)
+        self.bos_id = self.special_tokens["<|begin_of_text|>"]
+        self.eos_id = self.special_tokens["<|end_of_text|>"]
+        self.eot_id = self.special_tokens["<|eot_id|>"]
+        self.eom_id = self.special_tokens["<|eom_id|>"]
+        self.python_tag_id = self.special_tokens["<|python_tag|>"]
+        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        # Generation stops at the end of a document, of a message (tool call) or of a turn.
+        self.stop_tokens = (self.eos_id, self.eom_id, self.eot_id)
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: AllowedSpecial = (),
+               disallowed_special: AllowedSpecial = ()) -> list[int]:
+        """Text -> ids.
+
+        By default (Meta's default) the text of a special token, e.g. "<|eot_id|>" typed by a user, is encoded as
+        ordinary text. Name tokens in `allowed_special` (or "all") to encode them as their single special id, and in
+        `disallowed_special` to raise when they occur.
+        """
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects a str, got {type(s).__name__}; decode bytes first (b.decode('utf-8'))")
+        allowed = self._special_set(allowed_special, "allowed_special")
+        disallowed = self._special_set(disallowed_special, "disallowed_special")
+        ids: list[int] = []
+        for window_start in range(0, len(s), _MAX_ENCODE_CHARS):
+            for piece in _split_long_runs(s[window_start:window_start + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
+                try:
+                    ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed)
+                except ValueError as err:  # tiktoken found a disallowed special token in the text
+                    raise ValueError(f"{err}; remove it from the text or pass it in allowed_special") from None
+        return self._wrap(ids, bos, eos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; a byte sequence that is not valid UTF-8 (e.g. half a character) decodes to U+FFFD."""
+        return self.model.decode(self._check_ids(ids))
+
+    def _special_set(self, names: AllowedSpecial, argument: str) -> Literal["all"] | set[str]:
+        if names == "all":
+            return "all"
+        if isinstance(names, str):
+            raise TypeError(f"{argument} must be 'all' or a collection of token strings, got the string {names!r}; "
+                            f"write {argument}={{{names!r}}}")
+        names = set(names)
+        unknown = sorted(names - self.special_tokens.keys())
+        if unknown:
+            raise ValueError(f"{argument} names {unknown[:3]}, which are not Llama 3 special tokens; use names such "
+                             "as '<|eot_id|>' (see tokenizer.special_tokens) or 'all'")
+        return names
