@@ -330,13 +330,16 @@ class TiktokenTokenizer(Tokenizer):
             raise TypeError(f"encode expects a str, got {type(s).__name__}; decode bytes first (b.decode('utf-8'))")
         allowed = self._special_set(allowed_special, "allowed_special")
         disallowed = self._special_set(disallowed_special, "disallowed_special")
+        if disallowed == "all":
+            disallowed = set(self.special_tokens) - (set(self.special_tokens) if allowed == "all" else allowed)
+        for name in sorted(disallowed):
+            if name in s:
+                raise ValueError(f"the text contains {name!r}, a special token listed in disallowed_special; remove "
+                                 "it from the text, or pass it in allowed_special to encode it as one token")
         ids: list[int] = []
         for window_start in range(0, len(s), _MAX_ENCODE_CHARS):
             for piece in _split_long_runs(s[window_start:window_start + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
-                try:
-                    ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=disallowed)
-                except ValueError as err:  # tiktoken found a disallowed special token in the text
-                    raise ValueError(f"{err}; remove it from the text or pass it in allowed_special") from None
+                ids += self.model.encode(piece, allowed_special=allowed, disallowed_special=())
         return self._wrap(ids, bos, eos)
 
     def decode(self, ids: Sequence[int]) -> str:

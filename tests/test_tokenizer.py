@@ -1,0 +1,415 @@
+"""llama.tokenizer against independent references: the sentencepiece library, a pure-Python byte-level BPE, a direct
+tiktoken.Encoding, Hugging Face tokenizers, and Meta's special-token ids written out by hand."""
+
+import base64
+import math
+import re
+import shutil
+
+import pytest
+import regex
+import sentencepiece
+import tiktoken
+
+from llama.tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from tests.tokenizer_files import (
+    META_LLAMA3_PATTERN,
+    sample_text,
+    train_bpe_ranks,
+    train_sentencepiece,
+    write_llama3_sized_ranks,
+    write_ranks,
+)
+
+TRICKY = [
+    "",
+    "Hello world!",
+    " leading space and trailing space ",
+    "two  spaces,\tabs\tand\nnew\n\nlines\r\n",
+    "digits 1234567 and 3.14159",
+    "I'm sure they've DON'T it's",
+    "naïve café über straße",
+    "東京 日本語 🦙 emoji outside the training text: 🚀✨",
+    "<s> </s> [INST] <<SYS>> <|eot_id|> look like specials but are text",
+    "    \n   ",
+]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tokenizers")
+    ranks = train_bpe_ranks(sample_text(), n_merges=300)
+    return {
+        "sp": train_sentencepiece(root / "sp.model"),
+        "sp_code": train_sentencepiece(root / "sp_code.model",
+                                       control_symbols=("▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>", "<step>")),
+        "ranks": ranks,
+        # Meta ships the Llama 3 ranks under the same name as the SentencePiece file.
+        "bpe": write_ranks(root / "tokenizer.model", ranks),
+        "root": root,
+    }
+
+
+@pytest.fixture(scope="module")
+def sp_tok(files):
+    return Tokenizer(files["sp"])
+
+
+@pytest.fixture(scope="module")
+def bpe_tok(files):
+    return Tokenizer(files["bpe"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Format detection
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_format_is_detected_from_content_not_name(files, tmp_path):
+    assert type(Tokenizer(files["sp"])) is SentencePieceTokenizer
+    assert type(Tokenizer(files["bpe"])) is TiktokenTokenizer
+    swapped = shutil.copy(files["sp"], tmp_path / "looks_like_text.txt")
+    assert isinstance(Tokenizer(swapped), SentencePieceTokenizer)
+    assert isinstance(Tokenizer(swapped), Tokenizer)
+    assert Tokenizer(files["sp"]).kind == "sentencepiece" and Tokenizer(files["bpe"]).kind == "tiktoken"
+
+
+def test_checkpoint_folder_resolves_to_its_tokenizer_model(files):
+    tok = Tokenizer(files["root"])  # the folder holds tokenizer.model (the BPE file)
+    assert isinstance(tok, TiktokenTokenizer) and tok.path.name == "tokenizer.model"
+
+
+def test_subclasses_can_be_called_directly(files):
+    assert SentencePieceTokenizer(files["sp"]).n_words == 512
+    assert TiktokenTokenizer(files["bpe"]).n_words == len(files["ranks"]) + 256
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# SentencePiece (LLaMA 1 / Llama 2 / Code Llama)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_sentencepiece_ids_and_properties(sp_tok):
+    assert (sp_tok.n_words, sp_tok.vocab_size) == (512, 512)
+    assert (sp_tok.bos_id, sp_tok.eos_id, sp_tok.pad_id) == (1, 2, -1)  # LLaMA: unk 0, bos 1, eos 2, no pad
+    assert sp_tok.stop_tokens == (2,)
+    assert sp_tok.prefix_id is None and sp_tok.eot_id is None  # no Code Llama infilling pieces in this model
+
+
+def test_sentencepiece_matches_the_library_and_round_trips(files, sp_tok):
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(files["sp"]))
+    for text in TRICKY + sample_text(200, seed=7):
+        ids = reference.encode(text)
+        assert sp_tok.encode(text, bos=False, eos=False) == ids
+        assert sp_tok.encode(text, bos=True, eos=False) == [1] + ids
+        assert sp_tok.encode(text, bos=True, eos=True) == [1] + ids + [2]
+        assert sp_tok.encode(text, bos=False, eos=True) == ids + [2]
+        assert sp_tok.decode(ids) == text  # identity normalisation + byte fallback: lossless
+        assert sp_tok.decode([1] + ids + [2]) == text  # control pieces decode to nothing
+
+
+def test_sentencepiece_byte_fallback_for_unseen_characters(sp_tok):
+    ids = sp_tok.encode("🚀", bos=False, eos=False)
+    pieces = [sp_tok.sp_model.id_to_piece(i) for i in ids]
+    assert "<0xF0>" in pieces and sp_tok.decode(ids) == "🚀"
+
+
+def test_code_llama_infilling_ids(files):
+    tok = Tokenizer(files["sp_code"])
+    reference = sentencepiece.SentencePieceProcessor(model_file=str(files["sp_code"]))
+    assert tok.prefix_id == reference.piece_to_id("▁<PRE>") != reference.unk_id()
+    assert tok.middle_id == reference.piece_to_id("▁<MID>")
+    assert tok.suffix_id == reference.piece_to_id("▁<SUF>")
+    assert tok.eot_id == reference.piece_to_id("▁<EOT>")
+    assert tok.step_id == reference.piece_to_id("<step>")
+    assert len({tok.prefix_id, tok.middle_id, tok.suffix_id, tok.eot_id, tok.step_id}) == 5
+
+
+def test_sentencepiece_matches_hugging_face_llama_tokenizer(files, sp_tok, tmp_path):
+    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
+    from transformers import LlamaTokenizer
+
+    shutil.copy(files["sp"], tmp_path / "tokenizer.model")
+    hf = LlamaTokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0)
+    # Two known differences, skipped here: HF fuses a leading space of the text into the dummy "▁" prefix
+    # (its Metaspace pre-tokeniser; huggingface/transformers PR #47700), and HF always reads "<s>"/"</s>" in the text
+    # as control tokens (huggingface/transformers#24569) where Meta's sentencepiece encodes them as characters.
+    texts = [t for t in TRICKY + sample_text(100, seed=3)
+             if not t[:1].isspace() and "<s>" not in t and "</s>" not in t]
+    assert len(texts) > 100
+    for text in texts:
+        ids = sp_tok.encode(text, bos=False, eos=False)
+        assert hf.encode(text, add_special_tokens=False) == ids, text
+        assert hf.decode(ids) == sp_tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Llama 3 byte-level BPE
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_bpe(ranks: dict[bytes, int], text: str) -> list[int]:
+    """Byte-level BPE written from the definition: split with the regex, then in each piece repeatedly merge the
+    adjacent pair whose concatenation has the lowest rank (leftmost on ties). Like tiktoken, a piece that is itself a
+    token is emitted whole."""
+    ids = []
+    for piece in regex.findall(META_LLAMA3_PATTERN, text):
+        data = piece.encode("utf-8")
+        if data in ranks:
+            ids.append(ranks[data])
+            continue
+        parts = [bytes([b]) for b in data]
+        while len(parts) > 1:
+            rank, i = min((ranks.get(parts[i] + parts[i + 1], math.inf), i) for i in range(len(parts) - 1))
+            if rank == math.inf:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+def test_pretokenizer_pattern_is_metas():
+    assert LLAMA3_PATTERN == META_LLAMA3_PATTERN
+    pieces = regex.findall(LLAMA3_PATTERN, "I'll pay 12345 dollars!!\n\n  ok")
+    assert pieces == ["I", "'ll", " pay", " ", "123", "45", " dollars", "!!\n\n", " ", " ok"]
+
+
+def test_bpe_matches_pure_python_reference(files, bpe_tok):
+    for text in TRICKY + sample_text(300, seed=11):
+        assert bpe_tok.encode(text, bos=False, eos=False) == reference_bpe(files["ranks"], text), text
+
+
+def test_bpe_round_trip(bpe_tok):
+    for text in TRICKY + sample_text(200, seed=5):
+        ids = bpe_tok.encode(text, bos=True, eos=True)
+        assert ids[0] == bpe_tok.bos_id and ids[-1] == bpe_tok.eos_id
+        assert bpe_tok.decode(ids[1:-1]) == text
+        assert bpe_tok.decode(ids) == "<|begin_of_text|>" + text + "<|end_of_text|>"
+
+
+def test_bpe_bos_eos_flags(bpe_tok):
+    plain = bpe_tok.encode("Hello world", bos=False, eos=False)
+    assert bpe_tok.encode("Hello world", bos=True, eos=False) == [bpe_tok.bos_id] + plain
+    assert bpe_tok.encode("Hello world", bos=False, eos=True) == plain + [bpe_tok.eos_id]
+    assert bpe_tok.encode("", bos=True, eos=True) == [bpe_tok.bos_id, bpe_tok.eos_id]
+
+
+# Meta's Llama 3 special tokens, written out by hand (llama-models/models/llama3/tokenizer.py); ids for the released
+# 128,000-rank file as in models.md §2 (bos 128000, eos 128001, eom 128008, eot 128009, python_tag 128010) and §5
+# (<|image|> 128011).
+META_SPECIAL_IDS = {
+    "<|begin_of_text|>": 128000,
+    "<|end_of_text|>": 128001,
+    "<|reserved_special_token_0|>": 128002,
+    "<|reserved_special_token_1|>": 128003,
+    "<|finetune_right_pad_id|>": 128004,
+    "<|step_id|>": 128005,
+    "<|start_header_id|>": 128006,
+    "<|end_header_id|>": 128007,
+    "<|eom_id|>": 128008,
+    "<|eot_id|>": 128009,
+    "<|python_tag|>": 128010,
+    "<|image|>": 128011,
+    "<|reserved_special_token_2|>": 128012,
+    "<|reserved_special_token_3|>": 128013,
+    "<|reserved_special_token_100|>": 128110,
+    "<|reserved_special_token_245|>": 128255,
+}
+
+
+def test_llama3_special_token_ids_on_a_128000_rank_file(tmp_path):
+    tok = Tokenizer(write_llama3_sized_ranks(tmp_path / "tokenizer.model"))
+    assert tok.n_words == tok.vocab_size == 128_256
+    for name, token_id in META_SPECIAL_IDS.items():
+        assert tok.special_tokens[name] == token_id, name
+    assert len(tok.special_tokens) == 256
+    assert sorted(tok.special_tokens.values()) == list(range(128_000, 128_256))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id) == (128000, 128001, 128004)
+    assert (tok.eot_id, tok.eom_id, tok.python_tag_id) == (128009, 128008, 128010)
+    assert set(tok.stop_tokens) == {128001, 128008, 128009}
+    assert tok.encode("<|eot_id|>", bos=True, eos=False, allowed_special="all") == [128000, 128009]
+    assert tok.decode([128006, 128007, 128255]) == "<|start_header_id|><|end_header_id|><|reserved_special_token_245|>"
+
+
+def test_special_ids_follow_the_base_vocabulary(files, bpe_tok):
+    n = len(files["ranks"])
+    for name, token_id in META_SPECIAL_IDS.items():
+        assert bpe_tok.special_tokens[name] == token_id - 128_000 + n
+
+
+def test_special_token_text_is_plain_text_unless_allowed(bpe_tok):
+    eot = bpe_tok.eot_id
+    text = "a<|eot_id|>b"
+    plain = bpe_tok.encode(text, bos=False, eos=False)  # Meta's default: a user cannot inject a special token
+    assert eot not in plain and len(plain) > 3 and bpe_tok.decode(plain) == text
+    a, b = bpe_tok.encode("a", bos=False, eos=False), bpe_tok.encode("b", bos=False, eos=False)
+    assert bpe_tok.encode(text, bos=False, eos=False, allowed_special={"<|eot_id|>"}) == a + [eot] + b
+    assert bpe_tok.encode(text, bos=False, eos=False, allowed_special="all") == a + [eot] + b
+    # allowed only a different token: <|eot_id|> stays text
+    assert bpe_tok.encode(text, bos=False, eos=False, allowed_special=["<|eom_id|>"]) == plain
+    for name, token_id in bpe_tok.special_tokens.items():
+        assert bpe_tok.encode(name, bos=False, eos=False, allowed_special="all") == [token_id]
+
+
+def test_bpe_matches_direct_tiktoken_encoding(files, bpe_tok):
+    n = len(files["ranks"])
+    specials = {name: token_id - 128_000 + n for name, token_id in META_SPECIAL_IDS.items()}
+    reference = tiktoken.Encoding("reference", pat_str=META_LLAMA3_PATTERN, mergeable_ranks=files["ranks"],
+                                  special_tokens=specials)
+    names = "".join(specials)
+    for text in TRICKY + sample_text(200, seed=13) + [f"x {names} y"]:
+        assert bpe_tok.encode(text, bos=False, eos=False, allowed_special="all") == \
+            reference.encode(text, allowed_special="all")
+        assert bpe_tok.encode(text, bos=False, eos=False) == reference.encode(text, disallowed_special=())
+
+
+def test_long_runs_are_cut_like_meta(bpe_tok, files):
+    # Meta cuts runs longer than 25,000 (non-)whitespace characters before calling tiktoken.
+    reference = tiktoken.Encoding("reference", pat_str=META_LLAMA3_PATTERN, mergeable_ranks=files["ranks"],
+                                  special_tokens={})
+    text = "a" * 30_000 + " " * 26_000 + "b"
+    expected = (reference.encode("a" * 25_000) + reference.encode("a" * 5_000 + " " * 20_000)
+                + reference.encode(" " * 6_000 + "b"))
+    assert bpe_tok.encode(text, bos=False, eos=False) == expected
+    assert bpe_tok.decode(expected) == text
+
+
+def test_bpe_matches_hugging_face_tokenizers(files, bpe_tok):
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    names = sorted(bpe_tok.special_tokens, key=bpe_tok.special_tokens.get)
+    hf = TikTokenConverter(vocab_file=str(files["bpe"]), pattern=META_LLAMA3_PATTERN,
+                           extra_special_tokens=names).converted()
+    for text in TRICKY + sample_text(100, seed=17) + ["<|begin_of_text|>Hi<|eot_id|><|python_tag|>"]:
+        # Hugging Face always treats special-token text as the special token.
+        ids = bpe_tok.encode(text, bos=False, eos=False, allowed_special="all")
+        assert hf.encode(text, add_special_tokens=False).ids == ids, text
+        assert hf.decode(ids, skip_special_tokens=False) == bpe_tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer(tmp_path / "nope.model")
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model in folder"):
+        Tokenizer(tmp_path)
+    with pytest.raises(TypeError, match="needs the path"):
+        Tokenizer()
+
+
+def test_empty_and_unknown_formats(tmp_path):
+    (tmp_path / "empty.model").write_bytes(b"")
+    with pytest.raises(ValueError, match="is empty"):
+        Tokenizer(tmp_path / "empty.model")
+    (tmp_path / "text.model").write_text("just some text\nnot a tokenizer\n")
+    with pytest.raises(ValueError, match="neither a SentencePiece model nor a Llama 3 BPE ranks file"):
+        Tokenizer(tmp_path / "text.model")
+    (tmp_path / "noise.model").write_bytes(bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="neither a SentencePiece model"):
+        Tokenizer(tmp_path / "noise.model")
+
+
+def test_truncated_sentencepiece_model(files, tmp_path):
+    data = files["sp"].read_bytes()
+    (tmp_path / "cut.model").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Tokenizer(tmp_path / "cut.model")
+
+
+def test_corrupt_ranks_files(files, tmp_path):
+    text = files["bpe"].read_text()
+    path = tmp_path / "bad.model"
+    path.write_text(text[: len(text) // 2 - 3].rsplit("\n", 1)[0] + "\nQUJD")  # cut inside a line
+    with pytest.raises(ValueError, match=r"line \d+: expected '<base64 token> <rank>'"):
+        Tokenizer(path)
+    path.write_text(text + "@@@@ 99999\n")
+    with pytest.raises(ValueError, match="not valid base64"):
+        Tokenizer(path)
+    first_token = text.split(" ", 1)[0]
+    path.write_text(text + f"{first_token} {len(files['ranks'])}\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        Tokenizer(path)
+    path.write_text(text + f"{base64.b64encode(b'new token').decode()} {len(files['ranks']) + 5}\n")
+    with pytest.raises(ValueError, match="not the consecutive integers"):
+        Tokenizer(path)
+    path.write_bytes(text.encode() + "éé 3\n".encode())
+    with pytest.raises(ValueError, match="non-ASCII"):
+        Tokenizer(path)
+
+
+def test_ranks_file_without_every_byte(tmp_path):
+    ranks = {bytes([b]): b for b in range(200)}
+    with pytest.raises(ValueError, match="56 of the 256 single bytes have no rank"):
+        Tokenizer(write_ranks(tmp_path / "partial.model", ranks))
+
+
+@pytest.mark.parametrize("which", ["sp_tok", "bpe_tok"])
+def test_decode_rejects_out_of_range_and_non_integer_ids(which, request):
+    tok = request.getfixturevalue(which)
+    with pytest.raises(ValueError, match=rf"token id {tok.n_words} at position 1 is outside .*\[0, {tok.n_words}\)"):
+        tok.decode([5, tok.n_words])
+    with pytest.raises(ValueError, match="remove padding"):
+        tok.decode([-1, 5])
+    with pytest.raises(TypeError, match="integer token ids"):
+        tok.decode([1.5])
+    with pytest.raises(TypeError, match="sequence of token ids"):
+        tok.decode("hello")
+
+
+@pytest.mark.parametrize("which", ["sp_tok", "bpe_tok"])
+def test_encode_rejects_non_strings(which, request):
+    tok = request.getfixturevalue(which)
+    with pytest.raises(TypeError, match="encode expects a str"):
+        tok.encode(b"bytes", bos=False, eos=False)
+    with pytest.raises(TypeError):  # bos and eos are required keywords, as in Meta's API
+        tok.encode("text")
+
+
+def test_decode_accepts_tensor_like_integers(bpe_tok):
+    torch = pytest.importorskip("torch")
+    ids = bpe_tok.encode("Hello world", bos=False, eos=False)
+    assert bpe_tok.decode(torch.tensor(ids)) == "Hello world"
+
+
+def test_sentencepiece_rejects_special_token_arguments(sp_tok):
+    with pytest.raises(ValueError, match="no special tokens inside text"):
+        sp_tok.encode("<s>", bos=False, eos=False, allowed_special="all")
+    with pytest.raises(ValueError, match="no special tokens inside text"):
+        sp_tok.encode("<s>", bos=False, eos=False, disallowed_special={"<s>"})
+
+
+def test_bpe_special_token_argument_errors(bpe_tok):
+    with pytest.raises(ValueError, match="not Llama 3 special tokens"):
+        bpe_tok.encode("x", bos=False, eos=False, allowed_special={"<|im_end|>"})
+    with pytest.raises(TypeError, match=r"write allowed_special=\{'<\|eot_id\|>'\}"):
+        bpe_tok.encode("x", bos=False, eos=False, allowed_special="<|eot_id|>")
+    with pytest.raises(ValueError, match=re.escape("contains '<|eot_id|>', a special token listed in disallowed_special")):
+        bpe_tok.encode("x<|eot_id|>", bos=False, eos=False, disallowed_special="all")
+    with pytest.raises(ValueError, match="listed in disallowed_special"):
+        bpe_tok.encode("x<|eot_id|>", bos=False, eos=False, disallowed_special={"<|eot_id|>"})
+    # allowed wins over disallowed="all" (tiktoken's rule); other specials in the text are still refused
+    assert bpe_tok.encode("<|eot_id|>", bos=False, eos=False, allowed_special={"<|eot_id|>"},
+                          disallowed_special="all") == [bpe_tok.eot_id]
+    with pytest.raises(ValueError, match=re.escape("'<|eom_id|>'")):
+        bpe_tok.encode("<|eot_id|><|eom_id|>", bos=False, eos=False, allowed_special={"<|eot_id|>"},
+                       disallowed_special="all")
+
+
+def test_bos_eos_missing_from_model(tmp_path):
+    import io
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(sample_text(300)), model_writer=model, model_type="bpe", vocab_size=400,
+        byte_fallback=True, bos_id=-1, eos_id=-1, unk_id=0, pad_id=-1, minloglevel=2, num_threads=1)
+    (tmp_path / "nobos.model").write_bytes(model.getvalue())
+    tok = Tokenizer(tmp_path / "nobos.model")
+    with pytest.raises(ValueError, match="defines no bos token"):
+        tok.encode("hi", bos=True, eos=False)
+    with pytest.raises(ValueError, match="defines no eos token"):
+        tok.encode("hi", bos=False, eos=True)
