@@ -1,0 +1,160 @@
+"""Load and save real checkpoints: `llama.load(folder)` and `llama.save(model, folder, format="hf" | "meta")`.
+
+Two folder layouts exist for every dense LLaMA release (research notes §7):
+  * Meta ("original"):  params.json + consolidated.00.pth … consolidated.NN.pth (one per model-parallel rank);
+                        see `llama.meta_format` for the per-weight shard merging.
+  * Hugging Face:       config.json + model.safetensors, or model-0000k-of-0000n.safetensors + an index;
+                        see `llama.hf_format` for the names and the q/k RoPE row permutation.
+Both are translated to one in-memory form, a state dict with Meta's names and Meta's RoPE row order, which is
+exactly `Transformer.state_dict()`. The model is built on the meta device and the loaded tensors are assigned to
+it, so a checkpoint is never held twice in memory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+
+from . import hf_format, meta_format
+from .checkpoint_io import CheckpointError, check_state_dict, expected_shapes, fsync_dir, require_dense
+from .config import ModelArgs
+from .model import Transformer
+from .rope import RotaryEmbedding
+
+FORMATS = ("hf", "meta")
+PathLike = Union[str, os.PathLike]
+
+__all__ = ["load", "save", "detect_format", "CheckpointError"]
+
+
+def detect_format(path: PathLike) -> str:
+    """'meta' for a folder with params.json, 'hf' for one with config.json; an error naming the fix otherwise."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist; pass the folder that holds params.json "
+                                f"(Meta) or config.json (Hugging Face)")
+    if folder.is_file():
+        raise CheckpointError(f"{folder} is a file; pass the checkpoint folder that contains it ({folder.parent})")
+    has_meta = (folder / meta_format.PARAMS_FILE).exists()
+    has_hf = (folder / hf_format.CONFIG_FILE).exists()
+    if has_meta and has_hf:
+        raise CheckpointError(f"{folder} holds both params.json (Meta) and config.json (Hugging Face); pass "
+                              f"format='meta' or format='hf' to choose")
+    if has_meta:
+        return "meta"
+    if has_hf:
+        return "hf"
+    found = sorted(p.name for p in folder.iterdir())[:10]
+    hint = ""
+    if (folder / "original" / meta_format.PARAMS_FILE).exists():
+        hint = f" (an HF download keeps Meta's files in {folder / 'original'}: pass that folder)"
+    raise CheckpointError(f"{folder} is not a checkpoint folder: it has neither params.json + consolidated.NN.pth "
+                          f"(Meta) nor config.json + model.safetensors (Hugging Face); found {found}{hint}")
+
+
+def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
+         format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+    """Build a `Transformer` from a Meta or Hugging Face checkpoint folder.
+
+    dtype: convert floating-point weights to this dtype (None: keep the stored dtype, e.g. bfloat16).
+    format: 'meta' or 'hf' to skip detection. max_seq_len: override the context length (Meta's params.json does
+    not record it; it is taken from the matching preset or the generation's default otherwise).
+    """
+    folder = Path(path)
+    fmt = format or detect_format(folder)
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS}")
+    if fmt == "meta":
+        args, sd = meta_format.read_meta(folder, max_seq_len=max_seq_len)
+        check_state_dict(sd, args, config_file=str(folder / meta_format.PARAMS_FILE), weights=str(folder))
+    else:
+        args, sd = hf_format.read_hf(folder)  # checked inside, with HF names in the messages
+        if max_seq_len is not None:
+            args.max_seq_len = max_seq_len
+    return build_model(args, sd, dtype=dtype, device=device)
+
+
+def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
+                device: Union[str, torch.device] = "cpu") -> Transformer:
+    """Transformer(args) whose parameters are the tensors of `sd` (Meta names), without a second copy."""
+    with torch.device("meta"):
+        model = Transformer(args)
+
+    def place(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
+
+    model.load_state_dict({k: place(v) for k, v in sd.items()}, strict=True, assign=True)
+    if args.tie_word_embeddings:  # assign=True replaced the shared Parameter by two; share one again
+        model.output.weight = model.tok_embeddings.weight
+    model.rope = _fresh_rope(model.rope, device)
+    return model
+
+
+def _fresh_rope(meta_rope: RotaryEmbedding, device) -> RotaryEmbedding:
+    """The RoPE inverse frequencies are a non-persistent buffer (not in checkpoints), so assign=True left them on
+    the meta device: rebuild the module with the same settings on the target device."""
+    extra = {"complex64": meta_rope.complex64} if hasattr(meta_rope, "complex64") else {}
+    with torch.device(device):
+        return RotaryEmbedding(meta_rope.head_dim, meta_rope.theta, meta_rope.scaling, meta_rope.max_seq_len, **extra)
+
+
+def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: int = 1,
+         max_shard_size: Union[int, str] = "5GB", dtype: Optional[torch.dtype] = None) -> Path:
+    """Write `model` as a checkpoint folder and return its path.
+
+    format 'hf': config.json + safetensors, split into shards of at most `max_shard_size` with an index
+    (`LlamaForCausalLM.from_pretrained(path)` loads it). format 'meta': params.json + `num_shards`
+    consolidated.NN.pth files split for model parallelism. Files are written atomically; stale weight files of the
+    same format left by an earlier save into the folder are removed.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; use format='hf' or format='meta'")
+    if not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if format == "hf" and num_shards != 1:
+        raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
+                         "max_shard_size to split the safetensors files")
+    args = model.args
+    require_dense(args, "this model")
+    sd = _model_state_dict(model, dtype)
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    other = hf_format.CONFIG_FILE if format == "meta" else meta_format.PARAMS_FILE
+    if (folder / other).exists():
+        raise CheckpointError(f"{folder} already holds a {'Hugging Face' if format == 'meta' else 'Meta'} "
+                              f"checkpoint ({other}); save into an empty folder so loaders are not confused")
+    if format == "hf":
+        written = hf_format.write_hf(args, sd, folder, hf_format.parse_size(max_shard_size))
+    else:
+        written = meta_format.write_meta(args, sd, folder, num_shards)
+    _remove_stale(folder, format, written)
+    fsync_dir(folder)
+    return folder
+
+
+def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+    """The model's parameters under Meta names, checked against its config (adapters must be merged first)."""
+    if not isinstance(model, Transformer):
+        raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
+    sd = {k: v.detach() for k, v in model.state_dict().items()}
+    if set(sd) != set(expected_shapes(model.args)):
+        extra = sorted(set(sd) - set(expected_shapes(model.args)))
+        raise CheckpointError(f"the model has parameters outside the base architecture ({extra[:5]}…): merge "
+                              f"adapter weights into the base layers (or save them separately) before saving")
+    check_state_dict(sd, model.args, config_file="model.args", weights="the model")
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return {k: v.cpu() for k, v in sd.items()}
+
+
+def _remove_stale(folder: Path, format: str, written: list[Path]) -> None:
+    """Delete weight files of this format that an earlier save left and this one did not rewrite."""
+    keep = {p.name for p in written}
+    for p in folder.iterdir():
+        is_weights = (meta_format.SHARD_RE.match(p.name) or p.name == meta_format.SINGLE_FILE) if format == "meta" \
+            else (hf_format.SHARD_RE.match(p.name) or p.name in (hf_format.SAFETENSORS_FILE, hf_format.SAFETENSORS_INDEX))
+        if is_weights and p.name not in keep:
+            p.unlink()
