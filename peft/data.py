@@ -1,0 +1,447 @@
+"""Training data that ships with the project, SFT examples with response masking, and packing.
+
+Shapes: B batch (rows), T sequence length (positions per row).
+
+Sections, in the order a run uses them:
+  1. a pre-training corpus that needs no download: the docstrings of the Python standard library, read at run time;
+  2. a SentencePiece BPE tokenizer trained on that corpus at first use and cached;
+  3. synthetic instruction tasks defined in code (reverse, sort, add, recall), scored by exact match, with a
+     held-out evaluation split;
+  4. user data: a plain-text file (pre-training) or a JSONL file of {"prompt", "response"} objects (SFT);
+  5. tokenisation: pre-training windows, and SFT examples whose loss covers only the response and the EOS token;
+  6. packing several SFT examples into one row, with a segment id per example;
+  7. batches, and the deterministic order in which rows are visited (so a run can resume mid-epoch exactly).
+
+Token/label convention (one for the whole project, see pipeline.md §1): a row stores `tokens` and `targets` already
+shifted, `targets[t]` is the token that position t must predict, and positions that carry no loss hold IGNORE_INDEX.
+Because the shift happens inside each example before packing, no example is ever asked to predict a token of the next
+example in its row.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from .checkpointing import write_bytes_atomic
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: positions with this target add nothing to the loss
+
+
+# =====================================================================================================================
+# 0. Cache directory
+# =====================================================================================================================
+
+def cache_dir(path: Optional[str | os.PathLike] = None) -> Path:
+    """Where the corpus, the tokenizer and the pre-trained base are cached: `path`, $LLAMA_PEFT_CACHE, or
+    ~/.cache/llama-peft-zoo. Created if missing."""
+    root = Path(path or os.environ.get("LLAMA_PEFT_CACHE") or Path.home() / ".cache" / "llama-peft-zoo")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cache directory {root} cannot be created ({err}); pass a writable --cache-dir or set "
+                         f"LLAMA_PEFT_CACHE") from None
+    return root
+
+
+# =====================================================================================================================
+# 1. Built-in pre-training corpus: standard-library docstrings
+# =====================================================================================================================
+
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__", "turtledemo"}
+
+
+def stdlib_docstrings(max_chars: int = 4_000_000, min_chars: int = 40) -> Iterator[str]:
+    """Every docstring (module, class, function) of the running Python's standard library, in sorted file order.
+
+    The text differs between Python versions, so a corpus (and everything trained on it) is reproducible per
+    interpreter version, which is why the cache key below contains it.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    total = 0
+    for directory, subdirs, files in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d not in _SKIP_DIRS)
+        for name in sorted(files):
+            if not name.endswith(".py"):
+                continue
+            try:
+                tree = ast.parse(Path(directory, name).read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+                continue  # a few stdlib files are deliberately invalid (lib2to3 fixtures and the like)
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                    doc = ast.get_docstring(node, clean=True)
+                    if doc and len(doc) >= min_chars:
+                        yield doc
+                        total += len(doc)
+                        if total >= max_chars:
+                            return
+
+
+def builtin_corpus(cache: Optional[str | os.PathLike] = None, max_chars: int = 4_000_000) -> list[str]:
+    """The standard-library docstring corpus as a list of documents, extracted once and cached as JSON."""
+    version = f"py{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
+    path = cache_dir(cache) / f"corpus-stdlib-{version}-{max_chars}.json"
+    if path.exists():
+        return json.loads(path.read_text(encoding="utf-8"))
+    docs = list(stdlib_docstrings(max_chars))
+    if not docs:
+        raise RuntimeError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}; this Python ships without "
+                           f"its standard-library sources: pass your own corpus with a text file (data.path=...)")
+    write_bytes_atomic(path, json.dumps(docs).encode("utf-8"))
+    return docs
+
+
+# =====================================================================================================================
+# 2. A SentencePiece BPE tokenizer trained on the corpus at first use
+# =====================================================================================================================
+
+def train_tokenizer(documents: Sequence[str], vocab_size: int) -> bytes:
+    """Train a SentencePiece BPE model (the LLaMA 1/2 tokenizer family) and return its serialized bytes.
+
+    Same conventions as Meta's tokenizer (unk 0, bos 1, eos 2, byte fallback, digits split into single pieces) plus a
+    real pad piece (3) that differs from every stop token, so padding can never mask an EOS target (users.md §5).
+    Newlines are kept as a piece of their own. One thread and no input shuffling make training deterministic.
+    """
+    import sentencepiece
+
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size={vocab_size} is too small for a byte-fallback BPE (256 byte pieces + specials "
+                         f"+ merges); use at least 300")
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(documents), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        byte_fallback=True, split_digits=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
+        user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
+        max_sentence_length=1 << 20, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    return model.getvalue()
+
+
+def builtin_tokenizer(cache: Optional[str | os.PathLike] = None, vocab_size: int = 1024,
+                      documents: Optional[Sequence[str]] = None):
+    """A `llama.Tokenizer` trained on `documents` (default: the stdlib corpus), cached by content hash."""
+    from llama.tokenizer import Tokenizer
+
+    documents = builtin_corpus(cache) if documents is None else documents
+    digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
+    path = cache_dir(cache) / f"tokenizer-bpe{vocab_size}-{digest}.model"
+    if not path.exists():
+        write_bytes_atomic(path, train_tokenizer(documents, vocab_size))
+    return Tokenizer(path)
+
+
+# =====================================================================================================================
+# 3. Synthetic instruction tasks (defined in code, scored by exact match)
+# =====================================================================================================================
+
+@dataclass(frozen=True)
+class Example:
+    """One instruction-following example: the model reads `prompt` and must answer `response` (then stop)."""
+
+    prompt: str
+    response: str
+
+
+def _digits(rng: random.Random, lo: int, hi: int) -> str:
+    return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
+
+
+def _reverse(rng: random.Random) -> Example:
+    s = _digits(rng, 3, 7)
+    return Example(f"Reverse: {s}\nAnswer:", s[::-1])
+
+
+def _sort(rng: random.Random) -> Example:
+    s = _digits(rng, 3, 7)
+    return Example(f"Sort: {s}\nAnswer:", "".join(sorted(s)))
+
+
+def _add(rng: random.Random) -> Example:
+    a, b = rng.randint(0, 999), rng.randint(0, 999)
+    return Example(f"Add: {a}+{b}\nAnswer:", str(a + b))
+
+
+def _recall(rng: random.Random) -> Example:
+    keys = rng.sample("abcdefghijklmnopqrstuvwxyz", rng.randint(3, 5))
+    pairs = {k: rng.choice("0123456789") for k in keys}
+    query = rng.choice(keys)
+    listing = " ".join(f"{k}={v}" for k, v in pairs.items())
+    return Example(f"Recall: {listing}; {query}?\nAnswer:", pairs[query])
+
+
+TASKS: dict[str, Callable[[random.Random], Example]] = {
+    "reverse": _reverse,  # reverse a string of 3-7 digits
+    "sort": _sort,        # sort 3-7 digits ascending
+    "add": _add,          # add two integers in [0, 999]
+    "recall": _recall,    # key-value recall: 3-5 letter=digit pairs, then one key is queried
+}
+
+
+def _is_eval(prompt: str, eval_fraction: float) -> bool:
+    """Held-out split by a hash of the prompt: a prompt is in exactly one split, whatever the sample sizes."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+    return h / 2 ** 64 < eval_fraction
+
+
+def task_examples(task: str, n: int, split: str = "train", seed: int = 0,
+                  eval_fraction: float = 0.1) -> list[Example]:
+    """`n` distinct examples of `task` ("reverse", "sort", "add", "recall", or "mix" of all four) from one split.
+
+    The train and eval splits never share a prompt (split by prompt hash), so eval accuracy measures generalisation,
+    not memorisation.
+    """
+    names = list(TASKS) if task == "mix" else [task]
+    for name in names:
+        if name not in TASKS:
+            raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS) + ['mix']}, or give a JSONL file")
+    if split not in ("train", "eval"):
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+    rng = random.Random(f"{task}-{split}-{seed}")
+    out, seen = [], set()
+    for _ in range(200 * n + 1000):  # generous cap: the small task spaces (e.g. recall) may run out of prompts
+        ex = TASKS[names[len(out) % len(names)]](rng)
+        if ex.prompt in seen or _is_eval(ex.prompt, eval_fraction) != (split == "eval"):
+            continue
+        seen.add(ex.prompt)
+        out.append(ex)
+        if len(out) == n:
+            return out
+    raise ValueError(f"task {task!r} has fewer than {n} distinct {split} prompts; ask for fewer examples")
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """The task metric: the generated answer, stripped of surrounding whitespace, equals the reference exactly."""
+    return prediction.strip() == reference.strip()
+
+
+# =====================================================================================================================
+# 4. User data files
+# =====================================================================================================================
+
+def _check_file(path: str | os.PathLike) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"dataset file {p} does not exist; check the path (data.path=...)")
+    if p.stat().st_size == 0:
+        raise ValueError(f"dataset file {p} is empty; it needs at least one document or example")
+    return p
+
+
+def read_text_documents(path: str | os.PathLike) -> list[str]:
+    """A plain-text pre-training corpus: documents separated by blank lines."""
+    p = _check_file(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{p} is not UTF-8 text (byte {err.start}); convert it to UTF-8 first") from None
+    docs = [d.strip() for d in text.split("\n\n") if d.strip()]
+    if not docs:
+        raise ValueError(f"dataset file {p} holds only whitespace; it needs at least one document")
+    return docs
+
+
+def read_jsonl_examples(path: str | os.PathLike) -> list[Example]:
+    """SFT examples from JSONL, one object per line: {"prompt": str, "response": str}. Blank lines are skipped."""
+    p = _check_file(path)
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{p}:{lineno}: not valid JSON ({err.msg}); each line must be one JSON object like "
+                                 f'{{"prompt": "...", "response": "..."}}') from None
+            if not isinstance(obj, dict) or not isinstance(obj.get("prompt"), str) or \
+                    not isinstance(obj.get("response"), str):
+                raise ValueError(f'{p}:{lineno}: expected an object with string fields "prompt" and "response", '
+                                 f"got {line.strip()[:80]!r}")
+            if not obj["response"].strip():
+                raise ValueError(f"{p}:{lineno}: the response is empty, so the example has nothing to learn; "
+                                 f"remove it or fill in the response")
+            out.append(Example(obj["prompt"], obj["response"]))
+    if not out:
+        raise ValueError(f"dataset file {p} holds no examples (only blank lines)")
+    return out
+
+
+# =====================================================================================================================
+# 5. Tokenisation
+# =====================================================================================================================
+
+@dataclass
+class TokenSequence:
+    """One tokenised training sequence: inputs and already-shifted targets, equal length."""
+
+    tokens: list[int]
+    targets: list[int]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(t != IGNORE_INDEX for t in self.targets)
+
+
+def encode_sft(example: Example, tokenizer, max_len: int, truncate: bool = False,
+               index: Optional[int] = None) -> TokenSequence:
+    """<bos> prompt response <eos>, with loss on the response tokens and on <eos> only.
+
+    Llama 2 §3.1: "we zero-out the loss on tokens from the user prompt, so as a result, we backpropagate only on
+    answer tokens". EOS is a target, so the model learns to stop (pipeline.md §3.1). The prompt and the response are
+    tokenised separately, exactly as generation later sees them (prompt ids, then generated ids).
+    """
+    where = f"example {index}" if index is not None else "example"
+    prompt = tokenizer.encode(example.prompt, bos=True, eos=False)
+    response = tokenizer.encode(example.response, bos=False, eos=True)
+    ids = prompt + response
+    # shifted: position t predicts ids[t+1]; the first len(prompt)-1 predictions are prompt tokens (masked)
+    tokens, targets = ids[:-1], [IGNORE_INDEX] * (len(prompt) - 1) + response
+    if len(tokens) > max_len:
+        if not truncate:
+            raise ValueError(f"{where} has {len(tokens)} tokens, longer than the context of {max_len}; raise "
+                             f"data.seq_len, shorten the example, or pass data.truncate=true to cut its response")
+        tokens, targets = tokens[:max_len], targets[:max_len]
+    seq = TokenSequence(tokens, targets)
+    if seq.n_targets == 0:
+        raise ValueError(f"{where} has no trainable token (its prompt of {len(prompt)} tokens fills the whole "
+                         f"context of {max_len}); shorten the prompt or raise data.seq_len")
+    return seq
+
+
+def encode_documents(documents: Sequence[str], tokenizer, seq_len: int) -> list[TokenSequence]:
+    """Pre-training windows: all documents as <bos> doc <eos>, concatenated, cut into rows of seq_len + 1 ids.
+
+    Every position is a target (plain next-token prediction). The tail that does not fill a row is dropped.
+    """
+    stream: list[int] = []
+    for doc in documents:
+        stream += tokenizer.encode(doc, bos=True, eos=True)
+    n_rows = (len(stream) - 1) // seq_len
+    if n_rows == 0:
+        raise ValueError(f"the corpus has only {len(stream)} tokens, fewer than one row of seq_len={seq_len}; give "
+                         f"more text or a shorter data.seq_len")
+    return [TokenSequence(stream[i * seq_len:(i + 1) * seq_len], stream[i * seq_len + 1:(i + 1) * seq_len + 1])
+            for i in range(n_rows)]
+
+
+# =====================================================================================================================
+# 6. Packing
+# =====================================================================================================================
+
+@dataclass
+class Row:
+    """One row of a batch: one sequence, or several packed ones with their segment ids."""
+
+    tokens: list[int]
+    targets: list[int]
+    segments: Optional[list[int]] = None  # None: a single sequence (plain causal attention)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def single_rows(sequences: Sequence[TokenSequence]) -> list[Row]:
+    return [Row(s.tokens, s.targets) for s in sequences]
+
+
+def pack(sequences: Sequence[TokenSequence], seq_len: int) -> list[Row]:
+    """Greedy packing (torchtune `PackedDataset`, `split_across_pack=False`): fill each row with whole sequences in
+    order, start a new row when the next one does not fit. Segment k of a row is its k-th sequence; the model blocks
+    attention across segments and restarts positions at each segment start (`Transformer(segment_ids=...)`).
+    """
+    rows: list[Row] = []
+    cur = Row([], [], [])
+    for s in sequences:
+        if len(s) > seq_len:
+            raise ValueError(f"a sequence of {len(s)} tokens cannot be packed into rows of {seq_len}; raise seq_len")
+        if len(cur) + len(s) > seq_len:
+            rows.append(cur)
+            cur = Row([], [], [])
+        seg = cur.segments[-1] + 1 if cur.segments else 0
+        cur.tokens += s.tokens
+        cur.targets += s.targets
+        cur.segments += [seg] * len(s)
+    if cur.tokens:
+        rows.append(cur)
+    return rows
+
+
+# =====================================================================================================================
+# 7. Batches and the visiting order
+# =====================================================================================================================
+
+@dataclass
+class Batch:
+    tokens: torch.Tensor  # [B, T] long
+    targets: torch.Tensor  # [B, T] long, IGNORE_INDEX where there is no loss
+    segment_ids: Optional[torch.Tensor]  # [B, T] long, or None when no row is packed
+    n_tokens: int  # real (non-padding) input tokens, for tokens/s
+
+    @property
+    def n_targets(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> "Batch":
+        seg = None if self.segment_ids is None else self.segment_ids.to(device)
+        return Batch(self.tokens.to(device), self.targets.to(device), seg, self.n_tokens)
+
+
+def collate(rows: Sequence[Row], pad_id: int, length: Optional[int] = None) -> Batch:
+    """Right-pad rows to `length` (default: the longest row). Padding has target IGNORE_INDEX; in packed batches it
+    gets a segment id of its own, so no real token attends to it (causality already ensures that when unpacked)."""
+    T = length or max(len(r) for r in rows)
+    tokens = torch.full((len(rows), T), max(pad_id, 0), dtype=torch.long)
+    targets = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    packed = any(r.segments is not None for r in rows)
+    segment_ids = torch.zeros((len(rows), T), dtype=torch.long) if packed else None
+    for i, r in enumerate(rows):
+        n = len(r)
+        tokens[i, :n] = torch.tensor(r.tokens)
+        targets[i, :n] = torch.tensor(r.targets)
+        if packed:
+            segs = r.segments if r.segments is not None else [0] * n
+            segment_ids[i, :n] = torch.tensor(segs)
+            segment_ids[i, n:] = (segs[-1] + 1) if segs else 0  # [B, T]: padding is one more segment
+    return Batch(tokens, targets, segment_ids, sum(len(r) for r in rows))
+
+
+class RowOrder:
+    """Deterministic visiting order over `n_rows` rows: a fresh seeded permutation per epoch, epochs back to back.
+
+    Item k of the stream is row `perm(k // n_rows)[k % n_rows]`, so the data position of a run is a single integer
+    (rows consumed) and resuming from it reproduces the rest of the stream exactly, mid-epoch included.
+    """
+
+    def __init__(self, n_rows: int, seed: int, shuffle: bool = True):
+        if n_rows <= 0:
+            raise ValueError("the dataset has no rows; check the data settings")
+        self.n_rows, self.seed, self.shuffle = n_rows, seed, shuffle
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self, epoch: int) -> list[int]:
+        if epoch != self._perm_epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._perm = torch.randperm(self.n_rows, generator=g).tolist()
+            else:
+                self._perm = list(range(self.n_rows))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Row indices of stream items start … start+count-1."""
+        return [self._permutation(k // self.n_rows)[k % self.n_rows] for k in range(start, start + count)]
