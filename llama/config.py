@@ -19,30 +19,40 @@ ROPE_SCALING_TYPES = ("llama3", "linear", "dynamic", "yarn")
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Frequency scaling of RoPE for context extension.
+    """Frequency scaling of RoPE for context extension (formulas in `llama.rope.scaled_frequencies`).
 
-    `llama3` is Meta's Llama 3.1 rule (factor, low/high frequency factors, original context L0); the other types
-    (position interpolation, dynamic NTK, YaRN) are defined in `llama.rope`.
+    factor s and the pre-training context L0 (`original_max_position_embeddings`) have no safe default (Llama 3.1
+    uses s=8, Llama 3.2 s=32, Llama 4 Scout s=16), so they must be given; only `linear` can do without L0.
     """
 
-    rope_type: str = "llama3"
-    factor: float = 8.0
+    rope_type: str = "llama3"  # llama3 (Meta) | linear (PI) | dynamic (NTK) | yarn
+    factor: Optional[float] = None  # s: context extension ratio, >= 1
+    # llama3 only (Meta `apply_scaling`): wavelengths > L0/low are divided by s, < L0/high kept, blended between.
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-    # YaRN only (arXiv 2309.00071 §3): ramp bounds in rotations, and an optional explicit attention factor.
+    original_max_position_embeddings: Optional[int] = None  # L0: pre-training context
+    # YaRN only (arXiv 2309.00071 §3.2): ramp bounds in rotations over L0, and the attention temperature (§3.4).
     beta_fast: float = 32.0
     beta_slow: float = 1.0
-    attention_factor: Optional[float] = None
+    attention_factor: Optional[float] = None  # None -> 0.1·ln(s) + 1 (or the mscale ratio below)
+    mscale: Optional[float] = None  # DeepSeek-style variant: factor = mscale_fn(s, mscale)/mscale_fn(s, mscale_all_dim)
+    mscale_all_dim: Optional[float] = None
+    truncate: bool = True  # YaRN ramp bounds rounded outward to whole dimensions (HF default)
 
     def __post_init__(self):
         if self.rope_type not in ROPE_SCALING_TYPES:
             raise ValueError(
                 f"unknown rope scaling type {self.rope_type!r}; use one of {ROPE_SCALING_TYPES} (or rope_scaling=None)"
             )
+        if self.factor is None:
+            raise ValueError(f"rope scaling {self.rope_type!r} needs `factor` (the context extension ratio s >= 1, "
+                             f"e.g. 8 for Llama 3.1); pass RopeScaling({self.rope_type!r}, factor=...)")
         if not self.factor >= 1.0:
             raise ValueError(f"rope scaling factor must be >= 1 (got {self.factor}); a factor < 1 would shrink context")
-        if self.original_max_position_embeddings <= 0:
+        if self.original_max_position_embeddings is None and self.rope_type != "linear":
+            raise ValueError(f"rope scaling {self.rope_type!r} needs `original_max_position_embeddings` (the "
+                             f"pre-training context L0, e.g. 8192 for Llama 3)")
+        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings <= 0:
             raise ValueError("rope scaling needs original_max_position_embeddings > 0 (the pre-training context)")
         if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor >= 0:
             if not (self.high_freq_factor == self.low_freq_factor > 0):  # Llama 4 Scout: low == high == 1, no blend
@@ -50,11 +60,100 @@ class RopeScaling:
                     f"llama3 rope scaling needs high_freq_factor >= low_freq_factor > 0 "
                     f"(got low={self.low_freq_factor}, high={self.high_freq_factor})"
                 )
+        if self.rope_type == "yarn" and not self.beta_fast > self.beta_slow > 0:
+            raise ValueError(f"yarn needs beta_fast > beta_slow > 0 (got {self.beta_fast}, {self.beta_slow})")
+
+    @classmethod
+    def from_hf(cls, params: Optional[dict]) -> Optional["RopeScaling"]:
+        """From a HF `rope_scaling` / `rope_parameters` dict (None or rope_type "default" -> no scaling).
+
+        Note for `dynamic`: HF's `max_position_embeddings` is the length up to which RoPE is unscaled; pass it here
+        as `original_max_position_embeddings` (the caller fills it in when the dict lacks it).
+        """
+        if not params:
+            return None
+        params = dict(params)
+        rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+        params.pop("type", None)
+        params.pop("rope_theta", None)
+        params.pop("partial_rotary_factor", None)
+        if rope_type == "default":
+            return None
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_type"}
+        unknown = set(params) - known
+        if unknown:
+            raise ValueError(f"unsupported rope scaling keys {sorted(unknown)} for type {rope_type!r}")
+        return cls(rope_type, **{k: v for k, v in params.items() if v is not None})
+
+    def to_hf(self) -> dict:
+        """The HF `rope_scaling` dict of this scaling (keys HF's rope-init function of that type reads)."""
+        keys = {"llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+                "linear": ("factor",),
+                "dynamic": ("factor",),
+                "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "attention_factor",
+                         "mscale", "mscale_all_dim", "truncate")}[self.rope_type]
+        out = {"rope_type": self.rope_type}
+        out.update({k: getattr(self, k) for k in keys if getattr(self, k) is not None})
+        return out
+
+
+@dataclass(frozen=True)
+class MoEArgs:
+    """Llama 4 mixture-of-experts feed-forward (Meta `moe_args`; formulas in `llama.moe`).
+
+    A layer i is MoE iff (i + 1) % interleave_moe_layer_step == 0 (Scout: step 1, every layer; Maverick: step 2,
+    odd layers), the rest keep the dense SwiGLU.
+    """
+
+    num_experts: int = 16  # E routed experts (plus one always-on shared expert)
+    top_k: int = 1  # experts per token (Llama 4: 1)
+    interleave_moe_layer_step: int = 1
+    # Meta's sizing rule for the expert hidden size: with auto_scale_F the dense size is divided by
+    # (capacity_factor + 1), so the routed expert + shared expert touch as many weights as one dense FFN.
+    capacity_factor: float = 1.0
+    auto_scale_F: bool = True  # noqa: N815  (Meta's name)
+    # Switch Transformer training (arXiv 2101.03961 §2.2): each expert takes at most
+    # ceil(expert_capacity_factor · tokens·top_k / E) tokens per forward; the rest skip the routed expert.
+    # None: no limit (inference in Meta's and HF's references never drops tokens).
+    expert_capacity_factor: Optional[float] = None
+    # Coefficients a training loop may use with `Transformer.aux_losses()` (Switch α = 1e-2, ST-MoE c_z = 1e-3).
+    load_balance_coef: float = 1e-2
+    router_z_loss_coef: float = 1e-3
+
+    def __post_init__(self):
+        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+            raise ValueError(f"MoEArgs.num_experts must be a positive integer, got {self.num_experts!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 1:
+            raise ValueError(f"MoEArgs.top_k must be a positive integer, got {self.top_k!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoEArgs.top_k ({self.top_k}) is larger than num_experts ({self.num_experts}); "
+                             f"a token cannot pick more experts than exist: lower top_k or add experts")
+        if not isinstance(self.interleave_moe_layer_step, int) or self.interleave_moe_layer_step < 1:
+            raise ValueError(f"MoEArgs.interleave_moe_layer_step must be a positive integer (1: every layer MoE), "
+                             f"got {self.interleave_moe_layer_step!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"MoEArgs.capacity_factor must be > 0, got {self.capacity_factor}")
+        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
+            raise ValueError(f"MoEArgs.expert_capacity_factor must be > 0 (Switch uses 1.0-2.0), got "
+                             f"{self.expert_capacity_factor}; use None for no token dropping")
+        if self.load_balance_coef < 0 or self.router_z_loss_coef < 0:
+            raise ValueError("MoE auxiliary loss coefficients must be >= 0")
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one decoder layer does, derived from `ModelArgs` (all False/None for dense LLaMA 1-3)."""
+
+    use_rope: bool = True  # False: a Llama 4 NoPE ("global") layer
+    attention_chunk_size: Optional[int] = None  # chunked local causal attention (Llama 4 RoPE layers)
+    qk_norm: bool = False  # parameter-free RMS norm of q and k after RoPE (Llama 4 Scout)
+    temperature_tuning: bool = False  # q scaled by 1 + attn_scale·ln(1 + floor((m+1)/floor_scale)) (NoPE layers)
+    moe: bool = False  # routed experts + shared expert instead of the dense SwiGLU
 
 
 @dataclass
 class ModelArgs:
-    """Architecture hyper-parameters of one LLaMA model (dense generations 1 to 3.3)."""
+    """Architecture hyper-parameters of one LLaMA model (generations 1 to 3.3; Llama 4 text via the last block)."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -70,11 +169,26 @@ class ModelArgs:
     tie_word_embeddings: bool = False  # Llama 3.2 1B/3B share tok_embeddings and output
     head_dim: Optional[int] = None  # None -> dim // n_heads
     ffn_hidden_dim: Optional[int] = None  # explicit override of the multiple_of rule (HF `intermediate_size`)
+    # --- Llama 4 (Meta params.json names; every default keeps the dense behaviour above) ---
+    nope_layer_interval: Optional[int] = None  # layers with (i+1) % interval == 0 use no RoPE (iRoPE), Llama 4: 4
+    attention_chunk_size: Optional[int] = None  # RoPE layers attend only inside chunks of this many positions
+    use_qk_norm: bool = False  # RMS-normalise q and k (no weight) after RoPE on RoPE layers (Scout)
+    attn_temperature_tuning: bool = False  # NoPE layers: q ·= 1 + attn_scale·ln(1 + floor((m+1)/floor_scale))
+    floor_scale: float = 8192.0
+    attn_scale: float = 0.1
+    moe_args: Optional[MoEArgs] = None  # None: dense SwiGLU in every layer
+    ffn_exp: Optional[float] = None  # Meta's expert sizing: hidden = int(ffn_exp·dim) before the 2/3 rule
+    moe_hidden_dim: Optional[int] = None  # explicit expert hidden size (HF `intermediate_size` of Llama 4)
+    # RoPE arithmetic: False rotates in the activation dtype (HF Llama 1-3, exact float64 parity); True rotates
+    # q, k as complex64 numbers like Meta's references and HF Llama 4 (float32 even in a float64 model).
+    rope_complex64: bool = False
     name: str = ""
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe_args, dict):
+            self.moe_args = MoEArgs(**self.moe_args)
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
         for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
@@ -105,6 +219,39 @@ class ModelArgs:
             self.ffn_hidden_dim = ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
         elif self.ffn_hidden_dim <= 0:
             raise ValueError(f"ffn_hidden_dim must be positive, got {self.ffn_hidden_dim}")
+        self._check_llama4_fields()
+
+    def _check_llama4_fields(self) -> None:
+        for key in ("nope_layer_interval", "attention_chunk_size"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                raise ValueError(f"ModelArgs.{key} must be a positive integer or None (off), got {value!r}")
+        if not self.floor_scale > 0:
+            raise ValueError(f"floor_scale must be > 0 (Llama 4: 8192), got {self.floor_scale}")
+        if self.moe_args is None:
+            return
+        step = self.moe_args.interleave_moe_layer_step
+        if self.n_layers % step:
+            raise ValueError(f"interleave_moe_layer_step ({step}) must divide n_layers ({self.n_layers}) so the "
+                             f"dense/MoE pattern tiles the stack (Scout 48/1, Maverick 48/2); change either")
+        if self.moe_hidden_dim is None:
+            if self.ffn_exp is None:
+                raise ValueError("an MoE model needs the expert hidden size: set ffn_exp (Meta, e.g. 4.0) or "
+                                 "moe_hidden_dim (HF intermediate_size)")
+            self.moe_hidden_dim = moe_hidden_size(self.dim, self.ffn_exp, self.ffn_dim_multiplier, self.multiple_of,
+                                                  self.moe_args)
+        elif self.moe_hidden_dim <= 0:
+            raise ValueError(f"moe_hidden_dim must be positive, got {self.moe_hidden_dim}")
+
+    def layer_spec(self, layer_id: int) -> LayerSpec:
+        """Per-layer flags (Meta Llama 4 `TransformerBlock.__init__`); dense for LLaMA 1-3."""
+        nope = self.nope_layer_interval is not None and (layer_id + 1) % self.nope_layer_interval == 0
+        moe = self.moe_args is not None and (layer_id + 1) % self.moe_args.interleave_moe_layer_step == 0
+        return LayerSpec(use_rope=not nope,
+                         attention_chunk_size=None if nope else self.attention_chunk_size,
+                         qk_norm=self.use_qk_norm and not nope,
+                         temperature_tuning=self.attn_temperature_tuning and nope,
+                         moe=moe)
 
     @property
     def n_rep(self) -> int:
@@ -134,13 +281,53 @@ def ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[flo
     return multiple_of * math.ceil(hidden / multiple_of)
 
 
+def moe_hidden_size(dim: int, ffn_exp: float, ffn_dim_multiplier: Optional[float], multiple_of: int,
+                    moe: MoEArgs) -> int:
+    """Expert hidden size, Meta Llama 4 `MoE.__init__`: int(ffn_exp·D) -> 2/3 -> multiplier -> /(cf+1) -> round up.
+
+    Scout/Maverick: 20480 -> 13653 -> 16383 -> 8191 -> 8192.
+    """
+    hidden = int(2 * int(ffn_exp * dim) / 3)
+    hidden = int((ffn_dim_multiplier or 1.0) * hidden)
+    if moe.auto_scale_F:
+        hidden = int(hidden / (moe.capacity_factor + 1))
+    return multiple_of * math.ceil(hidden / multiple_of)
+
+
+def _ffn_parameters(args: ModelArgs, layer_id: int, active: bool) -> int:
+    """Weights of one layer's FFN; with `active`, only those one token touches (top_k routed experts)."""
+    D = args.dim
+    if not args.layer_spec(layer_id).moe:
+        return 3 * D * args.ffn_hidden_dim
+    E, Fe = args.moe_args.num_experts, args.moe_hidden_dim
+    routed = args.moe_args.top_k if active else E
+    return routed * 3 * D * Fe + 3 * D * Fe + D * E  # routed experts + shared expert + router
+
+
 def count_parameters(args: ModelArgs) -> int:
-    """Closed-form parameter count of a dense model (research notes §3.1), independent of the module code."""
-    D, L, H, KV, hd, F, V = (args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim,
-                             args.ffn_hidden_dim, args.vocab_size)
+    """Closed-form parameter count (research notes §3.1, §3.3), independent of the module code."""
+    return _count(args, active=False)
+
+
+def count_active_parameters(args: ModelArgs, include_embedding: bool = True) -> int:
+    """Parameters one token touches in a forward pass: the top_k routed experts of each MoE layer instead of all.
+
+    include_embedding=True counts the whole input embedding table like Meta's "17B active" (research notes §3.3:
+    Scout 17,172,894,720, Maverick 17,184,691,200); False leaves it out (16,138,408,960 / 16,150,205,440).
+    For a dense model this is the total count (minus the embedding table when excluded).
+    """
+    total = _count(args, active=True)
+    if not include_embedding and not args.tie_word_embeddings:
+        total -= args.vocab_size * args.dim
+    return total
+
+
+def _count(args: ModelArgs, active: bool) -> int:
+    D, L, H, KV, hd, V = args.dim, args.n_layers, args.n_heads, args.n_kv_heads, args.head_dim, args.vocab_size
     embed = V * D * (1 if args.tie_word_embeddings else 2)
-    per_layer = D * H * hd + 2 * D * KV * hd + H * hd * D + 3 * D * F + 2 * D
-    return embed + D + L * per_layer
+    attention = D * H * hd + 2 * D * KV * hd + H * hd * D
+    ffn = sum(_ffn_parameters(args, i, active) for i in range(L))
+    return embed + D + L * (attention + 2 * D) + ffn
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -225,6 +412,22 @@ _add("llama-3.3-70b", 70_553_706_496, "HF safetensors total", "Llama 3.3",
      dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3, max_seq_len=131072,
      rope_scaling=_L3_SCALING, **_L3)
 
+# Llama 4 text trunks (research notes §6.1; Meta llama-models `models/llama4`, HF `Llama4TextConfig`): iRoPE with a
+# NoPE layer every 4th layer, chunked local attention (8192) on the RoPE layers, temperature tuning on NoPE layers,
+# 1 shared + E routed experts with a sigmoid top-1 router. Counts are the text part of the HF totals (§3.3).
+_L4 = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
+           ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, nope_layer_interval=4,
+           attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1,
+           rope_complex64=True)
+_add("llama-4-scout", 107_769_861_120, "HF Llama-4-Scout-17B-16E total 108,641,793,536 minus vision encoder, "
+     "adapter and projector (871,932,416)", "Llama 4", max_seq_len=10_485_760, use_qk_norm=True,
+     rope_scaling=RopeScaling("llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                              original_max_position_embeddings=8192),
+     moe_args=MoEArgs(num_experts=16, top_k=1, interleave_moe_layer_step=1), **_L4)
+_add("llama-4-maverick", 400_711_848_960, "HF Llama-4-Maverick-17B-128E total 401,583,781,376 minus vision "
+     "encoder, adapter and projector (871,932,416)", "Llama 4", max_seq_len=1_048_576, use_qk_norm=False,
+     moe_args=MoEArgs(num_experts=128, top_k=1, interleave_moe_layer_step=2), **_L4)
+
 # Tiny presets for tests and CPU ablations: the same architecture at toy width, one per generation's features.
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 _add("tiny-llama-1", None, "test preset", "tiny", norm_eps=1e-6, **_TINY)
@@ -233,6 +436,14 @@ _add("tiny-llama-3", None, "test preset", "tiny", n_kv_heads=2, rope_theta=50000
      rope_scaling=RopeScaling("llama3", factor=8.0, original_max_position_embeddings=64), **_TINY)
 _add("tiny-llama-3.2", None, "test preset", "tiny", n_kv_heads=1, rope_theta=500000.0, tie_word_embeddings=True,
      rope_scaling=RopeScaling("llama3", factor=32.0, original_max_position_embeddings=64), **_TINY)
+# Tiny Llama 4: 4 layers so that layer 3 is NoPE; chunks of 16 and floor_scale 16 so chunking and temperature tuning
+# act within short test sequences.
+_TINY4 = dict(_TINY, n_layers=4, n_kv_heads=2, rope_theta=500000.0, nope_layer_interval=4, attention_chunk_size=16,
+              attn_temperature_tuning=True, floor_scale=16.0, attn_scale=0.1, ffn_exp=2.0, rope_complex64=True)
+_add("tiny-llama-4-scout", None, "test preset", "tiny", use_qk_norm=True,
+     moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=1), **_TINY4)
+_add("tiny-llama-4-maverick", None, "test preset", "tiny", use_qk_norm=False,
+     moe_args=MoEArgs(num_experts=8, interleave_moe_layer_step=2), **_TINY4)
 
 
 def list_models() -> list[str]:

@@ -1,4 +1,4 @@
-"""The LLaMA decoder: one `Transformer` for every dense generation (LLaMA 1, Llama 2, Code Llama, Llama 3.x).
+"""The LLaMA decoder: one `Transformer` for every generation (LLaMA 1, Llama 2, Code Llama, Llama 3.x, Llama 4 text).
 
 Shapes: B batch, T new tokens, S attended positions (cache + new), V vocab, C model dim (`dim`),
         H query heads, Hkv key/value heads, D head dim, F SwiGLU hidden size.
@@ -8,6 +8,12 @@ Architecture (LLaMA arXiv 2302.13971 §2.2; Llama 2 arXiv 2307.09288 §2.2; Llam
     out = h + SwiGLU(RMSNorm(h))
     logits = output(RMSNorm(h_L))            no absolute positions: RoPE inside attention
 
+Llama 4 (research notes §6; Meta llama-models `models/llama4`) changes single layers through per-layer flags
+(`ModelArgs.layer_spec`, all off for LLaMA 1-3): every 4th layer has no RoPE and attends globally, with a query
+temperature τ(m) for long contexts; the other layers attend causally inside chunks of 8192 positions and may
+RMS-normalise q and k; SwiGLU is replaced by a mixture of experts (`llama.moe`) in every (Scout) or every other
+(Maverick) layer.
+
 Adapters attach from outside through two narrow override points, never by editing this file:
   * any `nn.Linear` (wq wk wv wo w1 w2 w3 output) may be replaced by a module with the same call signature;
   * `Attention.extension` (None by default) may add a bias to the attention logits and/or an extra term to the
@@ -16,14 +22,16 @@ Adapters attach from outside through two narrow override points, never by editin
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .config import ModelArgs
+from . import moe
+from .attention import attend, causal_attention, causal_mask, chunked_causal_mask  # noqa: F401 (re-exported)
+from .config import LayerSpec, ModelArgs
+from .ffn import FeedForward
+from .moe import MoE
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -40,9 +48,13 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        return self.weight * rms_normalise(x, self.eps)
+
+
+def rms_normalise(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x²) + eps) over the last axis, in float32 and cast back (no gain: Llama 4's QK norm)."""
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 class AttentionExtension(nn.Module):
@@ -87,33 +99,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x.repeat_interleave(n_rep, dim=1)
 
 
-def attend(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, implementation: str) -> torch.Tensor:
-    """softmax(q kᵀ / sqrt(D) + mask) v for q [B, H, T, D], k/v [B, H, S, D]; mask is bool (True = keep) or additive.
-
-    "sdpa" calls PyTorch's fused kernel; "math" spells the same formula out, with the softmax in at least float32
-    as Meta's reference computes it. Tests check the two agree.
-    """
-    if implementation == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
-    if implementation != "math":
-        raise ValueError(f"unknown attention implementation {implementation!r}; use 'sdpa' or 'math'")
-    T, S = q.shape[-2], k.shape[-2]
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B, H, T, S]
-    if is_causal and mask is None:
-        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
-    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(q.dtype)
-    return probs @ v  # [B, H, T, D]
-
-
 class Attention(nn.Module):
-    """Causal self-attention with RoPE on q and k, grouped-query KV heads and an optional KV cache."""
+    """Causal self-attention with RoPE on q and k, grouped-query KV heads and an optional KV cache.
 
-    def __init__(self, args: ModelArgs):
+    `spec` carries the Llama 4 flags of this layer (defaults: dense LLaMA 1-3 attention).
+    """
+
+    def __init__(self, args: ModelArgs, spec: LayerSpec = LayerSpec()):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.n_rep = args.n_rep
+        self.spec, self.norm_eps, self.rope_complex64 = spec, args.norm_eps, args.rope_complex64
+        self.floor_scale, self.attn_scale = args.floor_scale, args.attn_scale
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -128,26 +125,34 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, Hkv, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        pos = 0 if start_pos is None else start_pos
+        if self.spec.use_rope:
+            q, k = apply_rotary(q, cos, sin, self.rope_complex64), apply_rotary(k, cos, sin, self.rope_complex64)
+        if self.spec.qk_norm:  # Llama 4 Scout: parameter-free RMS norm of each head vector, after RoPE
+            q, k = rms_normalise(q, self.norm_eps), rms_normalise(k, self.norm_eps)
+        if self.spec.temperature_tuning:  # Llama 4 NoPE layers: sharper attention far into long contexts
+            q = (q * self.temperature(pos, T, x.device)).to(q.dtype)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H|Hkv, T, D]
 
-        pos = 0 if start_pos is None else start_pos
         if start_pos is not None:
             if self.cache is None:
                 raise RuntimeError("start_pos given but no KV cache: call model.setup_cache(batch_size, max_seq_len)")
             k, v = self.cache.update(start_pos, k, v)  # [B, Hkv, S, D]
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)  # [B, H, S, D]
 
-        is_causal = mask is None
+        chunk = self.spec.attention_chunk_size
+        if mask is not None and chunk is not None:  # packed rows on a chunked layer: both patterns apply
+            mask = mask & chunked_causal_mask(T, pos, chunk, x.device)
         if self.extension is not None:
             bias = self.extension.score_bias(self, x, q, pos)
             if bias is not None:
                 if mask is None:
-                    mask = causal_mask(T, pos, x.device)
+                    mask = chunked_causal_mask(T, pos, chunk, x.device)  # plain causal when chunk is None
                 mask = bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else bias + mask
-        if mask is None and T > 1 and pos > 0:  # a chunk appended to a cache: rows are offset by pos
-            mask = causal_mask(T, pos, x.device)
-        y = attend(q, k, v, mask, is_causal and T > 1, self.implementation)  # [B, H, T, D]
+        if mask is None:  # the usual path: (chunked) causal attention that never builds a T×S mask
+            y = causal_attention(q, k, v, pos, chunk, self.implementation)  # [B, H, T, D]
+        else:
+            y = attend(q, k, v, mask, False, self.implementation)  # [B, H, T, D]
 
         if self.extension is not None:
             extra = self.extension.extra_output(self, x, q, pos)
@@ -156,31 +161,26 @@ class Attention(nn.Module):
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # [B, T, H·D]
         return self.wo(y)
 
+    def temperature(self, start_pos: int, T: int, device) -> torch.Tensor:
+        """τ(m) = 1 + attn_scale·ln(1 + ⌊(m+1)/floor_scale⌋) for m = start_pos … start_pos+T-1, shape [T, 1, 1].
 
-def causal_mask(T: int, start_pos: int, device) -> torch.Tensor:
-    """Bool [T, start_pos+T]: query i (absolute position start_pos+i) may read keys 0 … start_pos+i."""
-    return torch.ones(T, start_pos + T, dtype=torch.bool, device=device).tril(start_pos)
-
-
-class FeedForward(nn.Module):
-    """SwiGLU (arXiv 2002.05202): FFN(u) = w2( SiLU(w1 u) ⊙ w3 u ); Meta: w1 = gate, w3 = up, w2 = down."""
-
-    def __init__(self, dim: int, hidden_dim: int):
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
-        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
-        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        Meta Llama 4 `Attention.forward` (citing arXiv 2501.19399); 1 for every m < floor_scale - 1, so short
+        contexts are unchanged. Computed in float32 like both references.
+        """
+        m = torch.arange(start_pos, start_pos + T, device=device, dtype=torch.float32)
+        return (torch.log1p(torch.floor((m + 1.0) / self.floor_scale)) * self.attn_scale + 1.0)[:, None, None]
 
 
 class TransformerBlock(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
-        self.attention = Attention(args)
-        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        spec = args.layer_spec(layer_id)
+        self.attention = Attention(args, spec)
+        if spec.moe:  # Llama 4: shared expert + routed experts (llama/moe.py)
+            self.feed_forward = MoE(args.dim, args.moe_hidden_dim, args.moe_args)
+        else:
+            self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -199,7 +199,8 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix for input and output
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len,
+                                    complex64=args.rope_complex64)
         self.reset_parameters()
 
     # -- initialisation -------------------------------------------------------------------------------------------
@@ -213,6 +214,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+            elif isinstance(module, moe.Router):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, moe.Experts):
+                module.reset_parameters(std)
 
     # -- KV cache -------------------------------------------------------------------------------------------------
     def setup_cache(self, batch_size: int, max_seq_len: Optional[int] = None, dtype=None, device=None) -> None:
@@ -235,6 +240,22 @@ class Transformer(nn.Module):
             raise ValueError(f"unknown attention implementation {implementation!r}; use 'sdpa' or 'math'")
         for layer in self.layers:
             layer.attention.implementation = implementation
+
+    # -- Llama 4 MoE training signals (formulas in llama/moe.py) ----------------------------------------------------
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted {"load_balance", "router_z"} of the last forward, averaged over MoE layers ({} if dense)."""
+        return moe.aux_losses(self)
+
+    def aux_loss(self) -> torch.Tensor:
+        """α·load_balance + c_z·router_z with the coefficients of `args.moe_args`: add it to the training loss."""
+        losses, m = self.aux_losses(), self.args.moe_args
+        if not losses:
+            return self.norm.weight.new_zeros(())
+        return m.load_balance_coef * losses["load_balance"] + m.router_z_loss_coef * losses["router_z"]
+
+    def expert_load(self) -> torch.Tensor:
+        """[n_moe_layers, E]: tokens routed to each expert in the last forward."""
+        return moe.expert_load(self)
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
