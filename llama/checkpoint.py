@@ -114,6 +114,8 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise ValueError(f"unknown checkpoint format {format!r}; use format='hf' or format='meta'")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+    if not isinstance(model, Transformer):
+        raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
     if format == "hf" and num_shards != 1:
         raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
                          "max_shard_size to split the safetensors files")
@@ -137,8 +139,6 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
 
 def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The model's parameters under Meta names, checked against its config (adapters must be merged first)."""
-    if not isinstance(model, Transformer):
-        raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if set(sd) != set(expected_shapes(model.args)):
         extra = sorted(set(sd) - set(expected_shapes(model.args)))

@@ -55,6 +55,10 @@ def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
                 raise
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        if not zipfile.is_zipfile(path):  # not a torch archive at all: random bytes, or cut before its directory
+            raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated (not a PyTorch zip "
+                                  f"archive); re-download it (Meta folders ship checklist.chk with md5 sums) or "
+                                  f"re-convert the checkpoint (files saved by torch < 1.6 must be re-saved)") from e
         raise CheckpointError(
             f"{path} contains objects other than tensors, which weights_only=True refuses to unpickle ({e}); "
             f"only load checkpoints you trust, and re-save them as a plain state dict of tensors") from e

@@ -278,7 +278,9 @@ def _embedding_dim(parts: list[torch.Tensor], args: ModelArgs, key: str) -> int:
     if cols * len(parts) == args.dim:
         return 1
     raise CheckpointError(f"{key} shards are [{parts[0].shape[0]}, {cols}], which is neither a vocab slice nor a "
-                          f"1/{len(parts)} slice of dim={args.dim}; params.json does not match these weights")
+                          f"1/{len(parts)} slice of dim={args.dim}: the {len(parts)} consolidated.NN.pth files "
+                          f"(one extra or missing?) or params.json do not match these weights; restore the "
+                          f"original set")
 
 
 def _drop_repeated_kv(w: torch.Tensor, args: ModelArgs, P: int, key: str) -> torch.Tensor:

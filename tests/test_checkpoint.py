@@ -1,0 +1,563 @@
+"""Meta and HF checkpoint folders: shard merging and splitting, config translation, atomic writes, bad input.
+
+The Meta checkpoints here are built by hand from a random HF model, with this file's own key mapping, RoPE row
+reordering (explicit loops over heads and pairs) and model-parallel splitting, so `llama.load` is checked against
+an independent construction and, through the logits, against `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import llama.checkpoint as ckpt
+from hf_reference import GENERATIONS, hf_logits, random_hf_model, random_tokens, relative_error
+from llama import ModelArgs, RopeScaling, Transformer
+from llama.checkpoint_io import CheckpointError
+from llama.convert import main as convert_main
+from llama.meta_format import args_from_params
+
+_TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
+
+# ---------------------------------------------------------------------------------------------------------------
+# A hand-built Meta checkpoint
+
+
+def meta_state_dict_by_hand(hf_sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torch.Tensor]:
+    """HF LlamaForCausalLM weights -> Meta names and Meta's interleaved RoPE row order (explicit loops)."""
+
+    def to_meta_rows(w, n_heads):  # Meta row 2j <- HF row j, Meta row 2j+1 <- HF row D/2 + j, in every head
+        D, out = args.head_dim, torch.empty_like(w)
+        for h in range(n_heads):
+            for j in range(D // 2):
+                out[h * D + 2 * j] = w[h * D + j]
+                out[h * D + 2 * j + 1] = w[h * D + D // 2 + j]
+        return out
+
+    sd = {"tok_embeddings.weight": hf_sd["model.embed_tokens.weight"], "norm.weight": hf_sd["model.norm.weight"],
+          "output.weight": hf_sd.get("lm_head.weight", hf_sd["model.embed_tokens.weight"])}
+    for i in range(args.n_layers):
+        p = f"model.layers.{i}."
+        sd.update({
+            f"layers.{i}.attention.wq.weight": to_meta_rows(hf_sd[p + "self_attn.q_proj.weight"], args.n_heads),
+            f"layers.{i}.attention.wk.weight": to_meta_rows(hf_sd[p + "self_attn.k_proj.weight"], args.n_kv_heads),
+            f"layers.{i}.attention.wv.weight": hf_sd[p + "self_attn.v_proj.weight"],
+            f"layers.{i}.attention.wo.weight": hf_sd[p + "self_attn.o_proj.weight"],
+            f"layers.{i}.feed_forward.w1.weight": hf_sd[p + "mlp.gate_proj.weight"],
+            f"layers.{i}.feed_forward.w3.weight": hf_sd[p + "mlp.up_proj.weight"],
+            f"layers.{i}.feed_forward.w2.weight": hf_sd[p + "mlp.down_proj.weight"],
+            f"layers.{i}.attention_norm.weight": hf_sd[p + "input_layernorm.weight"],
+            f"layers.{i}.ffn_norm.weight": hf_sd[p + "post_attention_layernorm.weight"],
+        })
+    return {k: v.clone() for k, v in sd.items()}
+
+
+def split_by_hand(sd, args: ModelArgs, P: int, embedding_dim: int) -> list[dict[str, torch.Tensor]]:
+    """Fairscale's layout: column-parallel rows, row-parallel columns, norms on every rank, KV heads repeated
+    on P/Hkv ranks when P > Hkv."""
+    shards = [{} for _ in range(P)]
+    D = args.head_dim
+    for key, w in sd.items():
+        name = key.split(".")[-2]
+        for r in range(P):
+            if name in ("attention_norm", "ffn_norm", "norm"):
+                part = w
+            elif name in ("wk", "wv") and P > args.n_kv_heads:
+                head = r // (P // args.n_kv_heads)
+                part = w[head * D:(head + 1) * D]
+            elif name in ("wq", "wk", "wv", "w1", "w3", "output"):
+                rows = w.shape[0] // P
+                part = w[r * rows:(r + 1) * rows]
+            elif name in ("wo", "w2"):
+                cols = w.shape[1] // P
+                part = w[:, r * cols:(r + 1) * cols]
+            else:  # tok_embeddings
+                n = w.shape[embedding_dim] // P
+                part = w.narrow(embedding_dim, r * n, n)
+            shards[r][key] = part.clone()
+    return shards
+
+
+def write_meta_by_hand(folder: Path, params: dict, shards: list[dict], single_file: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "params.json").write_text(json.dumps(params))
+    for r, shard in enumerate(shards):
+        torch.save(shard, folder / ("consolidated.pth" if single_file else f"consolidated.{r:02d}.pth"))
+    return folder
+
+
+def _l3_meta(**kw) -> ModelArgs:  # llama3 scaling with Meta's own constants (L0 = 8192), expressible in params.json
+    return ModelArgs(rope_theta=500000.0, rope_scaling=RopeScaling("llama3", factor=kw.pop("factor", 8.0),
+                                                                   original_max_position_embeddings=8192), **kw)
+
+
+META_CASES = {
+    # name: (args, params.json as Meta writes it, shards, embedding split dim)
+    "llama1-mp2": (ModelArgs(norm_eps=1e-6, **_TINY),
+                   {"model": {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-06,
+                              "vocab_size": -1}}, 2, 1),
+    "llama2-gqa-mp2": (ModelArgs(n_kv_heads=2, **_TINY),
+                       {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
+                        "norm_eps": 1e-05, "vocab_size": 256}, 2, 1),
+    "llama2-gqa-mp4-kv-repeat": (ModelArgs(n_kv_heads=2, **_TINY),
+                                 {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2, "n_layers": 2,
+                                  "norm_eps": 1e-05, "vocab_size": 256}, 4, 1),
+    "llama3.1-mp4": (_l3_meta(n_kv_heads=2, ffn_dim_multiplier=1.3, **_TINY),
+                     {"dim": 64, "ffn_dim_multiplier": 1.3, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 2,
+                      "n_layers": 2, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                      "vocab_size": 256}, 4, 0),
+    "llama3.2-tied-mp2": (_l3_meta(n_kv_heads=1, factor=32.0, tie_word_embeddings=True, **_TINY),
+                          {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_kv_heads": 1, "n_layers": 2,
+                           "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+                           "rope_scaling_factor": 32.0, "vocab_size": 256}, 2, 0),
+}
+
+
+@pytest.fixture(scope="module")
+def hf_models():
+    cache = {}
+
+    def get(args: ModelArgs):
+        key = repr(args)
+        if key not in cache:
+            cache[key] = random_hf_model(args, dtype=torch.float64)
+        return cache[key]
+
+    return get
+
+
+@pytest.mark.parametrize("case", list(META_CASES))
+def test_hand_built_meta_shards_load_and_match_hf(case, hf_models, tmp_path):
+    args, params, P, emb_dim = META_CASES[case]
+    hf = hf_models(args)
+    shards = split_by_hand(meta_state_dict_by_hand(hf.state_dict(), args), args, P, emb_dim)
+    if case == "llama1-mp2":
+        for shard in shards:
+            shard["rope.freqs"] = torch.randn(8)  # early checkpoints carry a RoPE table that loaders ignore
+    write_meta_by_hand(tmp_path, params, shards)
+    model = ckpt.load(tmp_path)
+    assert model.args.vocab_size == args.vocab_size and model.args.tie_word_embeddings == args.tie_word_embeddings
+    if args.tie_word_embeddings:
+        assert model.output.weight is model.tok_embeddings.weight
+    tokens = random_tokens(args)
+    assert relative_error(model(tokens), hf_logits(hf, tokens)) <= 1e-10
+
+
+def test_single_consolidated_pth(hf_models, tmp_path):
+    args, params, _, _ = META_CASES["llama2-gqa-mp2"]
+    hf = hf_models(args)
+    write_meta_by_hand(tmp_path, params, [meta_state_dict_by_hand(hf.state_dict(), args)], single_file=True)
+    tokens = random_tokens(args)
+    assert relative_error(ckpt.load(tmp_path)(tokens), hf_logits(hf, tokens)) <= 1e-10
+
+
+def _merge_by_hand(shards, args: ModelArgs, embedding_dim: int) -> dict[str, torch.Tensor]:
+    P, out = len(shards), {}
+    for key in shards[0]:
+        name = key.split(".")[-2]
+        parts = [s[key] for s in shards]
+        if name in ("attention_norm", "ffn_norm", "norm"):
+            assert all(torch.equal(p, parts[0]) for p in parts)
+            out[key] = parts[0]
+        elif name in ("wk", "wv") and P > args.n_kv_heads:
+            out[key] = torch.cat(parts[::P // args.n_kv_heads])
+        elif name in ("wo", "w2"):
+            out[key] = torch.cat(parts, dim=1)
+        elif name == "tok_embeddings":
+            out[key] = torch.cat(parts, dim=embedding_dim)
+        else:
+            out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+@pytest.mark.parametrize("P, n_kv_heads, vocab_size, emb_dim", [(2, 2, 256, 1), (4, 2, 256, 1), (4, 1, 128256, 0)])
+def test_meta_save_splits_like_fairscale(P, n_kv_heads, vocab_size, emb_dim, tmp_path):
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=vocab_size, multiple_of=32,
+                     max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(args)
+    ckpt.save(model, tmp_path, format="meta", num_shards=P)
+    shards = [torch.load(tmp_path / f"consolidated.{r:02d}.pth", weights_only=True) for r in range(P)]
+    D, C, F = args.head_dim, args.dim, args.ffn_hidden_dim
+    s0 = shards[0]
+    assert tuple(s0["layers.0.attention.wq.weight"].shape) == (4 * D // P, C)
+    assert tuple(s0["layers.0.attention.wk.weight"].shape) == (max(n_kv_heads // P, 1) * D, C)
+    assert tuple(s0["layers.0.attention.wo.weight"].shape) == (C, 4 * D // P)
+    assert tuple(s0["layers.0.feed_forward.w2.weight"].shape) == (C, F // P)
+    assert tuple(s0["output.weight"].shape) == (vocab_size // P, C)
+    emb = (vocab_size // P, C) if emb_dim == 0 else (vocab_size, C // P)
+    assert tuple(s0["tok_embeddings.weight"].shape) == emb
+    merged = _merge_by_hand(shards, args, emb_dim)
+    for key, value in model.state_dict().items():
+        assert torch.equal(merged[key], value), key
+    params = json.loads((tmp_path / "params.json").read_text())
+    assert params == {"dim": 32, "n_layers": 1, "n_heads": 4, **({"n_kv_heads": n_kv_heads} if n_kv_heads != 4 else {}),
+                      "vocab_size": vocab_size, "multiple_of": 32, "norm_eps": 1e-05}
+
+
+def test_tied_embeddings_in_both_formats(tmp_path):
+    args = GENERATIONS["llama-3.2-tied"]
+    model = Transformer(args)
+    ckpt.save(model, tmp_path / "hf", format="hf")
+    assert "lm_head.weight" not in load_file(tmp_path / "hf" / "model.safetensors")
+    ckpt.save(model, tmp_path / "meta", format="meta")
+    sd = torch.load(tmp_path / "meta" / "consolidated.00.pth", weights_only=True)
+    assert torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
+    for fmt in ("hf", "meta"):
+        loaded = ckpt.load(tmp_path / fmt)
+        assert loaded.output.weight is loaded.tok_embeddings.weight
+        assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_dtype_conversion_on_load_and_save(tmp_path):
+    model = Transformer(GENERATIONS["llama-2-gqa"])
+    ckpt.save(model, tmp_path / "hf", format="hf", dtype=torch.bfloat16)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert ckpt.load(tmp_path / "hf").norm.weight.dtype == torch.bfloat16  # stored dtype kept by default
+    loaded = ckpt.load(tmp_path / "hf", dtype=torch.float32)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    expected = model.layers[0].attention.wq.weight.to(torch.bfloat16).float()
+    assert torch.equal(loaded.layers[0].attention.wq.weight, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# params.json / config.json translation
+
+
+def test_meta_params_of_released_models():
+    path = Path("params.json")
+    l31 = args_from_params({"dim": 4096, "ffn_dim_multiplier": 1.3, "multiple_of": 1024, "n_heads": 32,
+                            "n_kv_heads": 8, "n_layers": 32, "norm_eps": 1e-05, "rope_theta": 500000.0,
+                            "use_scaled_rope": True, "vocab_size": 128256}, path=path)
+    assert l31.name == "llama-3.1-8b" and l31.max_seq_len == 131072 and l31.rope_scaling.factor == 8.0
+    l1 = args_from_params({"dim": 4096, "multiple_of": 256, "n_heads": 32, "n_layers": 32, "norm_eps": 1e-06,
+                           "vocab_size": -1}, path=path, vocab_size=32000)
+    assert l1.name == "llama-7b" and l1.max_seq_len == 2048 and l1.ffn_hidden_dim == 11008
+    cl = args_from_params({"dim": 8192, "n_layers": 48, "n_heads": 64, "n_kv_heads": 8, "multiple_of": 256,
+                           "ffn_dim_multiplier": 1.0, "norm_eps": 1e-5, "rope_theta": 1000000, "vocab_size": 32000},
+                          path=path, max_seq_len=100_000)
+    assert cl.name == "code-llama-34b" and cl.max_seq_len == 100_000
+
+
+def test_llama_3_2_meta_params_get_factor_32_with_a_warning():
+    params = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
+              "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
+              "vocab_size": 128256}
+    with pytest.warns(UserWarning, match="factor 32"):
+        args = args_from_params(params, path=Path("params.json"))
+    assert args.name == "llama-3.2-1b" and args.rope_scaling.factor == 32.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        forced = args_from_params({**params, "rope_scaling_factor": 8}, path=Path("params.json"))
+    assert forced.rope_scaling.factor == 8.0
+
+
+def test_transformers_4_config_layout(tmp_path):
+    """rope_theta at the top level and rope_scaling with the old 'type' key (transformers 4.x) read the same."""
+    model = Transformer(GENERATIONS["llama-3.1-scaled-rope"])
+    ckpt.save(model, tmp_path, format="hf")
+    config = json.loads((tmp_path / "config.json").read_text())
+    scaling = dict(config.pop("rope_parameters"))
+    scaling.pop("rope_theta")
+    scaling["type"] = scaling.pop("rope_type")
+    config["rope_scaling"] = scaling
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = ckpt.load(tmp_path).args
+    # config.json has no multiple_of / ffn_dim_multiplier: it stores their result, intermediate_size
+    for field in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
+                  "rope_scaling", "max_seq_len", "tie_word_embeddings", "head_dim"):
+        assert getattr(loaded, field) == getattr(model.args, field), field
+
+
+def test_vocab_from_tokenizer_when_params_say_minus_one(hf_models, tmp_path):
+    from tokenizer_files import train_sentencepiece
+
+    args = ModelArgs(**{**_TINY, "vocab_size": 512})
+    params = {"dim": 64, "multiple_of": 32, "n_heads": 4, "n_layers": 2, "norm_eps": 1e-05, "vocab_size": -1}
+    write_meta_by_hand(tmp_path / "7B", params,
+                       split_by_hand(meta_state_dict_by_hand(hf_models(args).state_dict(), args), args, 2, 1))
+    train_sentencepiece(tmp_path / "tokenizer.model", vocab_size=512)  # LLaMA 1 kept it next to the size folders
+    assert ckpt.load(tmp_path / "7B").args.vocab_size == 512
+    train_sentencepiece(tmp_path / "7B" / "tokenizer.model", vocab_size=400)
+    with pytest.raises(CheckpointError, match="400 tokens but the embedding .* has 512 rows"):
+        ckpt.load(tmp_path / "7B")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing: atomic, stale files, the converter
+
+
+def test_save_replaces_stale_shards_and_leaves_no_temporary_files(tmp_path):
+    model = Transformer(GENERATIONS["llama-2-gqa"])
+    ckpt.save(model, tmp_path, format="meta", num_shards=4)
+    ckpt.save(model, tmp_path, format="meta", num_shards=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["consolidated.00.pth", "consolidated.01.pth", "params.json"]
+    hf = tmp_path / "hf"
+    ckpt.save(model, hf, format="hf", max_shard_size="60KB")
+    ckpt.save(model, hf, format="hf")
+    assert sorted(p.name for p in hf.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_interrupted_save_keeps_the_previous_file(tmp_path, monkeypatch):
+    model = Transformer(GENERATIONS["llama-2-gqa"])
+    ckpt.save(model, tmp_path, format="meta")
+    before = (tmp_path / "consolidated.00.pth").read_bytes()
+
+    def crash(obj, f, *a, **k):
+        Path(f).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save(Transformer(GENERATIONS["llama-2-gqa"]), tmp_path, format="meta")
+    assert (tmp_path / "consolidated.00.pth").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["consolidated.00.pth", "params.json"]
+
+
+def test_convert_cli_both_directions(hf_models, tmp_path, capsys):
+    args = GENERATIONS["llama-2-gqa"]
+    hf = hf_models(args)
+    hf.save_pretrained(tmp_path / "hf")
+    summary = convert_main(["--src", str(tmp_path / "hf"), "--dst", str(tmp_path / "meta"), "--to", "meta",
+                            "--shards", "2", "--json", str(tmp_path / "summary.json")])
+    assert summary["src_format"] == "hf" and summary["files"] == ["consolidated.00.pth", "consolidated.01.pth",
+                                                                  "params.json"]
+    assert json.loads((tmp_path / "summary.json").read_text())["parameters"] == summary["parameters"]
+    convert_main(["--src", str(tmp_path / "meta"), "--dst", str(tmp_path / "back"), "--to", "hf",
+                  "--dtype", "float32", "--max-seq-len", "256"])
+    assert "dst_format" in capsys.readouterr().out
+    back = ckpt.load(tmp_path / "back")
+    assert back.norm.weight.dtype == torch.float32 and back.args.max_seq_len == 256
+    tokens = random_tokens(args)
+    assert relative_error(back(tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: every error names the problem and the fix
+
+
+@pytest.fixture()
+def hf_dir(hf_models, tmp_path):
+    folder = tmp_path / "hf"
+    hf_models(GENERATIONS["llama-2-gqa"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture()
+def meta_dir(tmp_path):
+    folder = tmp_path / "meta"
+    ckpt.save(Transformer(GENERATIONS["llama-2-gqa"]), folder, format="meta", num_shards=2)
+    return folder
+
+
+def _edit_safetensors(folder: Path, edit) -> None:
+    tensors = load_file(folder / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_missing_key_is_named(hf_dir):
+    _edit_safetensors(hf_dir, lambda t: t.pop("model.layers.1.mlp.up_proj.weight"))
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): model\.layers\.1\.mlp\.up_proj\.weight.*Fix"):
+        ckpt.load(hf_dir)
+
+
+def test_unexpected_key_is_named(hf_dir):
+    _edit_safetensors(hf_dir, lambda t: t.update({"model.layers.0.self_attn.lora_A.weight": torch.zeros(2, 2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected keys \(1\): model\.layers\.0\.self_attn\.lora_A\.weight"):
+        ckpt.load(hf_dir)
+
+
+def test_misshaped_key_is_named_with_both_shapes(hf_dir):
+    _edit_safetensors(hf_dir, lambda t: t.update({"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64)}))
+    with pytest.raises(CheckpointError, match=r"k_proj\.weight: \[16, 64\] in the weights, \[32, 64\] from"):
+        ckpt.load(hf_dir)
+
+
+def test_config_inconsistent_with_weights(hf_dir, meta_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    with pytest.raises(CheckpointError, match=r"missing keys .*model\.layers\.2\..*config\.json belongs to"):
+        ckpt.load(hf_dir)
+    params = json.loads((meta_dir / "params.json").read_text())
+    (meta_dir / "params.json").write_text(json.dumps({**params, "n_kv_heads": 1}))
+    with pytest.raises(CheckpointError, match=r"wk\.weight: 2 ranks for 1 KV heads should repeat .*check n_kv_heads"):
+        ckpt.load(meta_dir)  # 2 ranks, 1 KV head: each rank would hold a copy of the same head
+    single = meta_dir.parent / "single"
+    ckpt.save(Transformer(GENERATIONS["llama-2-gqa"]), single, format="meta")
+    (single / "params.json").write_text(json.dumps({**params, "n_kv_heads": 1}))
+    with pytest.raises(CheckpointError, match=r"attention\.wk\.weight: \[32, 64\] in the weights, \[16, 64\] from "
+                                              r".*params\.json"):
+        ckpt.load(single)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_or_truncated_safetensors(hf_dir, damage):
+    path = hf_dir / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(1000) if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: the safetensors file is corrupt or truncated.*"
+                                              r"re-download"):
+        ckpt.load(hf_dir)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_or_truncated_meta_shard(meta_dir, damage):
+    path = meta_dir / "consolidated.01.pth"
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(1000) if damage == "garbage" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"consolidated\.01\.pth: the file is corrupt or truncated.*re-download"):
+        ckpt.load(meta_dir)
+
+
+def test_corrupt_json(hf_dir):
+    (hf_dir / "config.json").write_text('{"hidden_size": 64,')
+    with pytest.raises(CheckpointError, match=r"config\.json is not valid JSON.*restore it"):
+        ckpt.load(hf_dir)
+
+
+class NotATensor:
+    pass
+
+
+def test_pickled_objects_are_refused(meta_dir):
+    torch.save({"tok_embeddings.weight": NotATensor()}, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"objects other than tensors.*weights_only=True"):
+        ckpt.load(meta_dir)
+
+
+def test_missing_shard_in_sequence(meta_dir):
+    shutil.copy(meta_dir / "consolidated.01.pth", meta_dir / "consolidated.03.pth")
+    with pytest.raises(CheckpointError, match=r"missing \[2\]\); restore the missing consolidated\.NN\.pth"):
+        ckpt.load(meta_dir)
+
+
+def test_shards_with_different_keys(meta_dir):
+    shard = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
+    del shard["layers.1.feed_forward.w3.weight"]
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"shards disagree on their keys.*w3\.weight.*restore a matching set"):
+        ckpt.load(meta_dir)
+
+
+def test_shards_with_different_shapes(meta_dir):
+    shard = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
+    shard["layers.0.feed_forward.w1.weight"] = shard["layers.0.feed_forward.w1.weight"][:-8]
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"shards of layers\.0\.feed_forward\.w1\.weight have mismatched shapes "
+                                              r"\(consolidated\.00\.pth: \[96, 64\], consolidated\.01\.pth: \[88, 64\]\)"):
+        ckpt.load(meta_dir)
+
+
+def test_shards_from_different_checkpoints(meta_dir, tmp_path):
+    other = tmp_path / "other"
+    torch.manual_seed(123)
+    ckpt.save(Transformer(GENERATIONS["llama-2-gqa"]), other, format="meta", num_shards=2)
+    shard = torch.load(other / "consolidated.01.pth", weights_only=True)
+    shard["norm.weight"] = shard["norm.weight"] + 1  # replicated gains must agree across ranks
+    torch.save(shard, meta_dir / "consolidated.01.pth")
+    with pytest.raises(CheckpointError, match=r"norm\.weight is replicated on every rank but consolidated\.01\.pth "
+                                              r"differs"):
+        ckpt.load(meta_dir)
+
+
+def test_three_shards_for_a_two_shard_params(meta_dir):
+    shutil.copy(meta_dir / "consolidated.01.pth", meta_dir / "consolidated.02.pth")  # wrong shard count
+    with pytest.raises(CheckpointError, match=r"the 3 consolidated\.NN\.pth files \(one extra or missing\?\)"):
+        ckpt.load(meta_dir)
+
+
+def test_hf_index_naming_missing_shard(hf_models, tmp_path):
+    hf_models(GENERATIONS["llama-2-gqa"]).save_pretrained(tmp_path, max_shard_size="100KB")
+    victim = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(CheckpointError, match=rf"lists shard files that are not in .*{victim.name}.*copy every shard"):
+        ckpt.load(tmp_path)
+
+
+def test_unknown_formats(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load(tmp_path / "nowhere")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match=r"neither params\.json \+ consolidated\.NN\.pth .* found \['notes.txt'\]"):
+        ckpt.load(tmp_path)
+    with pytest.raises(CheckpointError, match="is a file; pass the checkpoint folder"):
+        ckpt.load(tmp_path / "notes.txt")
+    (tmp_path / "original").mkdir()
+    (tmp_path / "original" / "params.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="pass that folder"):
+        ckpt.load(tmp_path)
+    (tmp_path / "params.json").write_text("{}")
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="both params.json .* and config.json .*format='meta'"):
+        ckpt.load(tmp_path)
+    with pytest.raises(ValueError, match="unknown checkpoint format 'gguf'"):
+        ckpt.load(tmp_path, format="gguf")
+
+
+def test_weights_missing_next_to_config(hf_dir, tmp_path):
+    shutil.copy(hf_dir / "config.json", tmp_path / "config.json")
+    with pytest.raises(CheckpointError, match=r"no weights .*copy the weight files next to config\.json"):
+        ckpt.load(tmp_path)
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "params.json").write_text(json.dumps({"dim": 64, "n_layers": 2, "n_heads": 4}))
+    with pytest.raises(CheckpointError, match=r"no consolidated\.NN\.pth weight files; copy the weights"):
+        ckpt.load(tmp_path)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"model_type": "mistral"}, "describes a 'mistral' model"),
+    ({"hidden_act": "gelu"}, "'hidden_act': 'gelu'"),
+    ({"attention_bias": True}, "'attention_bias': True"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "cannot use its RoPE scaling"),
+])
+def test_unsupported_hf_configs(hf_dir, change, message):
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(CheckpointError, match=message):
+        ckpt.load(hf_dir)
+
+
+def test_llama4_and_vision_params_are_refused(meta_dir):
+    params = json.loads((meta_dir / "params.json").read_text())
+    (meta_dir / "params.json").write_text(json.dumps({**params, "moe_args": {"num_experts": 16}}))
+    with pytest.raises(CheckpointError, match="Llama 4 or Llama 3.2 Vision"):
+        ckpt.load(meta_dir)
+
+
+def test_bad_save_arguments(tmp_path):
+    model = Transformer(GENERATIONS["llama-2-gqa"])
+    with pytest.raises(ValueError, match="unknown checkpoint format 'gguf'"):
+        ckpt.save(model, tmp_path / "a", format="gguf")
+    with pytest.raises(CheckpointError, match=r"cannot split into 3 .*n_heads=4.*choose num_shards"):
+        ckpt.save(model, tmp_path / "b", format="meta", num_shards=3)
+    with pytest.raises(ValueError, match="use max_shard_size"):
+        ckpt.save(model, tmp_path / "c", format="hf", num_shards=2)
+    with pytest.raises(CheckpointError, match="max_shard_size 'big' is not a size"):
+        ckpt.save(model, tmp_path / "d", format="hf", max_shard_size="big")
+    with pytest.raises(TypeError, match="needs a llama.Transformer"):
+        ckpt.save(torch.nn.Linear(2, 2), tmp_path / "e")
+    ckpt.save(model, tmp_path / "f", format="meta")
+    with pytest.raises(CheckpointError, match="already holds a Meta checkpoint .*empty folder"):
+        ckpt.save(model, tmp_path / "f", format="hf")
+
+
+def test_adapter_parameters_must_be_merged_before_saving(tmp_path):
+    model = Transformer(GENERATIONS["llama-2-gqa"])
+    model.layers[0].attention.wq.lora_A = torch.nn.Parameter(torch.zeros(2, 64))
+    with pytest.raises(CheckpointError, match=r"outside the base architecture .*lora_A.*merge adapter weights"):
+        ckpt.save(model, tmp_path, format="hf")
+
+
+def test_tied_config_with_different_lm_head(hf_dir):
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(CheckpointError, match="lm_head.weight differs .*set tie_word_embeddings to false"):
+        ckpt.load(hf_dir)
