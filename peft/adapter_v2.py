@@ -4,7 +4,7 @@ Shapes: B batch, T sequence, K in features, N out features, C model dim.
 
 Three parameter sets are added to the frozen model (§4.1, §4.2 "bias tuning of linear layers"):
   1. the V1 adaption prompts with zero-init gated attention (peft.adapter_v1) in the last L layers;
-  2. on every linear layer a bias b (init 0) and a scale s (init 1):    y = s ⊙ (W x + b)      (§4.1, "y = s·(Wx+b)")
+  2. on every linear layer a bias b (init 0) and a scale s (init 1):    y = s ⊙ (W x + b)      (§4.1)
   3. every normalisation layer's gain is unfrozen.
 At initialisation the model is the frozen one (b = 0, s = 1, gate = 0).
 
@@ -85,7 +85,7 @@ class BiasScaleLinear(nn.Module):
         self.weight = base.weight  # frozen W (the same Parameter object, so ties survive)
         self.shares_weight = shares_weight
         dtype, device = master_dtype(base.weight.dtype), base.weight.device
-        self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device))  # b [N], "initialized as zero"
+        self.bias = nn.Parameter(torch.zeros(N, dtype=dtype, device=device))  # b [N], zero-initialised
         self.scale = nn.Parameter(torch.ones(N if scale_side == "output" else K, dtype=dtype, device=device))  # s
         self.merged = False
         self._merge_cache: dict = {}
@@ -163,10 +163,8 @@ def attach(model: nn.Module, config: AdapterV2Config) -> list[str]:
         layer = BiasScaleLinear(child, config.scale_side, shares_weight=id(child.weight) in shared)
         setattr(parent, attr, layer)
         names += [f"{name}.bias", f"{name}.scale"]
-    if config.train_norms:
+    if config.train_norms:  # §4.1: every normalisation layer is unfrozen
         names += norm_parameter_names(model)
-        for p in (dict(model.named_parameters())[n] for n in norm_parameter_names(model)):
-            p.requires_grad_(True)
     names += adapter_v1.attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation,
                                        config.prompt_init_std)
     return names

@@ -76,11 +76,12 @@ def apply(model: nn.Module, config: Config) -> nn.Module:
                         f"{', '.join(cls.__name__ for cls, _ in METHODS.values())}")
     existing = getattr(model, "peft_state", None)
     if existing is not None:
-        raise ValueError(f"this model already has a {existing.config.method} adapter attached; a method is applied "
+        raise ValueError(f"this model already has an adapter attached ({existing.config.method}); a method is applied "
                          f"once per model: build a fresh model to apply another (use load_adapter to change weights)")
-    for p in model.parameters():
-        p.requires_grad_(False)
     names = METHODS[config.method][1].attach(model, config)  # validates fully before changing the model
+    declared = set(names)
+    for name, p in model.named_parameters(remove_duplicate=False):  # freeze the base, train the adapter
+        p.requires_grad_(name in declared)
     model.peft_state = PeftState(config, tuple(names))
     return model
 

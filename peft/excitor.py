@@ -23,8 +23,9 @@ Differences and assumptions (every element the paper does not state, with the op
     kept in float32; `up_init="zeros"`, W_down Kaiming-uniform like LoRA's A, prompts ~ N(0, `prompt_init_std`² = 1)
     like LLaMA-Adapter's. This is "Option B" of the notes: the model starts exactly at the frozen one because
     W_up = 0 makes every extra key the mean prompt p̄, whose logits are a per-row constant that the softmax ignores,
-    while all Excitor parameters get full-size gradients from step 0. "Option A" (gate_init=0, up_init="kaiming")
-    is the LLaMA-Adapter-style ablation. gate = 0 together with W_up = 0 is refused: every gradient would be 0.
+    and W_up gets a full-size gradient at step 0 (not one scaled by a near-zero gate; the other parameters follow
+    from step 1, as LoRA's A follows B). "Option A" (gate_init=0, up_init="kaiming") is the LLaMA-Adapter-style
+    ablation, where only the gate moves at step 0. gate = 0 together with W_up = 0 is refused: every gradient is 0.
   * RoPE: `extra_key_rope="none"` (default) dots the rotated query with an un-rotated Key^extra, as LLaMA-Adapter
     treats its position-free prompt keys. "absolute" rotates Key^extra_j by its token's absolute position j; it is
     an ablation, it breaks the identity at W_up = 0 (use Option A with it), and it assumes positions 0 … T-1 (or
@@ -123,7 +124,7 @@ class ExcitorBlock(AttentionExtension):
     def gate_value(self) -> torch.Tensor:
         return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
 
-    def extra_keys(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
+    def extra_keys(self, attn, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Key^extra (minus p̄ when un-rotated) for the new tokens: x [B, T, C] -> [B, T, HD]."""
         P = self.prompt.to(x.dtype)  # [K, HD]
         # Q^e = x W_down W_up  (the low-rank Wq_Excitor)
@@ -135,10 +136,14 @@ class ExcitorBlock(AttentionExtension):
             # Key^extra − p̄ = (A − 1/K) P: the subtracted q·p̄ is a per-row constant of S^extra (see module notes)
             return (A - 1.0 / self.adapter_len).to(x.dtype) @ P  # [B, T, HD]
         key = A.to(x.dtype) @ P  # Key^extra = A P  [B, T, HD]
+        spec = getattr(attn, "spec", None)
+        if spec is not None and not spec.use_rope:  # a Llama 4 NoPE layer rotates nothing
+            return key
         B, T, _ = key.shape
         positions = torch.arange(start_pos, start_pos + T, device=x.device)
         cos, sin = self._rope[0](positions)  # [T, D/2]
-        return apply_rotary(key.view(B, T, self.n_heads, self.head_dim), cos, sin).flatten(2)  # [B, T, HD]
+        key = key.view(B, T, self.n_heads, self.head_dim)  # [B, T, H, D]
+        return apply_rotary(key, cos, sin, getattr(attn, "rope_complex64", False)).flatten(2)  # [B, T, HD]
 
     def _with_cache(self, attn, key: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Keys of all S = start_pos + T positions, keeping past ones in a cache mirroring the layer's KV cache."""
@@ -161,7 +166,7 @@ class ExcitorBlock(AttentionExtension):
 
     def score_bias(self, attn, x: torch.Tensor, q: torch.Tensor, start_pos: int) -> torch.Tensor:
         B, H, T, D = q.shape
-        keys = self._with_cache(attn, self.extra_keys(x, start_pos), start_pos)  # [B, S, HD]
+        keys = self._with_cache(attn, self.extra_keys(attn, x, start_pos), start_pos)  # [B, S, HD]
         keys = keys.view(B, -1, H, D).transpose(1, 2)  # [B, H, S, D]
         # S^extra = Q (Key^extra)ᵀ / √D per head, with the frozen RoPE-rotated query
         s_extra = (q @ keys.transpose(-2, -1)) / math.sqrt(D)  # [B, H, T, S]

@@ -127,7 +127,7 @@ class LoRALinear(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # U(-1/√K, 1/√K), the nn.Linear default
         if use_dora:
-            # DoRA §4.1: "initialize m = ‖W0‖_c" (per output feature), computed exactly as the forward computes n.
+            # DoRA §4.1: m starts as ‖W0‖ per output feature, computed exactly as the forward computes n.
             with torch.no_grad():
                 m = self._weight_norm(self.weight, self.lora_A.to(self.weight.dtype), self.lora_B.to(self.weight.dtype))
             self.lora_magnitude = nn.Parameter(m.to(dtype))  # [N]
@@ -135,7 +135,7 @@ class LoRALinear(nn.Module):
         self._merge_cache: dict = {}
 
     def _weight_norm(self, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """‖W0 + sBA‖ per output row [N], detached (DoRA §4.3: "treat ‖V + ΔV‖_c as a constant")."""
+        """‖W0 + sBA‖ per output row [N], detached (DoRA §4.3: treat ‖V + ΔV‖_c in eq. 5 as a constant)."""
         return torch.linalg.vector_norm(W + self.scaling * (B @ A), dim=1).detach()
 
     def delta_weight(self, dtype: torch.dtype) -> torch.Tensor:

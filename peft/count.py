@@ -1,0 +1,98 @@
+"""`python -m peft.count`: trainable parameters of each method on LLaMA-7B and 65B, next to the papers' figures.
+
+Every count is measured, not computed from a formula: the real `Transformer` is built on the `meta` device (no
+memory), the method is attached with `peft.apply`, and `peft.trainable_parameters` is read off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Optional
+
+import torch
+
+from llama.config import ModelArgs
+from llama.model import Transformer
+
+from .adapter_v1 import AdapterV1Config
+from .adapter_v2 import AdapterV2Config
+from .api import apply, trainable_parameters
+from .excitor import ExcitorConfig
+from .lora import LoraConfig
+
+ALL_BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+
+# (label, model, config, paper figure, exact published count if any, source of the figure)
+ROWS = [
+    ("LoRA r=8 wq,wv", "llama-7b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), "4.2M", 4_194_304,
+     "LLaMA-Adapter Tab. 3 (Alpaca-LoRA); 2·32·4096·8·2"),
+    ("LoRA r=8 wq,wv", "llama-65b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), None, None, ""),
+    ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+     None, None, "Guanaco recipe; no paper figure (peft.md §1.7: 159.9M)"),
+    ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+     None, None, ""),
+    ("Adapter V1 K=10 L=30", "llama-7b", AdapterV1Config(), "1.2M", None, "LLaMA-Adapter §4.1, Tab. 3"),
+    ("Adapter V1 K=10 L=30", "llama-65b", AdapterV1Config(), None, None, ""),
+    ("Adapter V2 (defaults: prompts L=31, out-scale)", "llama-7b", AdapterV2Config(), None, None,
+     "lit-llama's ~4.3M also adapts the fused QKV and lm_head"),
+    ("Adapter V2 (defaults: prompts L=31, out-scale)", "llama-65b", AdapterV2Config(adapter_layers=31), None, None,
+     ""),
+    ("Adapter V2 bias+scale(input)+norms, no prompts", "llama-7b",
+     AdapterV2Config(adapter_layers=0, scale_side="input"), None, None, "chat65b form applied to 7B"),
+    ("Adapter V2 bias+scale(input)+norms, no prompts", "llama-65b",
+     AdapterV2Config(adapter_layers=0, scale_side="input"), "14M", None,
+     "LLaMA-Adapter V2 Fig. 5 / §5 (65B chat model); chat65b code"),
+    ("Excitor K=30 r=16 L=30", "llama-7b", ExcitorConfig(), "7.6M", None,
+     "secondary summary of the paper (emergentmind)"),
+    ("Excitor K=30 r=16 L=30", "llama-65b", ExcitorConfig(), None, None, ""),
+]
+
+
+def measured(model_name: str, config) -> int:
+    with torch.device("meta"):
+        model = Transformer(ModelArgs.from_name(model_name))
+        apply(model, config)
+    return trainable_parameters(model)
+
+
+def table() -> list[dict]:
+    rows = []
+    for label, model_name, config, paper, exact, source in ROWS:
+        count = measured(model_name, config)
+        rows.append(dict(method=label, model=model_name, trainable=count, paper=paper, paper_exact=exact,
+                         exact_match=None if exact is None else count == exact, source=source))
+    return rows
+
+
+def _fmt(count: int) -> str:
+    return f"{count:,} ({count / 1e6:.2f}M)"
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = [("method", lambda r: r["method"]), ("model", lambda r: r["model"]),
+            ("trainable (ours)", lambda r: _fmt(r["trainable"])),
+            ("paper", lambda r: r["paper"] or "-"),
+            ("exact", lambda r: {None: "-", True: "yes", False: "NO"}[r["exact_match"]]),
+            ("source of the paper figure", lambda r: r["source"])]
+    cells = [[f(r) for _, f in cols] for r in rows]
+    widths = [max(len(name), *(len(c[i]) for c in cells)) for i, (name, _) in enumerate(cols)]
+    lines = ["  ".join(name.ljust(w) for (name, _), w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the table to this JSON file")
+    args = parser.parse_args(argv)
+    rows = table()
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    return 0 if all(r["exact_match"] is not False for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,331 @@
+"""The dense `Transformer` against independent references: a hand-written Meta-style forward with a per-head loop
+and complex-number RoPE, the llama3 frequency rule by hand and from Hugging Face, and numerics per dtype.
+"""
+
+import math
+
+import pytest
+import torch
+
+from llama import ModelArgs, Transformer
+from llama.model import RMSNorm, attend, repeat_kv
+from llama.rope import apply_rotary, scaled_frequencies
+
+TINY = ["tiny-llama-1", "tiny-llama-2-gqa", "tiny-llama-3", "tiny-llama-3.2"]
+
+
+def tiny_model(name: str, dtype=torch.float64, seed: int = 0, std: float = 0.2) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.from_name(name))
+    model.reset_parameters(std=std)  # O(1) activations, so mistakes show up as O(1) differences
+    return model.to(dtype).eval()
+
+
+def random_tokens(model, B=2, T=40, seed=1):
+    return torch.randint(0, model.args.vocab_size, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+# -- an independent reference forward ------------------------------------------------------------------------------
+
+
+def llama3_frequencies_by_hand(head_dim, theta, s, alpha, beta, L0) -> list[float]:
+    """Llama 3.1 RoPE scaling (research notes §4.5), one frequency at a time in Python floats."""
+    out = []
+    for j in range(head_dim // 2):
+        f = theta ** (-2 * j / head_dim)
+        wavelength = 2 * math.pi / f
+        if wavelength < L0 / beta:  # high frequency: unchanged
+            out.append(f)
+        elif wavelength > L0 / alpha:  # low frequency: interpolated by s
+            out.append(f / s)
+        else:  # smooth blend
+            gamma = (L0 / wavelength - alpha) / (beta - alpha)
+            out.append((1 - gamma) * f / s + gamma * f)
+    return out
+
+
+def reference_frequencies(args: ModelArgs) -> torch.Tensor:
+    if args.rope_scaling is None:
+        return torch.tensor([args.rope_theta ** (-2 * j / args.head_dim) for j in range(args.head_dim // 2)],
+                            dtype=torch.float64)
+    r = args.rope_scaling
+    return torch.tensor(llama3_frequencies_by_hand(args.head_dim, args.rope_theta, r.factor, r.low_freq_factor,
+                                                   r.high_freq_factor, r.original_max_position_embeddings),
+                        dtype=torch.float64)
+
+
+def reference_forward(model: Transformer, tokens: torch.Tensor) -> torch.Tensor:
+    """LLaMA written out from the papers in float64: RoPE as complex multiplication (Meta's form), attention one
+    query head at a time reading KV head h // (H/Hkv), SwiGLU, pre-norm. Only the RMS normalisation itself runs in
+    float32, as Meta's and HF's references specify."""
+    a = model.args
+    W = {k: v.double() for k, v in model.state_dict().items()}
+    H, Hkv, D = a.n_heads, a.n_kv_heads, a.head_dim
+    B, T = tokens.shape
+
+    def rmsnorm(x, w):
+        x32 = x.float()
+        return w * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + a.norm_eps)).double()
+
+    # e^{i m θ_j} for m < T; angles rounded to float32 as both references compute them
+    theta = reference_frequencies(a).float()
+    angles = (torch.arange(T).float()[:, None] * theta[None, :]).double()  # [T, D/2]
+    rot = torch.polar(torch.ones_like(angles), angles)  # [T, D/2] complex128
+
+    def rope(x):  # [T, D] -> [T, D]: pairs (x_2j, x_2j+1) as complex numbers
+        z = torch.view_as_complex(x.reshape(T, D // 2, 2).contiguous())
+        return torch.view_as_real(z * rot).reshape(T, D)
+
+    h = W["tok_embeddings.weight"][tokens]  # [B, T, C]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for i in range(a.n_layers):
+        p = f"layers.{i}."
+        u = rmsnorm(h, W[p + "attention_norm.weight"])
+        q = u @ W[p + "attention.wq.weight"].T  # [B, T, H·D]
+        k = u @ W[p + "attention.wk.weight"].T  # [B, T, Hkv·D]
+        v = u @ W[p + "attention.wv.weight"].T
+        out = torch.zeros(B, T, H * D, dtype=torch.float64)
+        for b in range(B):
+            for head in range(H):
+                g = head // (H // Hkv)  # consecutive query heads share one KV head
+                qh = rope(q[b, :, head * D:(head + 1) * D])
+                kh = rope(k[b, :, g * D:(g + 1) * D])
+                vh = v[b, :, g * D:(g + 1) * D]
+                scores = (qh @ kh.T / math.sqrt(D)).masked_fill(~causal, float("-inf"))
+                out[b, :, head * D:(head + 1) * D] = torch.softmax(scores, dim=-1) @ vh
+        h = h + out @ W[p + "attention.wo.weight"].T
+        u = rmsnorm(h, W[p + "ffn_norm.weight"])
+        gate, up = u @ W[p + "feed_forward.w1.weight"].T, u @ W[p + "feed_forward.w3.weight"].T
+        h = h + (gate * torch.sigmoid(gate) * up) @ W[p + "feed_forward.w2.weight"].T
+    out_w = W["tok_embeddings.weight"] if a.tie_word_embeddings else W["output.weight"]
+    return rmsnorm(h, W["norm.weight"]) @ out_w.T
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_equals_hand_written_reference(name):
+    model = tiny_model(name)
+    tokens = random_tokens(model, T=70)  # beyond L0 = 64 of the tiny llama3 presets: all frequency bands matter
+    with torch.no_grad():
+        got = model(tokens)
+    want = reference_forward(model, tokens)
+    # float32 cos/sin tables (ours, as Meta/HF) vs float64 ones (reference): ~1e-7 apart; a wrong head grouping,
+    # pair convention or frequency gives O(1) differences
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_detects_wrong_head_grouping():
+    """The per-head loop is sensitive to the GQA order: interleaved grouping (h % Hkv) must not pass."""
+    model = tiny_model("tiny-llama-2-gqa")
+    tokens = random_tokens(model)
+    with torch.no_grad():
+        got = model(tokens)
+        for layer in model.layers:  # swap the two KV heads: consecutive grouping now maps heads to the wrong KV
+            for w in (layer.attention.wk.weight, layer.attention.wv.weight):
+                w.copy_(torch.cat(w.chunk(2, dim=0)[::-1]))
+    assert (got - reference_forward(model, tokens)).abs().max() > 1e-2
+
+
+def test_repeat_kv_groups_consecutive_query_heads():
+    kv = torch.randn(2, 3, 5, 4)  # [B, Hkv, S, D]
+    out = repeat_kv(kv, 4)  # [B, 12, S, D]
+    for h in range(12):
+        assert torch.equal(out[:, h], kv[:, h // 4])
+
+
+# -- RoPE ----------------------------------------------------------------------------------------------------------
+
+
+def test_rope_is_meta_complex_multiplication_in_float64():
+    torch.manual_seed(0)
+    B, T, H, D = 2, 9, 3, 16
+    x = torch.randn(B, T, H, D, dtype=torch.float64)
+    theta = 10000.0 ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    angles = torch.arange(T, dtype=torch.float64)[:, None] * theta[None, :]  # [T, D/2]
+    freqs_cis = torch.polar(torch.ones_like(angles), angles)  # Meta's precompute_freqs_cis, in complex128
+    want = torch.view_as_real(torch.view_as_complex(x.reshape(B, T, H, D // 2, 2)) * freqs_cis[None, :, None])
+    got = apply_rotary(x, angles.cos(), angles.sin())
+    torch.testing.assert_close(got, want.reshape(B, T, H, D), rtol=1e-14, atol=1e-14)
+
+
+def test_rope_rotates_adjacent_pairs_not_halves():
+    x = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    x[..., 0] = 1.0  # only the first element of pair 0
+    angle = torch.full((1, 4), 0.5, dtype=torch.float64)
+    y = apply_rotary(x, angle.cos(), angle.sin())[0, 0, 0]
+    assert y[0] == pytest.approx(math.cos(0.5)) and y[1] == pytest.approx(math.sin(0.5))  # partner is index 1
+    assert torch.all(y[2:] == 0)  # HF's half-split convention would have moved it to index 4
+
+
+@pytest.mark.parametrize("name", ["llama-3.1-8b", "llama-3.1-405b", "llama-3.2-1b", "llama-3.2-3b", "tiny-llama-3"])
+def test_llama3_scaled_frequencies_by_hand_and_from_hf(name):
+    a = ModelArgs.from_name(name)
+    r = a.rope_scaling
+    got, attention_factor = scaled_frequencies(a.head_dim, a.rope_theta, r)
+    assert attention_factor == 1.0
+    hand = torch.tensor(llama3_frequencies_by_hand(a.head_dim, a.rope_theta, r.factor, r.low_freq_factor,
+                                                   r.high_freq_factor, r.original_max_position_embeddings),
+                        dtype=torch.float64)
+    torch.testing.assert_close(got.double(), hand, rtol=1e-6, atol=0)  # float32 vs Python floats
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    config = transformers.LlamaConfig(
+        hidden_size=a.dim, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+        max_position_embeddings=a.max_seq_len,
+        rope_parameters={"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": r.factor,
+                         "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor,
+                         "original_max_position_embeddings": r.original_max_position_embeddings})
+    hf, hf_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    assert hf_factor == 1.0
+    torch.testing.assert_close(got, hf.float(), rtol=0, atol=0)
+
+
+def test_llama31_band_boundaries():
+    """Research notes §4.5: hd=128, base 5e5, s=8 -> j 0-28 unchanged, 29-34 blended, 35-63 divided by 8."""
+    a = ModelArgs.from_name("llama-3.1-8b")
+    base = 500000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    ratio = base / scaled_frequencies(128, 500000.0, a.rope_scaling)[0].double()
+    assert torch.allclose(ratio[:29], torch.ones(29, dtype=torch.float64), rtol=1e-6)
+    assert torch.all((ratio[29:35] > 1.0001) & (ratio[29:35] < 7.999))
+    assert torch.allclose(ratio[35:], torch.full((29,), 8.0, dtype=torch.float64), rtol=1e-6)
+
+
+# -- attention implementations and dtypes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_sdpa_and_math_attention_agree(name, dtype, tol):
+    model = tiny_model(name, dtype=dtype)
+    tokens = random_tokens(model)
+    segments = torch.tensor([[0] * 15 + [1] * 25, [0] * 40])
+    with torch.no_grad():
+        sdpa = model(tokens), model(tokens, segment_ids=segments)
+        model.setup_cache(2, 40)
+        sdpa_cache = torch.cat([model(tokens[:, :30], start_pos=0), model(tokens[:, 30:], start_pos=30)], 1)
+        model.set_attention_implementation("math")
+        math_ = model(tokens), model(tokens, segment_ids=segments)
+        math_cache = torch.cat([model(tokens[:, :30], start_pos=0), model(tokens[:, 30:], start_pos=30)], 1)
+        model.clear_cache()
+    for a, b in zip(sdpa + (sdpa_cache,), math_ + (math_cache,)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+def test_half_precision_models_run_and_stay_close_to_float32(dtype, tol):
+    model = tiny_model("tiny-llama-3", dtype=torch.float32, std=0.05)
+    tokens = random_tokens(model, T=200)  # long enough that imprecise RoPE angles would show
+    with torch.no_grad():
+        want = model(tokens)
+        model.to(dtype)
+        assert model.layers[0].attention.wq.weight.dtype == dtype
+        got = model(tokens)
+        model.setup_cache(2, 200)
+        cached = torch.cat([model(tokens[:, :150], start_pos=0), model(tokens[:, 150:], start_pos=150)], 1)
+        model.clear_cache()
+    assert got.dtype == torch.float32, "logits are returned in float32 like Meta's reference"
+    for out in (got, cached):
+        assert torch.isfinite(out).all()
+        assert (out - want).abs().max() / want.std() < tol
+
+
+def test_rope_frequencies_stay_float32_under_half_precision():
+    """model.to(bfloat16) must not round θ_j to 8 bits: the angle m·θ_j would drift by ~m·θ_j/256."""
+    model = tiny_model("tiny-llama-2-gqa", dtype=torch.float32)
+    positions = torch.arange(200)
+    cos32, sin32 = model.rope(positions)
+    model.to(torch.bfloat16)
+    cos16, sin16 = model.rope(positions)
+    torch.testing.assert_close(cos16.float(), cos32, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin16.float(), sin32, rtol=0, atol=1e-6)
+    with torch.device("meta"):  # built without memory, then materialised (how large checkpoints are loaded)
+        lazy = Transformer(model.args)
+    lazy.to_empty(device="cpu")
+    assert torch.equal(lazy.rope(positions)[0], cos32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rmsnorm_normalises_in_float32(dtype):
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    norm.to(dtype)
+    x = (torch.randn(3, 7, 64) * 30).to(dtype)  # large values: x² overflows float16's precision budget
+    x32 = x.float()
+    want = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    assert torch.equal(norm(x), want)
+    naive = norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))  # all in half precision
+    assert not torch.equal(norm(x), naive)
+
+
+def test_math_attention_softmax_runs_in_float32_for_bfloat16():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8).to(torch.bfloat16) for _ in range(3))
+    scores = (q @ k.transpose(-2, -1)) / math.sqrt(8)  # bf16 matmul as the model does it
+    scores = scores.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), float("-inf"))
+    want = torch.softmax(scores.float(), dim=-1).to(torch.bfloat16) @ v
+    assert torch.equal(attend(q, k, v, None, True, "math"), want)
+
+
+# -- packing, tied embeddings --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny-llama-2-gqa", "tiny-llama-3"])
+def test_packed_logits_equal_unpacked_per_example_logits(name):
+    model = tiny_model(name)
+    lengths = [[7, 20, 13], [40]]
+    tokens = random_tokens(model, B=2, T=40)
+    segments = torch.tensor([sum(([i] * n for i, n in enumerate(row)), []) for row in lengths])
+    with torch.no_grad():
+        packed = model(tokens, segment_ids=segments)
+        for b, row in enumerate(lengths):
+            start = 0
+            for n in row:
+                alone = model(tokens[b:b + 1, start:start + n])[0]
+                torch.testing.assert_close(packed[b, start:start + n], alone, rtol=1e-12, atol=1e-12)
+                start += n
+
+
+def test_tied_embeddings_share_storage_through_training_and_casts():
+    model = tiny_model("tiny-llama-3.2", dtype=torch.float32)
+    assert model.output.weight is model.tok_embeddings.weight
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in set(model.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(random_tokens(model)).sum().backward()
+    opt.step()
+    model.to(torch.bfloat16)
+    assert model.output.weight.data_ptr() == model.tok_embeddings.weight.data_ptr()
+    untied = tiny_model("tiny-llama-2-gqa", dtype=torch.float32)
+    assert untied.output.weight.data_ptr() != untied.tok_embeddings.weight.data_ptr()
+
+
+# -- bad input -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens,error,words", [
+    (torch.tensor([[1, 256]]), ValueError, ["256", "out of range", "vocab_size"]),
+    (torch.tensor([[-1, 3]]), ValueError, ["-1", "out of range", "tokenizer"]),
+    (torch.zeros(1, 257, dtype=torch.long), ValueError, ["257", "max_seq_len", "shorten"]),
+    (torch.tensor([[1.0, 2.0]]), TypeError, ["integer tensor", "torch.float32"]),
+    ([[1, 2]], TypeError, ["integer tensor", "list"]),
+    (torch.tensor([1, 2, 3]), ValueError, ["[batch, seq_len]", "tokens[None]"]),
+    (torch.zeros(1, 2, 3, dtype=torch.long), ValueError, ["[batch, seq_len]"]),
+])
+def test_bad_tokens_name_problem_and_fix(tokens, error, words):
+    model = tiny_model("tiny-llama-1", dtype=torch.float32)
+    with pytest.raises(error) as info:
+        model(tokens)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_decoding_past_the_context_and_without_a_cache_is_refused():
+    model = tiny_model("tiny-llama-1", dtype=torch.float32)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        model(torch.ones(1, 2, dtype=torch.long), start_pos=255)
+    with pytest.raises(RuntimeError, match="setup_cache"):
+        model(torch.ones(1, 2, dtype=torch.long), start_pos=0)
+    with pytest.raises(ValueError, match="sdpa"):
+        model.set_attention_implementation("flash")
