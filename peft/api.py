@@ -76,8 +76,8 @@ def apply(model: nn.Module, config: Config) -> nn.Module:
                         f"{', '.join(cls.__name__ for cls, _ in METHODS.values())}")
     existing = getattr(model, "peft_state", None)
     if existing is not None:
-        raise ValueError(f"this model already has an adapter attached ({existing.config.method}); a method is applied "
-                         f"once per model: build a fresh model to apply another (use load_adapter to change weights)")
+        raise ValueError(f"this model already has an adapter attached ({existing.config.method}); a method is "
+                         f"applied once per model: build a fresh model to apply another (load_adapter changes weights)")
     names = METHODS[config.method][1].attach(model, config)  # validates fully before changing the model
     declared = set(names)
     for name, p in model.named_parameters(remove_duplicate=False):  # freeze the base, train the adapter

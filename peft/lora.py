@@ -39,6 +39,8 @@ try:  # the fused Triton kernel (with its own plain-PyTorch reference off-GPU), 
     from kernels import lora_matmul as _fused_lora_matmul
 except ImportError:  # pragma: no cover - depends on which packages are present
     _fused_lora_matmul = None
+if not callable(_fused_lora_matmul):  # e.g. only the submodule kernels.lora_matmul, not the public op
+    _fused_lora_matmul = None
 
 
 @dataclass
