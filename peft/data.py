@@ -120,11 +120,18 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> bytes:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-fallback BPE (256 byte pieces + specials "
                          f"+ merges); use at least 300")
     model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(documents), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        byte_fallback=True, split_digits=True, character_coverage=0.9995, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
-        user_defined_symbols=["\n"], normalization_rule_name="identity", remove_extra_whitespaces=False,
-        max_sentence_length=1 << 20, num_threads=1, shuffle_input_sentence=False, minloglevel=2)
+    try:
+        # hard_vocab_limit=False: a small corpus may support fewer merges; the tokenizer then has fewer pieces
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+            hard_vocab_limit=False, byte_fallback=True, split_digits=True, character_coverage=0.9995, unk_id=0,
+            bos_id=1, eos_id=2, pad_id=3, user_defined_symbols=["\n"], normalization_rule_name="identity",
+            remove_extra_whitespaces=False, max_sentence_length=1 << 20, num_threads=1, shuffle_input_sentence=False,
+            minloglevel=2)
+    except RuntimeError as err:
+        raise ValueError(f"SentencePiece could not train a {vocab_size}-piece BPE on {len(documents)} documents "
+                         f"({str(err).splitlines()[0][:120]}); raise vocab_size (the corpus has many distinct "
+                         f"characters) or give more text") from None
     return model.getvalue()
 
 

@@ -181,9 +181,11 @@ def shard_model(model: nn.Module) -> nn.Module:
 # =====================================================================================================================
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Σ_t −log p(target_t) over positions whose target is not IGNORE_INDEX; logits [B, T, V], targets [B, T]."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    """Σ_t −log p(target_t) over positions whose target is not IGNORE_INDEX; logits [B, T, V], targets [B, T].
+
+    Computed in at least float32 (bf16 logits under autocast are upcast; float64 stays float64)."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
