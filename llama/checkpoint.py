@@ -154,7 +154,10 @@ def _remove_stale(folder: Path, format: str, written: list[Path]) -> None:
     """Delete weight files of this format that an earlier save left and this one did not rewrite."""
     keep = {p.name for p in written}
     for p in folder.iterdir():
-        is_weights = (meta_format.SHARD_RE.match(p.name) or p.name == meta_format.SINGLE_FILE) if format == "meta" \
-            else (hf_format.SHARD_RE.match(p.name) or p.name in (hf_format.SAFETENSORS_FILE, hf_format.SAFETENSORS_INDEX))
+        if format == "meta":
+            is_weights = meta_format.SHARD_RE.match(p.name) or p.name == meta_format.SINGLE_FILE
+        else:
+            is_weights = hf_format.SHARD_RE.match(p.name) or p.name in (hf_format.SAFETENSORS_FILE,
+                                                                       hf_format.SAFETENSORS_INDEX)
         if is_weights and p.name not in keep:
             p.unlink()

@@ -74,15 +74,6 @@ def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def safetensors_keys(path: Path) -> list[str]:
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return list(f.keys())
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"cannot read {path}: the safetensors file is corrupt or truncated ({e}); "
-                              f"re-download or re-convert it") from e
-
-
 def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) pairs of one safetensors file, read one tensor at a time."""
     try:

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, safetensors_keys,
+from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, require_dense,
                             torch_load_tensors, write_json, write_safetensors)
 from .config import ModelArgs, RopeScaling
 from .meta_format import match_preset
@@ -124,7 +124,8 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
         head_dim=None if head_dim in (None, dim // n_heads) else head_dim)
     preset = match_preset(args, compare_context=True)
     if preset is not None:  # recover Meta's FFN rule (multiple_of, multiplier) and the preset's name
-        args.multiple_of, args.ffn_dim_multiplier, args.name = preset.multiple_of, preset.ffn_dim_multiplier, preset.name
+        args.multiple_of, args.ffn_dim_multiplier = preset.multiple_of, preset.ffn_dim_multiplier
+        args.name = preset.name
     return args
 
 
@@ -148,6 +149,7 @@ def _rope_from_config(config: dict, max_pos: int, path: Path) -> tuple[float, Op
 def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     """A config.json that `LlamaForCausalLM.from_pretrained` reads (transformers 5; the legacy `rope_theta` and
     `rope_scaling` fields are written too, so transformers 4.x reads the same RoPE)."""
+    require_dense(args, "this model")
     legacy_scaling = args.rope_scaling.to_hf() if args.rope_scaling is not None else None
     rope = {**(legacy_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta}
     return {

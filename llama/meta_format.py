@@ -25,7 +25,8 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_io import CheckpointError, read_json, require_dense, torch_load_tensors, write_json, write_torch
+from .checkpoint_io import (LLAMA4_FIELDS, CheckpointError, read_json, require_dense, torch_load_tensors, write_json,
+                            write_torch)
 from .config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_size
 
 PARAMS_FILE = "params.json"
@@ -158,10 +159,14 @@ def guess_context(args: ModelArgs) -> int:
 
 
 def match_preset(args: ModelArgs, *, compare_context: bool):
-    """The first released preset with the same architecture (e.g. to recover its context length), or None."""
+    """The first dense preset with the same architecture (to recover its context length and FFN rule), or None.
+
+    Some releases share one architecture (Llama 3.1 70B and 3.3 70B): the first in the preset table wins."""
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_hidden_dim", "norm_eps", "rope_theta",
               "rope_scaling", "head_dim") + (("max_seq_len",) if compare_context else ())
     for name, preset in PRESETS.items():
+        if any(getattr(preset.args, f, None) for f in LLAMA4_FIELDS):
+            continue  # only dense presets describe what these formats hold
         if all(getattr(preset.args, f) == getattr(args, f) for f in fields):
             return preset.args
     return None

@@ -7,7 +7,9 @@ an independent construction and, through the logits, against `transformers`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import shutil
 import warnings
@@ -20,9 +22,11 @@ from safetensors.torch import load_file, save_file
 import llama.checkpoint as ckpt
 from hf_reference import GENERATIONS, hf_logits, random_hf_model, random_tokens, relative_error
 from llama import ModelArgs, RopeScaling, Transformer
-from llama.checkpoint_io import CheckpointError
+from llama.checkpoint_io import CheckpointError, expected_shapes
+from llama.config import PRESETS, count_parameters
 from llama.convert import main as convert_main
-from llama.meta_format import args_from_params
+from llama.hf_format import args_from_config, config_from_args
+from llama.meta_format import args_from_params, params_from_args
 
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 
@@ -246,6 +250,74 @@ def test_meta_params_of_released_models():
     assert cl.name == "code-llama-34b" and cl.max_seq_len == 100_000
 
 
+# Public hub config.json files (values as published), in the transformers 4.x layout.
+HUB_CONFIGS = {
+    "llama-2-7b": {"architectures": ["LlamaForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",
+                   "hidden_size": 4096, "initializer_range": 0.02, "intermediate_size": 11008,
+                   "max_position_embeddings": 4096, "model_type": "llama", "num_attention_heads": 32,
+                   "num_hidden_layers": 32, "num_key_value_heads": 32, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                   "rope_scaling": None, "tie_word_embeddings": False, "torch_dtype": "float16",
+                   "use_cache": True, "vocab_size": 32000},
+    "llama-3.1-8b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                     "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096,
+                     "initializer_range": 0.02, "intermediate_size": 14336, "max_position_embeddings": 131072,
+                     "mlp_bias": False, "model_type": "llama", "num_attention_heads": 32, "num_hidden_layers": 32,
+                     "num_key_value_heads": 8, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                     "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+                     "use_cache": True, "vocab_size": 128256},
+    "llama-3.2-1b": {"architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+                     "bos_token_id": 128000, "eos_token_id": 128001, "head_dim": 64, "hidden_act": "silu",
+                     "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 8192,
+                     "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+                     "num_attention_heads": 32, "num_hidden_layers": 16, "num_key_value_heads": 8,
+                     "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+                     "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                     "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
+                     "use_cache": True, "vocab_size": 128256},
+}
+
+
+@pytest.mark.parametrize("name", list(HUB_CONFIGS))
+def test_hub_configs_are_recognised_as_presets(name):
+    args = args_from_config(HUB_CONFIGS[name], path=Path("config.json"))
+    preset = ModelArgs.from_name(name)
+    assert args.name == name and dataclasses.asdict(args) == dataclasses.asdict(preset)
+    assert count_parameters(args) == sum(math.prod(s) for k, s in expected_shapes(args).items()
+                                         if not (args.tie_word_embeddings and k == "output.weight"))
+
+
+DENSE_RELEASES = [n for n, p in PRESETS.items() if p.published is not None and p.args.moe_args is None]
+
+
+def _without_name(args: ModelArgs) -> dict:
+    return {k: v for k, v in dataclasses.asdict(args).items() if k != "name"}
+
+
+@pytest.mark.parametrize("name", DENSE_RELEASES)
+def test_every_dense_release_survives_both_config_files(name):
+    args = ModelArgs.from_name(name)
+    via_hf = args_from_config(config_from_args(args, torch.bfloat16), path=Path("config.json"))
+    assert _without_name(via_hf) == _without_name(args)
+    # the name is recovered up to releases with one architecture (Llama 3.1 70B = Llama 3.3 70B)
+    assert _without_name(ModelArgs.from_name(via_hf.name)) == _without_name(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our params.json records factor 32 for 3.2, so no guess and no warning
+        via_meta = args_from_params(params_from_args(args), path=Path("params.json"))
+    # tying is read from the weights (identical output and embedding rows), not from params.json
+    assert _without_name(via_meta) == _without_name(dataclasses.replace(args, tie_word_embeddings=False))
+
+
+@pytest.mark.parametrize("name", [n for n, p in PRESETS.items() if p.args.moe_args is not None])
+def test_llama4_configs_are_refused(name):
+    with pytest.raises(CheckpointError, match="Llama 4 features .*dense generations"):
+        config_from_args(ModelArgs.from_name(name), torch.bfloat16)
+    with pytest.raises(CheckpointError, match="Llama 4 features"):
+        params_from_args(ModelArgs.from_name(name))
+
+
 def test_llama_3_2_meta_params_get_factor_32_with_a_warning():
     params = {"dim": 2048, "ffn_dim_multiplier": 1.5, "multiple_of": 256, "n_heads": 32, "n_kv_heads": 8,
               "n_layers": 16, "norm_eps": 1e-05, "rope_theta": 500000.0, "use_scaled_rope": True,
@@ -451,8 +523,9 @@ def test_shards_with_different_shapes(meta_dir):
     shard = torch.load(meta_dir / "consolidated.01.pth", weights_only=True)
     shard["layers.0.feed_forward.w1.weight"] = shard["layers.0.feed_forward.w1.weight"][:-8]
     torch.save(shard, meta_dir / "consolidated.01.pth")
-    with pytest.raises(CheckpointError, match=r"shards of layers\.0\.feed_forward\.w1\.weight have mismatched shapes "
-                                              r"\(consolidated\.00\.pth: \[96, 64\], consolidated\.01\.pth: \[88, 64\]\)"):
+    with pytest.raises(CheckpointError, match=r"shards of layers\.0\.feed_forward\.w1\.weight have mismatched "
+                                              r"shapes \(consolidated\.00\.pth: \[96, 64\], "
+                                              r"consolidated\.01\.pth: \[88, 64\]\)"):
         ckpt.load(meta_dir)
 
 
@@ -486,7 +559,8 @@ def test_unknown_formats(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ckpt.load(tmp_path / "nowhere")
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(CheckpointError, match=r"neither params\.json \+ consolidated\.NN\.pth .* found \['notes.txt'\]"):
+    with pytest.raises(CheckpointError, match=r"neither params\.json \+ consolidated\.NN\.pth .* found "
+                                              r"\['notes.txt'\]"):
         ckpt.load(tmp_path)
     with pytest.raises(CheckpointError, match="is a file; pass the checkpoint folder"):
         ckpt.load(tmp_path / "notes.txt")
@@ -525,9 +599,9 @@ def test_unsupported_hf_configs(hf_dir, change, message):
         ckpt.load(hf_dir)
 
 
-def test_llama4_and_vision_params_are_refused(meta_dir):
+def test_vision_params_are_refused(meta_dir):
     params = json.loads((meta_dir / "params.json").read_text())
-    (meta_dir / "params.json").write_text(json.dumps({**params, "moe_args": {"num_experts": 16}}))
+    (meta_dir / "params.json").write_text(json.dumps({**params, "vision_chunk_size": 560}))
     with pytest.raises(CheckpointError, match="Llama 4 or Llama 3.2 Vision"):
         ckpt.load(meta_dir)
 

@@ -4,8 +4,8 @@ Each tiny config (one per generation's distinguishing feature, `hf_reference.GEN
 HF `LlamaForCausalLM`, written with `save_pretrained` (config.json + safetensors) and read back with `llama.load`.
 Logits must agree to a relative error of 1e-10 in float64 and 1e-5 in float32, for both of our attention paths
 against both of HF's (HF's "eager" path takes its softmax in float32 even for float64 models, so against it the
-float64 bound is the float32 one). The other direction: HF's `from_pretrained` on what `llama.save` writes gives HF's logits, and
-HF -> ours -> Meta (2 and 4 model-parallel shards) -> ours -> HF reproduces every tensor bit for bit.
+float64 bound is the float32 one). The other direction: HF's `from_pretrained` on what `llama.save` writes gives
+HF's logits, and HF -> ours -> Meta (2 and 4 model-parallel shards) -> ours -> HF reproduces every tensor bit for bit.
 """
 
 from __future__ import annotations
