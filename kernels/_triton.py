@@ -1,0 +1,160 @@
+"""Plumbing shared by every kernel: which backend runs, how a kernel is launched, small device helpers.
+
+Backend rule (one place, used by every public op in `kernels/ops.py`):
+  * default: Triton when every tensor argument lives on a CUDA device, the plain-PyTorch reference otherwise;
+  * `KERNELS_BACKEND=triton` forces Triton (on CPU tensors the kernels then run in Triton's interpreter);
+  * `KERNELS_BACKEND=reference` forces the reference.
+
+Running the same kernel compiled (CUDA) and interpreted (CPU) in one process
+----------------------------------------------------------------------------
+Triton picks between compiling and interpreting when `@triton.jit` runs, from the environment variable
+TRITON_INTERPRET. Setting it in a test's conftest is fragile (whichever module imports triton first fixes the mode
+for the whole process) and would stop CUDA tests from compiling in the same run. So the kernels here are ordinary
+`@triton.jit` functions, and `launch` interprets a launch on CPU tensors itself: it runs an `InterpretedFunction`
+twin of the kernel, and for the duration of that launch routes calls to other `@triton.jit` functions (our
+device helpers, and Triton's own library functions such as `tl.interleave` or `tl.sum`, which are jit functions
+too) to their interpreted twins as well. Nothing needs to be set before import; `TRITON_INTERPRET=1` is still
+honoured (it makes `launch` interpret CUDA tensors too, copied to the host).
+
+Interpreter caveats the kernels work around (research notes kernels.md §5):
+  * bfloat16 arithmetic and bfloat16 `tl.dot` are silently wrong (bf16 is held as raw uint16 bits), so kernels
+    take an `UPCAST` constexpr: interpreted bf16 tiles are converted to float32 right after loading;
+  * float32 -> bfloat16 casts truncate instead of rounding to nearest even, so `to_output` rounds by hand;
+  * autotuning needs a GPU timer, so interpreted launches use one fixed configuration (`interpreter_meta`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
+
+BACKEND_ENV = "KERNELS_BACKEND"
+AUTOTUNE_ENV = "KERNELS_AUTOTUNE"  # "0": compile only the first config of each kernel (quick GPU test runs)
+
+
+def backend(*tensors: torch.Tensor) -> str:
+    """'triton' or 'reference' for an op whose tensor arguments are `tensors` (see the module docstring)."""
+    forced = os.environ.get(BACKEND_ENV, "").strip().lower()
+    if forced in ("", "auto"):
+        return "triton" if tensors and all(t.is_cuda for t in tensors) else "reference"
+    if forced in ("triton", "reference"):
+        return forced
+    raise ValueError(f"{BACKEND_ENV}={forced!r} is not a backend; set it to 'triton', 'reference' or 'auto' "
+                     f"(or unset it)")
+
+
+def interpreted(device: torch.device) -> bool:
+    """True when a launch on `device` runs in Triton's interpreter rather than as a compiled CUDA kernel."""
+    return device.type != "cuda" or triton.knobs.runtime.interpret
+
+
+_TWINS: dict = {}
+
+
+def _twin(fn: JITFunction) -> InterpretedFunction:
+    """The interpreted twin of a jit function (keyed by its Python function: hashing a JITFunction computes its cache key)."""
+    if fn.fn not in _TWINS:
+        _TWINS[fn.fn] = InterpretedFunction(fn.fn)
+    return _TWINS[fn.fn]
+
+
+@contextlib.contextmanager
+def _jit_calls_interpreted():
+    """While an interpreted kernel runs, a call to any jit function executes its interpreted twin.
+
+    A compiled kernel never calls `JITFunction.__call__` (the compiler inlines callees); outside a kernel that call
+    only raises "Cannot call @triton.jit'd outside of the scope of a kernel". So the patch changes nothing else.
+    """
+    original = JITFunction.__call__
+    JITFunction.__call__ = lambda self, *args, **kwargs: _twin(self)(*args, **kwargs)
+    try:
+        yield
+    finally:
+        JITFunction.__call__ = original
+
+
+def _bench_for_autotune(kernel_call, quantiles):
+    # Shorter than Triton's default (25 ms warm-up + 100 ms timed per config): tuning stays a small part of a run.
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(configs: list, key: list[str], prune=None, **kwargs):
+    """`triton.autotune` with a short benchmark and an optional `prune(configs, args) -> configs` filter.
+
+    `KERNELS_AUTOTUNE=0` keeps only the first config that survives pruning (no timing runs: quick GPU tests).
+    """
+    quick = os.environ.get(AUTOTUNE_ENV, "1").strip() == "0"
+
+    def early_config_prune(configs, named_args, **meta):
+        kept = prune(configs, {**named_args, **meta}) if prune else configs
+        return kept[:1] if quick else kept
+
+    return triton.autotune(configs=configs, key=key, do_bench=_bench_for_autotune,
+                           prune_configs_by={"early_config_prune": early_config_prune}, **kwargs)
+
+
+def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **kwargs) -> None:
+    """Run an autotuned kernel compiled on CUDA, or its interpreted twin with `interpreter_meta` elsewhere."""
+    if interpreted(device):
+        with _jit_calls_interpreted():
+            _twin(tuned.fn)[grid](*args, **interpreter_meta, **kwargs)
+    else:
+        tuned[grid](*args, **kwargs)
+
+
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
+def cached_on(device: torch.device, name: str, make) -> torch.Tensor:
+    """A small constant tensor (a code book) built once per device by `make(device)`."""
+    key = (str(device), name)
+    if key not in _TABLES:
+        _TABLES[key] = make(device)
+    return _TABLES[key]
+
+
+def rank_block(rank: int) -> int:
+    """The LoRA rank padded to a power of two >= 16 (`tl.dot` needs every dimension >= 16 on a GPU)."""
+    return max(16, triton.next_power_of_2(rank))
+
+
+def upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether kernels must compute on float32 copies of their tiles: bfloat16 in the interpreter (docstring)."""
+    return dtype == torch.bfloat16 and interpreted(device)
+
+
+@triton.jit
+def to_output(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Cast a float32 tile to the output dtype; with ROUND_BF16, round to nearest even by hand.
+
+    The interpreter's float32 -> bfloat16 cast truncates. Rounding by hand: add 0x7FFF plus the lowest kept bit
+    to the float32 bits, keep the top 16 (ties go to the even bfloat16). Inputs here are finite.
+    """
+    if ROUND_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(dtype)
+
+
+@triton.jit
+def mma(a, b, acc, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    """acc + a @ b with float32 accumulation: the one `tl.dot` call every GEMM here goes through.
+
+    UPCAST (interpreter, bfloat16): multiply float32 copies. IEEE (float32 inputs on a GPU): full float32 products
+    instead of TF32, so float32 results match torch's default float32 matmul.
+    """
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)

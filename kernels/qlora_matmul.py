@@ -1,0 +1,179 @@
+"""QLoRA linear: LoRA on an NF4 base weight decoded tile by tile inside the GEMM (QLoRA, arXiv 2305.14314 §3).
+
+Shapes: M tokens, N out features, K in features, r rank, R = r padded to a power of two >= 16.
+    x [M, K]   W [N, K] stored as NF4 (`NF4Weight`)   A [r, K]   B [N, r]   S = x Aᵀ [M, r]   y [M, N]
+
+    §3, Eq. 5:  Y = X · doubleDequant(c1, c2, W_NF4)ᵀ + s · X L1 L2      (L1 L2 = Aᵀ Bᵀ here)
+    backward:   dX = dY · doubleDequant(W) + dS A;   dA, dB as in LoRA (W frozen; no dequantised W is saved)
+
+Reading order: `QLoRAMatmul` (autograd) -> dispatch rule `use_fused` -> launcher `qlora_gemm` -> kernel
+`_qlora_gemm_kernel` -> reference `qlora_matmul_reference`.
+
+Two paths, chosen per call by the token count M (`use_fused`, the documented rule):
+  * fused (M <= FUSED_MAX_TOKENS): one GEMM kernel reads the packed 4-bit weight and decodes each [BK, BN] tile
+    in registers (byte -> nibble -> NF4 table -> times the restored absmax), then feeds it to `tl.dot`. At a few
+    tokens the GEMM is memory-bound and this reads 0.52 bytes per weight instead of 2 (bf16) + the decode pass.
+  * dequantise-then-GEMM (larger M): decode W once into a bf16 buffer with the one-launch NF4 kernel, run the
+    fused LoRA GEMM, drop the buffer. At training-size M the GEMM is compute-bound and the in-kernel decode,
+    repeated for every M tile, would cost more than one 2.5 bytes-per-weight pass (research kernels.md §3.5).
+The threshold comes from the H200 benchmark (`scripts/bench_kernels.py`, docs/kernels.md): below it the fused
+kernel wins; it is a module constant so it can be re-measured on other GPUs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton import autotune, launch, mma, rank_block, to_output, upcast
+from .lora_matmul import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
+from .nf4 import NF4Weight
+from .nf4_dequant import nf4_decode, nf4_dequantize_reference, nf4_dequantize_triton
+
+FUSED_MAX_TOKENS = 16  # M at or below this: fused decode-in-GEMM; above: dequantise once, then the dense GEMM
+
+
+def use_fused(tokens: int) -> bool:
+    """The dispatch rule: the fused NF4 GEMM for at most FUSED_MAX_TOKENS tokens, dequantise-then-GEMM above."""
+    return tokens <= FUSED_MAX_TOKENS
+
+
+class QLoRAMatmul(torch.autograd.Function):
+    """y = x Wᵀ + s (x Aᵀ) Bᵀ with W in NF4, on 2-D x; gradients for x, A, B."""
+
+    @staticmethod
+    def forward(ctx, x, qweight: NF4Weight, A, B, scale: float, fused: bool):
+        S = x @ A.t()                                                           # [M, r]
+        y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+        if fused:
+            qlora_gemm(x, qweight, False, S, B.t(), scale, y)                  # y = x Wᵀ + s S Bᵀ
+        else:
+            W = nf4_dequantize_triton(qweight, x.dtype)                         # [N, K], freed on return
+            lora_gemm(x, W, W.stride(0), W.stride(1), S, B.t(), scale, y)
+        ctx.save_for_backward(x, A, B, S)
+        ctx.qweight, ctx.scale, ctx.fused = qweight, scale, fused
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, A, B, S = ctx.saved_tensors
+        dS, dB = lora_grad_dS_dB(dy, S, B, ctx.scale)                           # float32 [M, r], [N, r]
+        dA = dS.t().to(x.dtype) @ x                                             # [r, K]
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            if ctx.fused:
+                qlora_gemm(dy, ctx.qweight, True, dS, A, 1.0, dx)               # dX = dY W + dS A
+            else:
+                W = nf4_dequantize_triton(ctx.qweight, x.dtype)
+                lora_gemm(dy, W, W.stride(1), W.stride(0), dS, A, 1.0, dx)
+        return dx, None, dA.to(A.dtype), dB.to(B.dtype), None, None
+
+
+def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out) -> None:
+    """out = x · Wᵀ + scale · p · p_times (transposed=False: x [M, K], out [M, N]) or
+    out = x · W + scale · p · p_times (transposed=True: x [M, N], out [M, K]), W [N, K] decoded from `q`."""
+    M, red = x.shape
+    cols = out.shape[1]
+    rank = p.shape[1]
+    if M == 0 or cols == 0:
+        return
+    w_k = q.shape[1]
+    dq = q.double_quant
+    absmax2, code2, offset = (q.absmax2, q.code2, q.offset) if dq else (q.absmax, q.code, q.absmax)  # unused dummies
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
+    launch(_tuned_qgemm, grid,
+           x, q.packed, q.absmax, code2, absmax2, offset, q.code, p, p_times, out,
+           M, cols, red, w_k, rank, scale,
+           x.stride(0), x.stride(1), p.stride(0), p.stride(1), p_times.stride(0), p_times.stride(1),
+           out.stride(0), out.stride(1), triton.next_power_of_2(M),
+           TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
+           BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
+           IEEE=x.dtype == torch.float32, device=x.device,
+           interpreter_meta=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False), enable_fp_fusion=True)
+
+
+@triton.jit
+def _qlora_gemm_kernel(
+    x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, p_ptr, q_ptr, c_ptr,
+    M, N, K, W_K, RANK, scale,
+    stride_xm, stride_xk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
+    M_BUCKET,                    # autotuning key only
+    TRANSPOSED: tl.constexpr,    # False: C = X Wᵀ (N = W rows, K = W cols); True: C = X W (N = W cols, K = W rows)
+    ROW_ALIGNED: tl.constexpr,   # W_K % blocksize == 0: absmax blocks never straddle rows of W
+    LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TREE: tl.constexpr,
+):
+    """C[M, N] = X[M, K] · op(W)[K, N] + scale · P[M, r] Q[r, N], op(W) decoded from NF4 one [BK, BN] tile at a time."""
+    tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                             # [BM]
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]
+    rows_in = rows % M
+    cols_in = cols % N
+    r = tl.arange(0, BLOCK_R)
+
+    # LoRA term first: acc = scale · P_tile Q_tile (ranks beyond r read as zeros).
+    p = tl.load(p_ptr + rows_in[:, None] * stride_pm + r[None, :] * stride_pr, mask=r[None, :] < RANK, other=0.0)
+    q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
+    acc = mma(p.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE) * scale
+
+    # One absmax per W row when the tile's W-column range lies inside one block (power-of-two sizes: "fits").
+    if TRANSPOSED:
+        PER_ROW: tl.constexpr = ROW_ALIGNED and BLOCK_N <= (1 << LOG2_BLOCKSIZE)
+    else:
+        PER_ROW: tl.constexpr = ROW_ALIGNED and BLOCK_K <= (1 << LOG2_BLOCKSIZE)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)                                         # [BK] reduction index
+        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K, other=0.0)
+        k_in = tl.minimum(k, K - 1)              # past K: decode a real element; x is 0 there, so it adds nothing
+        if TRANSPOSED:   # tile [BK, BN] of W itself: W rows k, W columns cols (dX = dY W)
+            w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                           k_in[:, None], cols_in[None, :], W_K, pid_n * BLOCK_N,
+                           LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE, PER_ROW)
+        else:            # tile [BK, BN] of Wᵀ: W rows cols, W columns k (y = x Wᵀ)
+            w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                           cols_in[None, :], k_in[:, None], W_K, k0,
+                           LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE, PER_ROW)
+        if not UPCAST:
+            w = w.to(x_ptr.dtype.element_ty)     # the same rounding as dequantising W to the compute dtype
+        acc = mma(x, w, acc, UPCAST, IEEE)
+
+    out = to_output(acc, c_ptr.dtype.element_ty, UPCAST)
+    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out,
+             mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+
+def _fits(configs, args):
+    """Tiles no taller than the token count (this kernel runs at small M), and the float32 shared-memory limit."""
+    m, elem = args["M_BUCKET"], args["x_ptr"].element_size()
+    kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, m)
+            and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages <= 200_000]
+    return kept or configs[:1]
+
+
+def _qgemm_configs():
+    shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, TREE); first = the default when autotuning is off
+        (16, 64, 64, 3, 4, False), (16, 64, 64, 3, 4, True), (16, 32, 128, 3, 4, False), (16, 32, 64, 4, 4, True),
+        (16, 128, 64, 3, 4, False), (32, 64, 64, 3, 4, False), (64, 64, 64, 3, 4, True), (64, 128, 64, 3, 8, False),
+    ]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TREE": tree},
+                          num_stages=s, num_warps=w) for bm, bn, bk, s, w, tree in shapes]
+
+
+_tuned_qgemm = autotune(_qgemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "TRANSPOSED"],
+                        prune=_fits)(_qlora_gemm_kernel)
+
+
+def qlora_matmul_reference(x, qweight: NF4Weight, A, B, scale: float) -> torch.Tensor:
+    """LoRA on the dequantised weight (what QLoRA computes): x W_dqᵀ + s (x Aᵀ) Bᵀ."""
+    return lora_matmul_reference(x, nf4_dequantize_reference(qweight, x.dtype), A, B, scale)
