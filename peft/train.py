@@ -189,18 +189,37 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [B, T, V] and the sum of the model's auxiliary losses (0 for dense models).
+    """Logits [B, T, V] and the model's weighted auxiliary loss (0 for dense models).
 
-    Mixture-of-experts models return `(logits, aux_losses)`, aux_losses a dict of scalars already weighted by their
-    coefficients (load balancing, router z-loss); they are added to the objective as-is.
+    Llama 4 mixture-of-experts models report their Switch load-balancing and ST-MoE router z-losses of the last
+    forward through `Transformer.aux_loss()`, already multiplied by the coefficients in `args.moe_args`.
     """
     kwargs = {} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}
-    out = model(batch.tokens, **kwargs)
-    if isinstance(out, tuple):
-        logits, aux = out
-        aux_total = sum(aux.values()) if isinstance(aux, dict) else aux
-        return logits, aux_total
-    return out, torch.zeros((), device=batch.tokens.device)
+    logits = model(batch.tokens, **kwargs)
+    aux_loss = getattr(model, "aux_loss", None)
+    aux = aux_loss() if aux_loss is not None else logits.new_zeros(())
+    return logits, aux
+
+
+def accumulate_gradients(model: nn.Module, micro: Sequence[Batch], n_global: float, world_size: int = 1,
+                         autocast=None) -> tuple[float, bool]:
+    """Forward/backward every micro-batch of one optimizer step; returns (Σ CE over this rank, logits finite).
+
+    Each micro-batch contributes Σ_t CE_t / N with N the step's global target count, so after the last backward the
+    gradient is that of the token mean over the whole step, however the rows were split (× world_size: FSDP
+    averages over ranks). MoE auxiliary losses are per-token averages; weighting them by the micro-batch's share of
+    the targets keeps them token-weighted over the step as well.
+    """
+    loss_sum, logits_finite = 0.0, True
+    for batch in micro:
+        with autocast or nullcontext():
+            logits, aux = forward(model, batch)
+        ce = token_loss_sum(logits, batch.targets)
+        objective = (ce + aux * batch.n_targets) / n_global * world_size
+        objective.backward()
+        loss_sum += float(ce.detach())
+        logits_finite = logits_finite and bool(torch.isfinite(logits.detach()).all())
+    return loss_sum, logits_finite
 
 
 @torch.no_grad()
@@ -367,16 +386,7 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         n_global = ctx.all_sum(sum(b.n_targets for b in micro))
         if n_global == 0:
             raise ValueError(f"step {step}: no target token in the whole batch; every row is masked (check the data)")
-        # -- forward/backward per micro-batch: Σ CE / N (× world size, because FSDP averages over ranks) -----------
-        loss_sum, logits_finite = 0.0, True
-        for batch in micro:
-            with autocast:
-                logits, aux = forward(model, batch)
-            ce = token_loss_sum(logits, batch.targets)
-            objective = (ce + aux * batch.n_targets) / n_global * ctx.world_size
-            objective.backward()
-            loss_sum += float(ce.detach())
-            logits_finite = logits_finite and bool(torch.isfinite(logits.detach()).all())
+        loss_sum, logits_finite = accumulate_gradients(model, micro, n_global, ctx.world_size, autocast)
         loss = ctx.all_sum(loss_sum) / n_global
         # -- clip, guard against NaN/inf, update -------------------------------------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
