@@ -121,6 +121,14 @@ class RotaryEmbedding(nn.Module):
         inv_freq, self.attention_factor = scaled_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        """model.to(...) / to_empty(...) may move θ_j to another device but never round it (a bfloat16 θ_j, 8-bit
+        mantissa, would drift the angle m·θ_j by up to m·θ_j/256 rad): recompute it in float32 where it lands."""
+        super()._apply(fn, recurse)
+        inv_freq, _ = scaled_frequencies(self.head_dim, self.theta, self.scaling)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [T] or [B, T] integer positions -> cos, sin of shape [..., T, D/2] in float32."""
         inv_freq = self.inv_freq
