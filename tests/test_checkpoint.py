@@ -12,6 +12,8 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -409,6 +411,14 @@ def test_convert_cli_both_directions(hf_models, tmp_path, capsys):
     assert back.norm.weight.dtype == torch.float32 and back.args.max_seq_len == 256
     tokens = random_tokens(args)
     assert relative_error(back(tokens), hf_logits(hf, tokens)) <= 1e-5
+
+
+def test_convert_cli_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llama.convert", "--src", str(tmp_path / "nowhere"), "--dst",
+                             str(tmp_path / "out"), "--to", "hf"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: checkpoint folder") and "Traceback" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------------------
