@@ -41,6 +41,9 @@ except ImportError:  # pragma: no cover - depends on which packages are present
     _fused_lora_matmul = None
 if not callable(_fused_lora_matmul):  # e.g. only the submodule kernels.lora_matmul, not the public op
     _fused_lora_matmul = None
+# What the fused op accepts: float32/16/bf16 (float64 study runs use the formula) and ranks up to its register tile.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+KERNEL_MAX_RANK = 128
 
 
 @dataclass
@@ -93,11 +96,11 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
 def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """y = x Wᵀ + s·(x Aᵀ) Bᵀ for x [..., K], W [N, K], A [r, K], B [N, r] -> y [..., N].
 
-    The one call site of the fused kernel: `kernels.lora_matmul` when the package provides it, else this formula.
+    The one call site of the fused kernel: `kernels.lora_matmul` when the package provides it and takes these
+    inputs (dtype in KERNEL_DTYPES, r <= KERNEL_MAX_RANK), else the same formula in eager PyTorch.
     """
-    if _fused_lora_matmul is not None:
-        y = _fused_lora_matmul(x.reshape(-1, x.shape[-1]), W, A, B, scale)  # [M, N]
-        return y.view(*x.shape[:-1], W.shape[0])
+    if _fused_lora_matmul is not None and x.dtype in KERNEL_DTYPES and A.shape[0] <= KERNEL_MAX_RANK:
+        return _fused_lora_matmul(x, W, A, B, scale)
     return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
 

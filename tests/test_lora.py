@@ -207,17 +207,19 @@ def test_one_kernel_call_site(monkeypatch):
     """Without dropout the layer goes through lora_matmul(x, W, A, B, s) (the fused kernel when present)."""
     calls = []
 
-    def fake(x2d, W, A, B, scale):
-        calls.append((tuple(x2d.shape), scale))
-        return F.linear(x2d, W) + scale * F.linear(F.linear(x2d, A), B)
+    def fake(x, W, A, B, scale):
+        calls.append((tuple(x.shape), x.dtype, scale))
+        return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
     monkeypatch.setattr(lora_module, "_fused_lora_matmul", fake)
-    model = make_model("mha")
+    model = make_model("mha", dtype=torch.float32)
     peft.apply(model, peft.LoraConfig(r=4, alpha=8, target_modules=("wq",)))
     model(tokens(model.args, B=2, T=5))
-    assert calls == [((10, model.args.dim), 2.0)] * model.args.n_layers
+    assert calls == [((2, 5, model.args.dim), torch.float32, 2.0)] * model.args.n_layers
     calls.clear()
-    model = make_model("mha")
+    model.double()(tokens(model.args))  # float64 is not a kernel dtype: the eager formula
+    assert calls == []
+    model = make_model("mha", dtype=torch.float32)
     peft.apply(model, peft.LoraConfig(r=4, dropout=0.1, target_modules=("wq",)))
     model.train()(tokens(model.args))
     assert calls == []  # active dropout: the unfused formula

@@ -1,0 +1,198 @@
+"""LoRA parity with Hugging Face PEFT on `LlamaForCausalLM`, and `peft.export_hf` loaded by HF PEFT.
+
+Our top-level `peft` package shadows Hugging Face's, so HF PEFT is installed outside the project's site-packages
+(`pip install --target <dir> --no-deps peft accelerate`, or the folder named by $HF_PEFT_DIR) and driven from a
+subprocess whose import path puts that folder first and whose working directory is not the repository.
+
+Per case, the subprocess:
+  1. builds `LlamaForCausalLM` in float64 from the same base weights (Meta -> HF names, q/k rows permuted here),
+  2. wraps it with HF's `get_peft_model(LoraConfig(...))`, copies in our LoRA tensors (lora_B / DoRA magnitude rows
+     permuted for q_proj/k_proj), and returns its logits;
+  3. loads our `export_hf` folder with `PeftModel.from_pretrained` onto a fresh base and returns those logits.
+Both are compared with our model's float64 logits.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import peft
+from test_peft_reference import make_model, max_rel_error, tokens
+
+HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
+
+
+@pytest.fixture(scope="module")
+def hf_peft_dir() -> Path:
+    """A folder holding HF `peft` (and `accelerate`), never the project's own environment."""
+    folder = Path(os.environ.get("HF_PEFT_DIR") or Path(tempfile.gettempdir()) / "llama-peft-zoo-hf-peft")
+    if not (folder / "peft" / "tuners").is_dir():
+        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps",
+               *HF_PEFT_PINS]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            pytest.skip(f"could not run pip to install Hugging Face peft into {folder}: {err}")
+        if done.returncode != 0:
+            pytest.skip(f"pip could not install Hugging Face peft into {folder} (offline?): "
+                        f"{done.stderr.strip().splitlines()[-1:]}")
+    return folder
+
+
+HF_SCRIPT = textwrap.dedent('''
+    import json, sys
+    from pathlib import Path
+    import torch
+    from safetensors.torch import load_file, save_file
+    hf_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
+    import peft as hf_peft
+    assert Path(hf_peft.__file__).resolve().is_relative_to(hf_dir.resolve()), hf_peft.__file__
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    case = json.loads((work / "case.json").read_text())
+    tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
+
+    def base_model():
+        model = LlamaForCausalLM(LlamaConfig(**case["hf_config"])).to(torch.float64)
+        model.load_state_dict(load_file(str(work / "base.safetensors")), strict=True)
+        return model.eval()
+
+    # 1. HF PEFT's own LoRA with our tensors copied in
+    c = case["lora"]
+    model = get_peft_model(base_model(), LoraConfig(
+        r=c["r"], lora_alpha=c["alpha"], target_modules=c["hf_targets"], use_rslora=c["use_rslora"],
+        use_dora=c["use_dora"], layers_to_transform=c["layers"], lora_dropout=0.0))
+    ours = load_file(str(work / "lora.safetensors"))  # HF module path -> tensors, rows already in HF order
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in ours.items():
+            params[key].copy_(value)
+    with torch.no_grad():
+        logits_hf_lora = model(tokens).logits
+
+    # 2. our export_hf folder, loaded by HF PEFT
+    loaded = PeftModel.from_pretrained(base_model(), str(work / "export"))
+    with torch.no_grad():
+        logits_export = loaded(tokens).logits
+    n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
+    save_file({"hf_lora": logits_hf_lora.contiguous(), "export": logits_export.contiguous()},
+              str(work / "logits.safetensors"))
+    (work / "info.json").write_text(json.dumps({"n_lora_tensors_loaded": n_lora,
+                                                "peft_version": hf_peft.__version__}))
+''')
+
+HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
+              "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
+
+
+def to_hf_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Meta's interleaved RoPE rows -> HF's half-split rows, per head: reshape (n, D/2, 2, …), swap axes 1 and 2."""
+    rest = w.shape[1:]
+    return w.reshape(n_heads, w.shape[0] // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
+
+
+def hf_base_state_dict(model) -> dict[str, torch.Tensor]:
+    a = model.args
+    sd = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+          "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        p = f"model.layers.{i}."
+        sd[p + "input_layernorm.weight"] = layer.attention_norm.weight
+        sd[p + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
+        for meta, hf in HF_MODULES.items():
+            parent = layer.attention if meta in ("wq", "wk", "wv", "wo") else layer.feed_forward
+            w = getattr(parent, meta).weight
+            if meta in ("wq", "wk"):
+                w = to_hf_rows(w, a.n_heads if meta == "wq" else a.n_kv_heads)
+            sd[p + hf + ".weight"] = w
+    return {k: v.detach().clone().contiguous() for k, v in sd.items()}
+
+
+def hf_lora_tensors(model) -> dict[str, torch.Tensor]:
+    """Our LoRA tensors under HF PEFT's parameter names (inside a PeftModel), rows permuted for q/k."""
+    a = model.args
+    out = {}
+    for name, module in model.named_modules():
+        if not hasattr(module, "lora_A"):
+            continue
+        short = name.rsplit(".", 1)[-1]
+        prefix = "base_model.model.lm_head" if name == "output" else \
+            f"base_model.model.model.layers.{name.split('.')[1]}.{HF_MODULES[short]}"
+        heads = {"wq": a.n_heads, "wk": a.n_kv_heads}.get(short)
+        B, m = module.lora_B.detach(), getattr(module, "lora_magnitude", None)
+        out[prefix + ".lora_A.default.weight"] = module.lora_A.detach().clone()
+        out[prefix + ".lora_B.default.weight"] = (to_hf_rows(B, heads) if heads else B).clone()
+        if m is not None:
+            m = m.detach()
+            out[prefix + ".lora_magnitude_vector.default.weight"] = (to_hf_rows(m, heads) if heads else m).clone()
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+CASES = {
+    "mha-all-linears": ("mha", peft.LoraConfig(r=3, alpha=5.0, target_modules=("wq", "wk", "wv", "wo", "w1", "w2",
+                                                                            "w3", "output"))),
+    "gqa-rslora-layer1": ("gqa", peft.LoraConfig(r=4, alpha=8.0, target_modules=("wq", "wk", "wv", "w3"),
+                                                 use_rslora=True, layers=(1,))),
+    "tied-dora": ("tied", peft.LoraConfig(r=2, alpha=4.0, target_modules=("wq", "wk", "wo", "w2", "output"),
+                                          use_dora=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_matches_hf_peft(tmp_path, hf_peft_dir, case):
+    kind, config = CASES[case]
+    model = make_model(kind)
+    a = model.args
+    base = hf_base_state_dict(model)
+    toks = tokens(a, B=2, T=10)
+    with torch.no_grad():
+        frozen = model(toks)
+    peft.apply(model, config)
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in peft.adapter_parameters(model).items():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
+            p.copy_(p * (1 + 0.3 * noise) if name.endswith("magnitude") else 0.5 * noise)
+    with torch.no_grad():
+        ours = model(toks)
+    assert max_rel_error(ours, frozen) > 1e-3  # the adapter matters, so equality below means something
+    work = tmp_path / "work"
+    work.mkdir()
+    save_file(base, str(work / "base.safetensors"))
+    save_file(hf_lora_tensors(model), str(work / "lora.safetensors"))
+    save_file({"tokens": toks}, str(work / "tokens.safetensors"))
+    peft.export_hf(model, work / "export")
+    hf_targets = sorted({"lm_head" if t == "output" else HF_MODULES[t].split(".")[1] for t in config.target_modules})
+    hf_config = dict(vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim,
+                     num_hidden_layers=a.n_layers, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads,
+                     head_dim=a.head_dim, max_position_embeddings=a.max_seq_len, rms_norm_eps=a.norm_eps,
+                     tie_word_embeddings=a.tie_word_embeddings, hidden_act="silu", attention_bias=False,
+                     mlp_bias=False, rope_parameters={"rope_type": "default", "rope_theta": a.rope_theta},
+                     attn_implementation="sdpa")
+    (work / "case.json").write_text(json.dumps({"hf_config": hf_config, "lora": {
+        "r": config.r, "alpha": config.alpha, "hf_targets": hf_targets, "use_rslora": config.use_rslora,
+        "use_dora": config.use_dora, "layers": list(config.layers) if config.layers else None}}))
+    (work / "run_hf.py").write_text(HF_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(hf_peft_dir)
+    done = subprocess.run([sys.executable, str(work / "run_hf.py"), str(hf_peft_dir), str(work)], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    hf = load_file(str(work / "logits.safetensors"))
+    info = json.loads((work / "info.json").read_text())
+    n_adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
+    assert info["n_lora_tensors_loaded"] == n_adapted * (3 if config.use_dora else 2)
+    err_hf, err_export = max_rel_error(ours, hf["hf_lora"]), max_rel_error(ours, hf["export"])
+    print(f"{case}: HF PEFT LoRA rel. error {err_hf:.2e}, export_hf -> HF PEFT rel. error {err_export:.2e}")
+    assert err_hf < 1e-12 and err_export < 1e-12
