@@ -1,0 +1,139 @@
+"""Crash-safe checkpoints: SIGKILL a training process (mid-run, and in the middle of writing a checkpoint), resume,
+and get bit-for-bit the loss sequence and weights of an uninterrupted run. Plus the resume errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft import data as D
+from peft import checkpointing
+from peft.recipe import load_config, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The child process: the same run() the scripts use, one thread (bit-exact on CPU), and a hook that SIGKILLs the
+# process itself either after a given step or while it writes the `latest` pointer of a given checkpoint.
+DRIVER = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+import torch
+torch.set_num_threads(1)
+from peft import checkpointing
+from peft.recipe import load_config, run
+kill_after = int(os.environ.get("KILL_AFTER_STEP", "0"))
+kill_save = os.environ.get("KILL_WRITING_POINTER", "")
+if kill_save:
+    real = checkpointing.write_bytes_atomic
+    def dying(path, data):
+        if path.name == "latest" and data.decode() == kill_save:
+            os.kill(os.getpid(), signal.SIGKILL)  # the step directory is complete and renamed; the pointer is not
+        real(path, data)
+    checkpointing.write_bytes_atomic = dying
+def hook(step, record):
+    if step == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+run(load_config(None, sys.argv[1:]), callbacks=[hook], quiet=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    docs = [e.prompt + " " + e.response for e in D.task_examples("mix", 400)]
+    return str(D.builtin_tokenizer(tmp_path_factory.mktemp("tok"), 400, documents=docs).path)
+
+
+def overrides(out_dir, tokenizer_path, method=(), steps=12):
+    return [f"--train.out_dir={out_dir}", f"--data.tokenizer={tokenizer_path}", "--data.source=task",
+            "--data.task=sort", "--data.n_train=200", "--data.n_eval=8", "--data.seq_len=48", "--eval.n_generate=0",
+            "--model.preset=tiny-llama-2-gqa", "--model.dim=32", "--model.n_layers=2", "--model.max_seq_len=48",
+            f"--train.steps={steps}", "--train.batch_size=4", "--train.micro_batch_size=2", "--train.save_every=4",
+            "--train.lr=3e-3", "--train.warmup_steps=2", "--train.progress=false", *method]
+
+
+def launch(args, **env):
+    proc = subprocess.run([sys.executable, "-c", DRIVER.format(repo=str(REPO)), *args], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, timeout=300)
+    return proc
+
+
+def losses(out_dir):
+    return [json.loads(line)["loss"] for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("method, kill", [
+    ((), {"KILL_AFTER_STEP": "7"}),  # full fine-tuning, killed between two checkpoints
+    # LoRA with dropout (the RNG state matters), adapter-only checkpoints, killed while committing checkpoint 8
+    (("--method.name=lora", "--method.r=4", "--method.dropout=0.2"), {"KILL_WRITING_POINTER": "step-00000008"}),
+])
+def test_sigkill_and_resume_is_bit_exact(tmp_path, tokenizer_path, method, kill):
+    ref_dir, dir_ = tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = launch(overrides(ref_dir, tokenizer_path, method))
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    killed = launch(overrides(dir_, tokenizer_path, method), **kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    ckpts = dir_ / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step-00000004"  # the previous checkpoint is the committed one
+    assert checkpointing.latest(ckpts).name == "step-00000004"
+    assert len(losses(dir_)) in (7, 8)  # steps logged after the checkpoint are re-done on resume
+
+    resumed = launch(overrides(dir_, tokenizer_path, method) + ["--train.resume=true"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(dir_) == losses(ref_dir)  # bit-exact: float equality of all 12 losses
+    assert len(losses(ref_dir)) == 12
+    a = load_file(str(ref_dir / "checkpoints" / "step-00000012" / "trainable.safetensors"))
+    b = load_file(str(ckpts / "step-00000012" / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if method:  # adapter-only checkpoint: only LoRA tensors, none of the frozen base
+        assert a and all("lora" in k for k in a)
+    metrics_csv = (dir_ / "metrics.csv").read_text().splitlines()
+    assert [int(line.split(",")[0]) for line in metrics_csv[1:]] == list(range(1, 13))  # each step exactly once
+
+
+def test_checkpoint_contents(tmp_path, tokenizer_path):
+    cfg = load_config(None, overrides(tmp_path, tokenizer_path, ("--method.name=lora", "--method.r=2"), steps=4))
+    out = run(cfg, quiet=True)
+    step_dir = tmp_path / "checkpoints" / "step-00000004"
+    state = torch.load(step_dir / "state.pt", weights_only=True)
+    assert state["step"] == 4 and state["data_position"] == 16
+    assert state["optimizer"]["state"] and state["schedule"]["last_epoch"] == 4
+    assert set(state["rng"][0]) >= {"torch", "python"}
+    tensors = load_file(str(step_dir / "trainable.safetensors"))
+    trainable = {n for n, p in out.model.named_parameters() if p.requires_grad}
+    assert set(tensors) == trainable and all(t.numel() for t in tensors.values())
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["meta"]["method"]["name"] == "lora" and meta["meta"]["model"]["dim"] == 32
+    assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
+
+
+def test_resume_rejects_another_model_or_method(tmp_path, tokenizer_path):
+    run(load_config(None, overrides(tmp_path, tokenizer_path, steps=4)), quiet=True)
+    args = overrides(tmp_path, tokenizer_path, steps=8) + ["--train.resume=true"]
+    with pytest.raises(ValueError, match=r"different run.*\n.*method"):
+        run(load_config(None, args + ["--method.name=lora"]), quiet=True)
+    with pytest.raises(ValueError, match=r"different run(.|\n)*model: checkpoint"):
+        run(load_config(None, args + ["--model.dim=64"]), quiet=True)
+    with pytest.raises(ValueError, match=r"different run(.|\n)*batch_size"):
+        run(load_config(None, [a for a in args if not a.startswith("--train.batch_size")] + ["--train.batch_size=8"]), quiet=True)
+
+
+def test_resume_without_checkpoint_and_overwrite_are_errors(tmp_path, tokenizer_path):
+    with pytest.raises(ValueError, match="holds no checkpoint"):
+        run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2) + ["--train.resume=true"]), quiet=True)
+    run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2)), quiet=True)
+    with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=true"):
+        run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2)), quiet=True)
+
+
+def test_dangling_pointer_is_explained(tmp_path):
+    (tmp_path / "latest").write_text("step-00000099")
+    with pytest.raises(ValueError, match="missing or incomplete"):
+        checkpointing.latest(tmp_path)
+    assert checkpointing.latest(tmp_path / "nothing") is None
