@@ -5,7 +5,7 @@
     lora_matmul(x, W, A, B, scale)                                     x Wᵀ + s (x Aᵀ) Bᵀ, fused fwd + bwd
     qlora_matmul(x, qweight, A, B, scale)                              the same with W in NF4
 
-Modules, each read top to bottom: `nf4` (format), `nf4_dequant`, `lora_matmul`, `qlora_matmul` (kernels and
+Modules, each read top to bottom: `nf4` (format), `nf4_dequant`, `lora`, `qlora` (kernels and
 references), `ops` (checks + backend dispatch), `_triton` (launch plumbing, interpreter support).
 Triton runs on CUDA tensors, the references elsewhere; KERNELS_BACKEND=triton|reference forces one.
 This package imports neither `llama` nor `peft`.

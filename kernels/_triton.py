@@ -36,6 +36,7 @@ from triton.runtime.jit import JITFunction
 
 BACKEND_ENV = "KERNELS_BACKEND"
 AUTOTUNE_ENV = "KERNELS_AUTOTUNE"  # "0": compile only the first config of each kernel (quick GPU test runs)
+POISON_ENV = "KERNELS_POISON"      # "1": fill kernel outputs with NaN before each launch (finds unwritten elements)
 
 
 def backend(*tensors: torch.Tensor) -> str:
@@ -106,6 +107,14 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
             _twin(tuned.fn)[grid](*args, **interpreter_meta, **kwargs)
     else:
         tuned[grid](*args, **kwargs)
+
+
+def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Output buffer for a kernel: `torch.empty`, or NaN-filled when KERNELS_POISON=1 (debugging and tests)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if os.environ.get(POISON_ENV, "0").strip() == "1":
+        out.fill_(float("nan"))
+    return out
 
 
 _TABLES: dict[tuple[str, str], torch.Tensor] = {}

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, launch, mma, rank_block, to_output, upcast
+from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks use the reference
@@ -53,7 +53,7 @@ class LoRAMatmul(torch.autograd.Function):
 def lora_forward_triton(x, W, A, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y [M, N], S [M, r]) for 2-D x [M, K]; S is kept for the backward pass."""
     S = x @ A.t()                                                               # [M, r], the shrink
-    y = torch.empty(x.shape[0], W.shape[0], dtype=x.dtype, device=x.device)
+    y = empty((x.shape[0], W.shape[0]), x.dtype, x.device)
     # y = x Wᵀ + s · S Bᵀ: W as [N, K] with its own strides, Q = Bᵀ [r, N].
     lora_gemm(x, W, W.stride(0), W.stride(1), S, B.t(), scale, y)
     return y, S
@@ -65,17 +65,22 @@ def lora_backward_triton(dy, x, W, A, B, S, scale: float, need_dx: bool = True):
     dA = (dS.t().to(x.dtype) @ x)                                               # [r, K]
     dx = None
     if need_dx:
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+        dx = empty(x.shape, x.dtype, x.device)
         # dX = dY W + dS A: the same GEMM with W viewed as Wᵀ [K, N] (strides swapped), P = dS, Q = A, scale 1.
         lora_gemm(dy, W, W.stride(1), W.stride(0), dS, A, 1.0, dx)
     return dx, dA.to(A.dtype), dB.to(B.dtype)
 
 
 def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> None:
-    """out[M, N] = x[M, K] · w_viewᵀ + scale · p[M, r] · q[r, N], where w_view[n, k] = w[n*stride_wn + k*stride_wk]."""
+    """out[M, N] = x[M, K] · w_viewᵀ + scale · p[M, r] · q[r, N], where w_view[n, k] = w[n*stride_wn + k*stride_wk].
+
+    p = q = None gives the plain GEMM out = x · w_viewᵀ from the same kernel (the benchmark's same-tile baseline).
+    """
     M, K = x.shape
     N = out.shape[1]
-    rank = p.shape[1]
+    has_lora = p is not None
+    p, q = (p, q) if has_lora else (x, x)                    # dummies, never read without the LoRA term
+    rank = p.shape[1] if has_lora else 1
     if M == 0 or N == 0:
         return
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -83,9 +88,9 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
            x, w, p, q, out, M, N, K, rank, scale,
            x.stride(0), x.stride(1), stride_wn, stride_wk, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
            out.stride(0), out.stride(1), triton.next_power_of_2(M),
-           BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device), IEEE=x.dtype == torch.float32,
-           device=x.device, interpreter_meta=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
-           enable_fp_fusion=True)
+           HAS_LORA=has_lora, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
+           IEEE=x.dtype == torch.float32, device=x.device,
+           interpreter_meta=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), enable_fp_fusion=True)
 
 
 def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +136,7 @@ def _lora_gemm_kernel(
     M, N, K, RANK, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
     M_BUCKET,                    # autotuning key only (power of two >= M)
-    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[M, N] = X[M, K] Wᵀ + scale · P[M, r] Q[r, N]   (W addressed as w[n * stride_wn + k * stride_wk])."""
@@ -152,9 +157,11 @@ def _lora_gemm_kernel(
     r = tl.arange(0, BLOCK_R)
 
     # LoRA term first (Eq. 3): acc = scale · P_tile Q_tile, ranks beyond r read as zeros.
-    p = tl.load(p_ptr + rows_in[:, None] * stride_pm + r[None, :] * stride_pr, mask=r[None, :] < RANK, other=0.0)
-    q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
-    acc = mma(p.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE) * scale
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_LORA:
+        p = tl.load(p_ptr + rows_in[:, None] * stride_pm + r[None, :] * stride_pr, mask=r[None, :] < RANK, other=0.0)
+        q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
+        acc = mma(p.to(q.dtype), q, acc, UPCAST, IEEE) * scale
 
     # Base term: acc += X_tile W_tileᵀ over K.
     for k0 in range(0, K, BLOCK_K):
@@ -201,7 +208,7 @@ def _lora_grad_kernel(
     tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + r[None, :], db, mask=col_ok[:, None] & r_ok[None, :])
 
 
-_tuned_gemm = autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "RANK"], prune=_fits)(_lora_gemm_kernel)
+_tuned_gemm = autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "HAS_LORA"], prune=_fits)(_lora_gemm_kernel)
 
 
 def _grad_fits(configs, args):

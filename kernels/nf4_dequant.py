@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, launch, to_output, upcast
+from ._triton import autotune, empty, launch, to_output, upcast
 from .nf4 import FLOAT_DTYPES, NF4Weight
 
 # Interpreter: one program per 64 absmax blocks (4096 values at blocksize 64); cost there is per program.
@@ -35,7 +35,7 @@ def nf4_dequantize_triton(q: NF4Weight, dtype: torch.dtype | None = None) -> tor
     dtype = q.dtype if dtype is None else dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"cannot dequantise to {dtype}; use one of {FLOAT_DTYPES}")
-    out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    out = empty(q.shape, dtype, q.device)
     n = q.numel
     if n == 0:
         return out

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ._triton import backend
-from .lora_matmul import MAX_RANK, LoRAMatmul, check_lora_args, lora_matmul_reference
+from .lora import MAX_RANK, LoRAMatmul, check_lora_args, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
-from .qlora_matmul import QLoRAMatmul, qlora_matmul_reference, use_fused
+from .qlora import QLoRAMatmul, qlora_matmul_reference, use_fused
 
 
 def nf4_dequantize(qweight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -43,7 +43,7 @@ def qlora_matmul(x: torch.Tensor, qweight: NF4Weight, A: torch.Tensor, B: torch.
                  *, fused: bool | None = None) -> torch.Tensor:
     """y = x W_NF4ᵀ + scale · (x Aᵀ) Bᵀ (QLoRA, arXiv 2305.14314 Eq. 5); differentiable in x, A, B.
 
-    `fused` picks the Triton path: None applies the dispatch rule (`kernels.qlora_matmul.use_fused`, by token
+    `fused` picks the Triton path: None applies the dispatch rule (`kernels.qlora.use_fused`, by token
     count), True forces the decode-in-GEMM kernel, False dequantise-then-GEMM. The reference ignores it.
     """
     if not isinstance(qweight, NF4Weight):

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, launch, mma, rank_block, to_output, upcast
-from .lora_matmul import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
+from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
+from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_dequantize_reference, nf4_dequantize_triton
 
@@ -45,7 +45,7 @@ class QLoRAMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, qweight: NF4Weight, A, B, scale: float, fused: bool):
         S = x @ A.t()                                                           # [M, r]
-        y = torch.empty(x.shape[0], qweight.shape[0], dtype=x.dtype, device=x.device)
+        y = empty((x.shape[0], qweight.shape[0]), x.dtype, x.device)
         if fused:
             qlora_gemm(x, qweight, False, S, B.t(), scale, y)                  # y = x Wᵀ + s S Bᵀ
         else:
@@ -62,7 +62,7 @@ class QLoRAMatmul(torch.autograd.Function):
         dA = dS.t().to(x.dtype) @ x                                             # [r, K]
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+            dx = empty(x.shape, x.dtype, x.device)
             if ctx.fused:
                 qlora_gemm(dy, ctx.qweight, True, dS, A, 1.0, dx)               # dX = dY W + dS A
             else:
