@@ -1,10 +1,14 @@
 """A from-scratch, study-grade PyTorch implementation of Meta's LLaMA family."""
 
 from .chat_format import Llama2ChatFormat, Llama3ChatFormat, chat_format_for
+from .checkpoint import detect_format, load, save
+from .checkpoint_io import CheckpointError
 from .config import ModelArgs, RopeScaling, list_models
+from .generate import generate
 from .model import AttentionExtension, Transformer
 from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 __all__ = ["ModelArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
+           "load", "save", "detect_format", "CheckpointError", "generate",
            "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer",
            "Llama2ChatFormat", "Llama3ChatFormat", "chat_format_for"]
