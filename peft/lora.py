@@ -164,8 +164,9 @@ class LoRALinear(nn.Module):
         W = self.weight.to(x.dtype)
         mag = self.lora_magnitude.to(x.dtype) / self._weight_norm(W, A, B)  # m / n  [N]
         base = F.linear(x, W)  # [..., N]
-        dropped = self.lora_dropout(x)
-        base_dropped = base if dropped is x else F.linear(dropped, W)  # PEFT: with dropout the rescale uses drop(x)
+        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        dropped = self.lora_dropout(x) if dropout else x
+        base_dropped = F.linear(dropped, W) if dropout else base  # PEFT: with dropout the rescale uses drop(x)
         return base + (mag - 1) * base_dropped + mag * (self.scaling * F.linear(F.linear(dropped, A), B))
 
     # -- merge / unmerge -------------------------------------------------------------------------------------

@@ -270,3 +270,26 @@ def test_merge_twice_and_unmerge_unmerged():
     peft.merge(model)
     with pytest.raises(ValueError, match="already merged"):
         peft.merge(model)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_float32_through_the_kernels_package(monkeypatch, backend):
+    """float32 goes through kernels.lora_matmul: its reference, or its Triton kernel (interpreted on CPU)."""
+    if lora_module._fused_lora_matmul is None:
+        pytest.skip("the kernels package does not provide lora_matmul")
+    monkeypatch.setenv("KERNELS_BACKEND", backend)
+    config = peft.LoraConfig(r=4, alpha=8.0, target_modules=("wq", "wv", "w2"))
+    model32 = peft.apply(make_model("gqa", dtype=torch.float32), config)
+    randomize(model32)
+    model64 = peft.apply(make_model("gqa"), config)
+    with torch.no_grad():
+        for p64, p32 in zip(peft.adapter_parameters(model64).values(), peft.adapter_parameters(model32).values()):
+            p64.copy_(p32)
+    toks = tokens(model32.args, T=6)
+    out32 = model32(toks)
+    out32.square().mean().backward()
+    out64 = model64(toks)
+    out64.square().mean().backward()
+    assert max_rel_error(out32.double(), out64.detach()) < 1e-5
+    for (name, p32), p64 in zip(peft.adapter_parameters(model32).items(), peft.adapter_parameters(model64).values()):
+        assert max_rel_error(p32.grad.double(), p64.grad) < 1e-4, name

@@ -1,0 +1,177 @@
+"""QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers et al., arXiv 2305.14314), via `peft.LoraConfig(quantize_base=True)`.
+
+Shapes: M tokens, K in features, N out features, r rank.
+
+    Y = X · doubleDequant(c1, c2, W^NF4)ᵀ + s · X Aᵀ Bᵀ          QLoRA §3, eq. (5) (written here in x Wᵀ form)
+
+The NF4 format, double quantisation and the kernels live in `kernels` (`nf4_quantize`, `nf4_dequantize`,
+`qlora_matmul`); this file decides what gets quantised and keeps the adapter bookkeeping.
+
+Choices (peft.md §2):
+  * "All linear layers" (QLoRA §4, and the Guanaco recipe): with `quantize_base=True` every block linear
+    (wq wk wv wo w1 w2 w3 in every layer) is stored in NF4 with double quantisation and block size 64, whether or not
+    it carries LoRA; layers without LoRA become a frozen `NF4Linear`. The output head (lm_head) and the embeddings
+    stay in high precision, as in the QLoRA code; `output` may still carry a plain LoRA. Use
+    target_modules=(all seven) for the paper's recipe.
+  * Compute dtype: `LoraConfig.compute_dtype` (None: the model's dtype; the paper uses bfloat16). Inputs are cast to
+    it and outputs cast back, like bitsandbytes' Linear4bit. LoRA factors are stored in at least float32 and cast to
+    the compute dtype for the matmul. float64 (for exact tests) runs the same formula in eager PyTorch on the
+    weight dequantised to float32; the kernels take float32/float16/bfloat16.
+  * Gradients: none for the NF4 weight (it is a buffer, not a parameter); the input gets dX = dY·W_dq + s·dY·B·A
+    through the kernel's backward, A and B get theirs.
+  * Merging dequantises W to the compute dtype, adds sBA (in at least float32) and keeps that dense weight: it never
+    re-quantises (which would add a second rounding error, peft.md §2.11). The NF4 codes are kept so that unmerge
+    is exact (it drops the dense weight again).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import kernels
+
+from .lora import LoRALinear, master_dtype
+from .targets import ATTENTION_LINEARS, FFN_LINEARS, iter_linears, shared_parameter_ids
+
+BLOCK_LINEARS = ATTENTION_LINEARS + FFN_LINEARS
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NF4_FIELDS = ("packed", "absmax", "absmax2", "code2", "offset")  # tensors of kernels.NF4Weight kept as buffers
+
+
+class NF4Linear(nn.Module):
+    """A frozen bias-free linear layer whose weight is stored in NF4 (+ double quantisation): y = x W_dqᵀ."""
+
+    def __init__(self, qweight: "kernels.NF4Weight", compute_dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = qweight.shape
+        self.compute_dtype, self.blocksize, self.blocksize2 = compute_dtype, qweight.blocksize, qweight.blocksize2
+        self.weight_dtype = qweight.dtype
+        for field in NF4_FIELDS:  # buffers: they follow .to(device) and appear in the state dict
+            self.register_buffer(f"weight_{field}", getattr(qweight, field))
+
+    @property
+    def qweight(self) -> "kernels.NF4Weight":
+        return kernels.NF4Weight(self.weight_packed, self.weight_absmax, torch.Size((self.out_features,
+                                 self.in_features)), self.weight_dtype, self.blocksize, None, self.weight_absmax2,
+                                 self.weight_code2, self.weight_offset, self.blocksize2)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """W_dq [N, K] in `dtype` (float64 via float32: NF4 values times a float32 absmax are exact in float32)."""
+        return kernels.nf4_dequantize(self.qweight, dtype if dtype in KERNEL_DTYPES else torch.float32).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        return F.linear(xc, self.dequantized_weight(xc.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, nf4 blocksize={self.blocksize}, "
+                f"double_quant={self.weight_absmax2 is not None}, compute_dtype={self.compute_dtype}")
+
+
+class QLoRALinear(NF4Linear):
+    """NF4 base weight (frozen) plus a LoRA update s·BA in the compute dtype: QLoRA eq. (5)."""
+
+    def __init__(self, qweight: "kernels.NF4Weight", compute_dtype: torch.dtype, r: int, alpha: float,
+                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"):
+        super().__init__(qweight, compute_dtype)
+        N, K = self.out_features, self.in_features
+        self.r, self.scaling = r, alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.use_dora = False
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype, device = master_dtype(compute_dtype), qweight.device
+        self.lora_A = nn.Parameter(torch.empty(r, K, dtype=dtype, device=device))  # [r, K]
+        self.lora_B = nn.Parameter(torch.zeros(N, r, dtype=dtype, device=device))  # [N, r], zero: ΔW = 0 at start
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1.0 / r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.merged = False
+        self.register_buffer("weight", None, persistent=False)  # the dense merged weight, only while merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xc = x.to(self.compute_dtype)
+        if self.merged:
+            return F.linear(xc, self.weight).to(x.dtype)
+        A, B = self.lora_A.to(xc.dtype), self.lora_B.to(xc.dtype)
+        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        if dropout or xc.dtype not in KERNEL_DTYPES:  # active dropout or float64: the formula, eagerly
+            # eq. (5): Y = X W_dqᵀ + s · drop(X) Aᵀ Bᵀ
+            dropped = self.lora_dropout(xc)
+            y = F.linear(xc, self.dequantized_weight(xc.dtype)) + self.scaling * F.linear(F.linear(dropped, A), B)
+        else:
+            # eq. (5) in one op: NF4 decoded inside the GEMM (Triton on CUDA, dequantise-then-matmul elsewhere)
+            y = kernels.qlora_matmul(xc, self.qweight, A, B, self.scaling)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W ← dequant(W^NF4) + sBA, dense in the compute dtype (computed in at least float32); never re-quantised."""
+        if self.merged:
+            raise RuntimeError("this QLoRA layer is already merged (unmerge first)")
+        compute = master_dtype(self.compute_dtype)
+        delta = self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))
+        self.weight = (self.dequantized_weight(compute) + delta).to(self.compute_dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("this QLoRA layer is not merged; nothing to unmerge")
+        self.weight = None  # the NF4 codes were kept: back to exactly the trained base
+        self.merged = False
+
+    def adapter_parameter_names(self) -> list[str]:
+        return ["lora_A", "lora_B"]
+
+
+def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
+    """Quantise every block linear to NF4 (LoRA on the targeted ones); `output` keeps a plain LoRA if targeted."""
+    compute = getattr(torch, config.compute_dtype) if config.compute_dtype else model.tok_embeddings.weight.dtype
+    targets = {name for name, *_ in found}
+    block = list(iter_linears(model, BLOCK_LINEARS))
+    for name, _, _, child in block:
+        if type(child) is not nn.Linear:
+            raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
+                             f"attached there; build a fresh model")
+    # quantise everything first, so a bad weight (NaN/inf, reported by nf4_quantize) leaves the model untouched
+    quantized = []
+    for name, _, _, child in block:
+        weight = child.weight.detach()
+        weight = weight if weight.dtype in KERNEL_DTYPES else weight.float()  # float64 study models
+        try:
+            quantized.append(kernels.nf4_quantize(weight, blocksize=64, double_quant=True))
+        except ValueError as err:
+            raise ValueError(f"cannot quantise {name}: {err}") from err
+    names = []
+    for (name, parent, attr, _), q in zip(block, quantized):
+        if name in targets:
+            layer = QLoRALinear(q, compute, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+            names += [f"{name}.lora_A", f"{name}.lora_B"]
+        else:
+            layer = NF4Linear(q, compute)
+        setattr(parent, attr, layer)
+    shared = shared_parameter_ids(model)
+    for name, parent, attr, child in found:
+        if name == "output":  # the head stays in high precision (QLoRA keeps lm_head unquantised)
+            layer = LoRALinear(child, config.r, config.alpha, config.dropout, config.use_rslora, False, config.init,
+                               shares_weight=id(child.weight) in shared)
+            setattr(parent, attr, layer)
+            names += ["output.lora_A", "output.lora_B"]
+    return names
+
+
+def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
+    """Replace every frozen `NF4Linear` (no adapter) by a dense nn.Linear holding its dequantised weight."""
+    for _, parent, attr, child in list(iter_linears(model, BLOCK_LINEARS)):
+        if type(child) is NF4Linear:
+            dense = nn.Linear(child.in_features, child.out_features, bias=False, device=child.weight_packed.device,
+                              dtype=dtype or child.compute_dtype)
+            with torch.no_grad():
+                dense.weight.copy_(child.dequantized_weight(dense.weight.dtype))
+            dense.weight.requires_grad_(False)
+            setattr(parent, attr, dense)
