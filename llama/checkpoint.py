@@ -18,7 +18,7 @@ from typing import Optional, Union
 
 import torch
 
-from . import hf_format, meta_format
+from . import hf_format, llama4_checkpoint, meta_format
 from .checkpoint_io import CheckpointError, check_state_dict, expected_shapes, fsync_dir, require_dense
 from .config import ModelArgs
 from .model import Transformer
@@ -67,7 +67,9 @@ def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[s
     fmt = format or detect_format(folder)
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS}")
-    if fmt == "meta":
+    if llama4_checkpoint.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/llama4_checkpoint.py)
+        args, sd = llama4_checkpoint.read(folder, fmt, max_seq_len=max_seq_len)
+    elif fmt == "meta":
         args, sd = meta_format.read_meta(folder, max_seq_len=max_seq_len)
         check_state_dict(sd, args, config_file=str(folder / meta_format.PARAMS_FILE), weights=str(folder))
     else:
@@ -120,7 +122,9 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
                          "max_shard_size to split the safetensors files")
     args = model.args
-    require_dense(args, "this model")
+    llama4 = llama4_checkpoint.uses_llama4(args)  # Llama 4: its own writers (llama/llama4_checkpoint.py)
+    if not llama4:
+        require_dense(args, "this model")
     sd = _model_state_dict(model, dtype)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
@@ -129,9 +133,11 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise CheckpointError(f"{folder} already holds a {'Hugging Face' if format == 'meta' else 'Meta'} "
                               f"checkpoint ({other}); save into an empty folder so loaders are not confused")
     if format == "hf":
-        written = hf_format.write_hf(args, sd, folder, hf_format.parse_size(max_shard_size))
+        write_hf = llama4_checkpoint.write_hf if llama4 else hf_format.write_hf
+        written = write_hf(args, sd, folder, hf_format.parse_size(max_shard_size))
     else:
-        written = meta_format.write_meta(args, sd, folder, num_shards)
+        write_meta = llama4_checkpoint.write_meta if llama4 else meta_format.write_meta
+        written = write_meta(args, sd, folder, num_shards)
     _remove_stale(folder, format, written)
     fsync_dir(folder)
     return folder

@@ -265,8 +265,8 @@ class ModelArgs:
             close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
             raise ValueError(f"unknown model name {name!r}{hint} (llama.list_models() lists all presets)")
-        args = dataclasses.replace(PRESETS[name].args, **overrides)
-        return args
+        # rebuilt from the preset's own fields, so derived sizes (head_dim, FFN/expert hidden) follow the overrides
+        return cls(**{**PRESETS[name].fields, **overrides})
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
@@ -340,13 +340,14 @@ class Preset:
     published: Optional[int]  # exact published parameter count (None for tiny test presets)
     source: str = ""
     family: str = ""
+    fields: dict = field(default_factory=dict)  # the constructor arguments of `args` (derived sizes left out)
 
 
 PRESETS: dict[str, Preset] = {}
 
 
 def _add(name: str, published: Optional[int], source: str, family: str, **kw) -> None:
-    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family)
+    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family, dict(name=name, **kw))
 
 
 _L3_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,

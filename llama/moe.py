@@ -111,8 +111,10 @@ class MoE(nn.Module):
         M, E, K = x.shape[0], self.n_experts, self.top_k
         logits = self.router(x)  # [M, E], >= float32
         top_logits, chosen = logits.topk(K, dim=-1)  # [M, K]
-        # sigmoid in float32 (HF `Llama4Router`), then back to the activation dtype to scale the input
-        scores = torch.sigmoid(top_logits.float()).to(x.dtype)  # [M, K]
+        # Meta's and HF's form: −∞ for the unselected experts, sigmoid of the whole [M, E] matrix in float32 (σ(−∞)=0),
+        # back to the activation dtype. Taking σ of the same [M, E] tensor keeps float64 parity with HF bit-exact.
+        gate = torch.full_like(logits, float("-inf")).scatter(1, chosen, top_logits)  # [M, E]
+        scores = torch.sigmoid(gate.float()).to(x.dtype).gather(1, chosen)  # [M, K]
         keep = self._within_capacity(chosen)  # [M, K] bool
         if self.dispatch == "sorted":
             routed = self._sorted(x, chosen, scores, keep)
