@@ -61,6 +61,9 @@ def export_hf(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
         if not hasattr(module, "lora_A"):
             continue
         short = name.rsplit(".", 1)[-1]
+        if name != "output" and len(name.split(".")) != 4:  # layers.<i>.<attention|feed_forward>.<w>
+            raise ValueError(f"export_hf maps the dense LlamaForCausalLM layout only; {name} (a Llama 4 MoE "
+                             f"shared expert) has no entry in it — use peft.save_adapter")
         key = hf_key(name)
         A = module.lora_A.detach().cpu()  # [r, K]: input side, same order in both conventions
         B = module.lora_B.detach().cpu()  # [N, r]

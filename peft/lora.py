@@ -19,8 +19,9 @@ Differences from the papers, and the choices made where they are silent:
   * Merging adds sBA into the weight (computed in at least float32, then cast); unmerging subtracts it. In float64
     the round trip is exact to ~1e-16; in bf16 it is not (peft.md §1.5). A weight tied to the embeddings
     (Llama 3.2 1B/3B `output`) is untied on merge rather than modifying the embedding, and re-tied on unmerge.
-  * Llama 4 MoE experts are batched [E, N, K] weights, not `nn.Linear` children; they need an expert-LoRA layer
-    of the same form as `LoRALinear` with a leading expert axis (not yet built; see `peft.targets.iter_linears`).
+  * Llama 4 MoE layers: the names w1 w2 w3 match the shared expert's linears (`feed_forward.shared_expert.w1`);
+    the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children, and stay
+    frozen. Expert LoRA would be a module of the same form as `LoRALinear` with a leading expert axis (not built).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ import torch
 import llama
 import peft
 from peft import count
-from test_peft_reference import make_model, tokens
+from test_peft_reference import make_model, max_rel_error, tokens
 
 CONFIGS = {
     "lora": peft.LoraConfig(r=4, alpha=8, target_modules=("wq", "wv", "w2"), use_rslora=True),
@@ -145,3 +145,43 @@ def test_count_cli_prints_the_table(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "4,194,304 (4.19M)" in out and "4.2M" in out and "yes" in out
     assert json.loads((tmp_path / "count.json").read_text())[0]["trainable"] == 4_194_304
+
+
+# -- Llama 4 (MoE, NoPE layers, chunked attention, QK norm): every method attaches through the same override points
+LLAMA4_CONFIGS = {
+    "lora": peft.LoraConfig(r=4, target_modules=("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")),
+    "dora": peft.LoraConfig(r=2, target_modules=("wv", "w2"), use_dora=True),
+    "adapter_v1": peft.AdapterV1Config(adapter_len=3, adapter_layers=4),
+    "adapter_v2": peft.AdapterV2Config(adapter_len=3, adapter_layers=2),
+    "excitor": peft.ExcitorConfig(adapter_len=5, adapter_layers=4, rank=3),
+}
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama-4-scout", "tiny-llama-4-maverick"])
+@pytest.mark.parametrize("name", list(LLAMA4_CONFIGS))
+def test_llama4_identity_gradients_and_decoding(preset, name):
+    torch.manual_seed(0)
+    model = llama.Transformer(llama.ModelArgs.from_name(preset)).double()
+    toks = tokens(model.args, T=9)
+    with torch.no_grad():
+        base = model(toks)
+        peft.apply(model, LLAMA4_CONFIGS[name])
+        assert torch.equal(model(toks), base)
+    randomize(model)
+    out = model(toks)
+    out.square().mean().backward()
+    declared = set(peft.adapter_parameters(model))
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == declared
+    assert not any("experts.w" in n for n in declared)  # routed experts stay frozen (no expert LoRA yet)
+    with torch.no_grad():
+        model.setup_cache(toks.shape[0], 16)
+        steps = [model(toks[:, :5], start_pos=0)] + [model(toks[:, t:t + 1], start_pos=t) for t in range(5, 9)]
+    # Llama 4 rounds q/k to float32 (complex64 RoPE, QK norm), so decoding matches to float32 precision only
+    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) < 1e-5
+
+
+def test_export_hf_refuses_moe_shared_experts(tmp_path):
+    model = peft.apply(llama.Transformer(llama.ModelArgs.from_name("tiny-llama-4-scout")),
+                       peft.LoraConfig(target_modules=("w1",)))
+    with pytest.raises(ValueError, match="dense LlamaForCausalLM layout only"):
+        peft.export_hf(model, tmp_path)
