@@ -1,0 +1,168 @@
+"""RoPE scaling family (llama3, linear PI, dynamic NTK, YaRN) against Hugging Face's rope-init functions.
+
+Reference: transformers 5.24 `modeling_rope_utils.ROPE_INIT_FUNCTIONS` and `LlamaRotaryEmbedding` (whose
+`dynamic_rope_update` decorator recomputes dynamic-NTK frequencies during the forward pass). Frequencies must be
+bit-identical; whole-model logits must match HF's `LlamaForCausalLM` in float64 beyond the original context.
+
+Mapping of the one convention that differs: for dynamic NTK, HF scales past `config.max_position_embeddings`; our
+`RopeScaling.original_max_position_embeddings` (L0) plays that role, and `ModelArgs.max_seq_len` is the longest
+input the model accepts.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+from llama import ModelArgs, RopeScaling, Transformer
+from llama.checkpoint import save
+from llama.rope import RotaryEmbedding, base_frequencies, scaled_frequencies
+
+HEAD_DIM, THETA = 64, 10000.0
+
+
+def hf_config(scaling: dict, max_pos: int, head_dim: int = HEAD_DIM, theta: float = THETA) -> LlamaConfig:
+    return LlamaConfig(hidden_size=head_dim * 2, num_attention_heads=2, head_dim=head_dim,
+                       max_position_embeddings=max_pos, rope_parameters={**scaling, "rope_theta": theta})
+
+
+SCALINGS = {
+    "linear-4": dict(rope_type="linear", factor=4.0),
+    "llama3-8": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                     original_max_position_embeddings=512),
+    "llama3-scout": dict(rope_type="llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
+                         original_max_position_embeddings=512),
+    "yarn-4": dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=512),
+    "yarn-16-betas": dict(rope_type="yarn", factor=16.0, original_max_position_embeddings=256, beta_fast=16.0,
+                          beta_slow=2.0),
+    "yarn-no-truncate": dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512, truncate=False),
+    "yarn-mscale": dict(rope_type="yarn", factor=8.0, original_max_position_embeddings=512, mscale=0.707,
+                        mscale_all_dim=0.707 * 0.5),
+    "yarn-explicit-factor": dict(rope_type="yarn", factor=2.0, original_max_position_embeddings=512,
+                                 attention_factor=1.25),
+}
+
+
+@pytest.mark.parametrize("name", SCALINGS)
+@pytest.mark.parametrize("head_dim, theta", [(64, 1e4), (128, 5e5), (16, 1e4)])
+def test_static_frequencies_equal_hf(name, head_dim, theta):
+    params = SCALINGS[name]
+    ours, factor = scaled_frequencies(head_dim, theta, RopeScaling.from_hf(params))
+    ref, ref_factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](hf_config(params, 4096, head_dim, theta), None)
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+    assert factor == ref_factor
+
+
+@pytest.mark.parametrize("seq_len", [1, 100, 512, 513, 777, 1024, 2048, 4096 + 3])
+@pytest.mark.parametrize("factor", [2.0, 4.0, 8.0])
+def test_dynamic_ntk_frequencies_equal_hf_at_every_length(seq_len, factor):
+    """HF's forward-time update calls the init function with seq_len = max(position_ids) + 1 as a tensor."""
+    L0 = 512
+    params = dict(rope_type="dynamic", factor=factor)
+    ours, _ = scaled_frequencies(HEAD_DIM, THETA, RopeScaling("dynamic", factor=factor,
+                                                               original_max_position_embeddings=L0), seq_len)
+    if seq_len <= L0:  # HF never recomputes at or below max_position_embeddings: original frequencies
+        ref = ROPE_INIT_FUNCTIONS["dynamic"](hf_config(params, L0), None)[0]
+        assert torch.equal(ref, base_frequencies(HEAD_DIM, THETA))
+    else:
+        ref = ROPE_INIT_FUNCTIONS["dynamic"](hf_config(params, L0), None, seq_len=torch.tensor(seq_len))[0]
+    assert torch.equal(ours, ref), (ours - ref).abs().max()
+
+
+def test_dynamic_ntk_rule_by_hand():
+    """base' = base·(s·ℓ/L0 − (s−1))^(D/(D−2)); at ℓ = 2·L0 with s = 4: base·5^(64/62)."""
+    ours, _ = scaled_frequencies(HEAD_DIM, THETA, RopeScaling("dynamic", factor=4.0,
+                                                               original_max_position_embeddings=512), 1024)
+    base = THETA * 5 ** (64 / 62)
+    by_hand = torch.tensor([base ** (-2 * j / 64) for j in range(32)], dtype=torch.float64)
+    assert torch.allclose(ours.double(), by_hand, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["linear-4", "llama3-8", "yarn-4", "yarn-mscale", "dynamic"])
+def test_cos_sin_equal_hf_rotary_module_over_growing_lengths(name):
+    """The module path, including HF's dynamic update as the sequence grows past L0 (prefill then decode)."""
+    L0 = 512
+    params = dict(rope_type="dynamic", factor=4.0) if name == "dynamic" else SCALINGS[name]
+    hf = LlamaRotaryEmbedding(hf_config(params, L0))
+    scaling = RopeScaling("dynamic", factor=4.0, original_max_position_embeddings=L0) if name == "dynamic" \
+        else RopeScaling.from_hf(params)
+    ours = RotaryEmbedding(HEAD_DIM, THETA, scaling)
+    x = torch.zeros(1)
+    for start, length in [(0, 300), (0, 600), (600, 1), (601, 1), (602, 200), (802, 1)]:
+        pos = torch.arange(start, start + length)
+        cos, sin = ours(pos)
+        ref_cos, ref_sin = hf(x, pos[None])
+        half = HEAD_DIM // 2  # HF repeats the D/2 angles for its rotate_half layout
+        assert torch.equal(cos, ref_cos[0, :, :half]) and torch.equal(sin, ref_sin[0, :, :half]), (start, length)
+
+
+def test_yarn_attention_factor_values():
+    assert scaled_frequencies(64, 1e4, RopeScaling("yarn", factor=4.0, original_max_position_embeddings=64))[1] == \
+        pytest.approx(0.1 * math.log(4) + 1)
+    assert scaled_frequencies(64, 1e4, RopeScaling("yarn", factor=1.0, original_max_position_embeddings=64))[1] == 1.0
+
+
+# -- whole model, beyond the original context -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scaling", [
+    RopeScaling("linear", factor=4.0),
+    RopeScaling("dynamic", factor=4.0, original_max_position_embeddings=32),
+    RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32),
+    RopeScaling("llama3", factor=8.0, original_max_position_embeddings=32),
+], ids=lambda s: s.rope_type)
+def test_model_logits_equal_hf_beyond_the_original_context(tmp_path, scaling):
+    torch.manual_seed(0)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256, multiple_of=32, max_seq_len=256,
+                     rope_scaling=scaling)
+    ours = Transformer(args).double().eval()
+    ours.reset_parameters(std=0.2)
+    save(ours, tmp_path / "hf", format="hf")
+    if scaling.rope_type == "dynamic":  # HF scales past max_position_embeddings: that is our L0
+        config = json.loads((tmp_path / "hf" / "config.json").read_text())
+        config["max_position_embeddings"] = scaling.original_max_position_embeddings
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64, attn_implementation="sdpa").eval()
+    x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))  # ~3x the original 32
+    with torch.no_grad():
+        ref = hf(x).logits
+        err = ((ours(x) - ref).abs().max() / ref.abs().max()).item()
+    assert err <= 1e-10
+
+
+# -- config ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(rope_type="ntk", factor=2.0, original_max_position_embeddings=8), "unknown rope scaling type 'ntk'"),
+    (dict(rope_type="yarn", original_max_position_embeddings=8), "needs `factor`"),
+    (dict(rope_type="yarn", factor=4.0), "needs `original_max_position_embeddings`"),
+    (dict(rope_type="dynamic", factor=4.0), "needs `original_max_position_embeddings`"),
+    (dict(rope_type="llama3", factor=8.0), "needs `original_max_position_embeddings`"),
+    (dict(rope_type="linear", factor=0.5), "factor must be >= 1"),
+    (dict(rope_type="yarn", factor=0.9, original_max_position_embeddings=8), "factor must be >= 1"),
+    (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=8, low_freq_factor=4.0,
+          high_freq_factor=1.0), "high_freq_factor >= low_freq_factor"),
+    (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=1.0, beta_slow=2.0),
+     "beta_fast > beta_slow"),
+    (dict(rope_type="linear", factor=2.0, original_max_position_embeddings=0), "original_max_position_embeddings > 0"),
+])
+def test_bad_scaling(kw, message):
+    with pytest.raises(ValueError, match=message):
+        RopeScaling(**kw)
+
+
+def test_from_hf_and_to_hf():
+    assert RopeScaling.from_hf(None) is None
+    assert RopeScaling.from_hf({"rope_type": "default", "rope_theta": 1e4}) is None
+    legacy = RopeScaling.from_hf({"type": "linear", "factor": 2.0})  # transformers 4.x spelling
+    assert legacy == RopeScaling("linear", factor=2.0)
+    for params in SCALINGS.values():
+        assert RopeScaling.from_hf(RopeScaling.from_hf(params).to_hf()) == RopeScaling.from_hf(params)
+    with pytest.raises(ValueError, match=r"unsupported rope scaling keys \['short_factor'\]"):
+        RopeScaling.from_hf({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
+                             "short_factor": [1.0]})
