@@ -336,25 +336,13 @@ class RunOutput:
     model: nn.Module
     tokenizer: Any
     data: Data
-    trainable: int
-    total: int
+    trainable: int  # trainable parameters
+    total: int  # parameters of the base model (before the method was attached)
 
 
-def count_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameters, each tensor counted once (tied weights) and at its logical size (NF4 weights
-    count as the number of values they encode, when the module reports it)."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        trainable += p.numel() if p.requires_grad else 0
-        total += p.numel()
-    for m in model.modules():  # frozen NF4 payloads are buffers; they report the weight they stand for
-        n = getattr(m, "quantized_numel", None)
-        if isinstance(n, int):
-            total += n
-    return trainable, total
+def count_parameters(model: nn.Module) -> int:
+    """Parameters of `model`, each tensor counted once (tied embeddings share one)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), quiet: bool = False,
@@ -370,10 +358,11 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
     data = build_data(cfg.data, tokenizer)
     set_seed(cfg.train.seed)  # before the model and its adapters are initialised (users.md §10)
     model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
+    total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
     model = apply_method(model, cfg.method)
-    trainable, total = count_parameters(model)
-    say(f"model: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.3f}%), method "
-        f"{cfg.method['name']}; data: {len(data.rows)} rows of ≤ {cfg.data.seq_len} tokens")
+    trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
+    say(f"model: {total:,} base parameters, {trainable:,} trainable ({100 * trainable / total:.3f}% of the base), "
+        f"method {cfg.method['name']}; data: {len(data.rows)} rows of ≤ {cfg.data.seq_len} tokens")
 
     evaluators = []
     if data.sft and cfg.eval.n_generate > 0:
