@@ -160,6 +160,8 @@ class ExcitorBlock(AttentionExtension):
             if start_pos:
                 raise RuntimeError("the Excitor key cache was set up after decoding started; "
                                    "call model.setup_cache before the first forward with start_pos")
+        if self._cache.device != key.device or self._cache.dtype != key.dtype:  # the model was moved or cast
+            self._cache = self._cache.to(key.device, key.dtype)
         B, T, _ = key.shape
         self._cache[:B, start_pos:start_pos + T] = key
         return self._cache[:B, :start_pos + T]  # [B, S, HD]

@@ -54,42 +54,49 @@ HF_SCRIPT = textwrap.dedent('''
     from pathlib import Path
     import torch
     from safetensors.torch import load_file, save_file
-    hf_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
+    hf_dir, works = Path(sys.argv[1]), [Path(w) for w in sys.argv[2:]]
     import peft as hf_peft
     assert Path(hf_peft.__file__).resolve().is_relative_to(hf_dir.resolve()), hf_peft.__file__
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    case = json.loads((work / "case.json").read_text())
-    tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
 
-    def base_model():
+    def base_model(work, case):
         model = LlamaForCausalLM(LlamaConfig(**case["hf_config"])).to(torch.float64)
         model.load_state_dict(load_file(str(work / "base.safetensors")), strict=True)
         return model.eval()
 
-    # 1. HF PEFT's own LoRA with our tensors copied in
-    c = case["lora"]
-    model = get_peft_model(base_model(), LoraConfig(
-        r=c["r"], lora_alpha=c["alpha"], target_modules=c["hf_targets"], use_rslora=c["use_rslora"],
-        use_dora=c["use_dora"], layers_to_transform=c["layers"], lora_dropout=0.0))
-    ours = load_file(str(work / "lora.safetensors"))  # HF module path -> tensors, rows already in HF order
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in ours.items():
-            params[key].copy_(value)
-    with torch.no_grad():
-        logits_hf_lora = model(tokens).logits
 
-    # 2. our export_hf folder, loaded by HF PEFT
-    loaded = PeftModel.from_pretrained(base_model(), str(work / "export"))
-    with torch.no_grad():
-        logits_export = loaded(tokens).logits
-    n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
-    save_file({"hf_lora": logits_hf_lora.contiguous(), "export": logits_export.contiguous()},
-              str(work / "logits.safetensors"))
-    (work / "info.json").write_text(json.dumps({"n_lora_tensors_loaded": n_lora,
-                                                "peft_version": hf_peft.__version__}))
+    def run(work):
+        case = json.loads((work / "case.json").read_text())
+        tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
+
+        # 1. HF PEFT's own LoRA with our tensors copied in
+        c = case["lora"]
+        model = get_peft_model(base_model(work, case), LoraConfig(
+            r=c["r"], lora_alpha=c["alpha"], target_modules=c["hf_targets"], use_rslora=c["use_rslora"],
+            use_dora=c["use_dora"], layers_to_transform=c["layers"], lora_dropout=0.0))
+        ours = load_file(str(work / "lora.safetensors"))  # HF module path -> tensors, rows already in HF order
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in ours.items():
+                params[key].copy_(value)
+        with torch.no_grad():
+            logits_hf_lora = model(tokens).logits
+
+        # 2. our export_hf folder, loaded by HF PEFT
+        loaded = PeftModel.from_pretrained(base_model(work, case), str(work / "export"))
+        with torch.no_grad():
+            logits_export = loaded(tokens).logits
+        n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
+        save_file({"hf_lora": logits_hf_lora.contiguous(), "export": logits_export.contiguous()},
+                  str(work / "logits.safetensors"))
+        (work / "info.json").write_text(json.dumps({"n_lora_tensors_loaded": n_lora,
+                                                    "peft_version": hf_peft.__version__}))
+
+
+    for work in works:
+        run(work)
 ''')
 
 HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
@@ -149,8 +156,8 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_lora_matches_hf_peft(tmp_path, hf_peft_dir, case):
+def prepare(case: str, work: Path) -> dict:
+    """Our adapted model's logits, plus everything the HF side needs, written into `work`."""
     kind, config = CASES[case]
     model = make_model(kind)
     a = model.args
@@ -164,11 +171,8 @@ def test_lora_matches_hf_peft(tmp_path, hf_peft_dir, case):
         for name, p in peft.adapter_parameters(model).items():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
             p.copy_(p * (1 + 0.3 * noise) if name.endswith("magnitude") else 0.5 * noise)
-    with torch.no_grad():
         ours = model(toks)
-    assert max_rel_error(ours, frozen) > 1e-3  # the adapter matters, so equality below means something
-    work = tmp_path / "work"
-    work.mkdir()
+    work.mkdir(parents=True)
     save_file(base, str(work / "base.safetensors"))
     save_file(hf_lora_tensors(model), str(work / "lora.safetensors"))
     save_file({"tokens": toks}, str(work / "tokens.safetensors"))
@@ -183,16 +187,33 @@ def test_lora_matches_hf_peft(tmp_path, hf_peft_dir, case):
     (work / "case.json").write_text(json.dumps({"hf_config": hf_config, "lora": {
         "r": config.r, "alpha": config.alpha, "hf_targets": hf_targets, "use_rslora": config.use_rslora,
         "use_dora": config.use_dora, "layers": list(config.layers) if config.layers else None}}))
-    (work / "run_hf.py").write_text(HF_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(hf_peft_dir)
-    done = subprocess.run([sys.executable, str(work / "run_hf.py"), str(hf_peft_dir), str(work)], cwd=work, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    hf = load_file(str(work / "logits.safetensors"))
-    info = json.loads((work / "info.json").read_text())
     n_adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
-    assert info["n_lora_tensors_loaded"] == n_adapted * (3 if config.use_dora else 2)
-    err_hf, err_export = max_rel_error(ours, hf["hf_lora"]), max_rel_error(ours, hf["export"])
-    print(f"{case}: HF PEFT LoRA rel. error {err_hf:.2e}, export_hf -> HF PEFT rel. error {err_export:.2e}")
+    return dict(ours=ours, frozen=frozen, work=work, n_tensors=n_adapted * (3 if config.use_dora else 2))
+
+
+@pytest.fixture(scope="module")
+def hf_results(tmp_path_factory, hf_peft_dir) -> dict:
+    """Prepare every case, then run HF once (one interpreter start for all cases)."""
+    root = tmp_path_factory.mktemp("hf_parity")
+    cases = {case: prepare(case, root / case) for case in CASES}
+    (root / "run_hf.py").write_text(HF_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(hf_peft_dir)  # HF peft first; the repository is neither the cwd nor on the path
+    done = subprocess.run([sys.executable, str(root / "run_hf.py"), str(hf_peft_dir),
+                           *(str(c["work"]) for c in cases.values())],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for c in cases.values():
+        c["hf"] = load_file(str(c["work"] / "logits.safetensors"))
+        c["info"] = json.loads((c["work"] / "info.json").read_text())
+    return cases
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_lora_matches_hf_peft(hf_results, case):
+    r = hf_results[case]
+    assert max_rel_error(r["ours"], r["frozen"]) > 1e-3  # the adapter matters, so equality below means something
+    assert r["info"]["n_lora_tensors_loaded"] == r["n_tensors"]  # export_hf: every tensor found its module
+    err_hf, err_export = max_rel_error(r["ours"], r["hf"]["hf_lora"]), max_rel_error(r["ours"], r["hf"]["export"])
+    print(f"{case}: vs HF PEFT LoRA rel. error {err_hf:.2e}; export_hf loaded by HF PEFT rel. error {err_export:.2e}")
     assert err_hf < 1e-12 and err_export < 1e-12
