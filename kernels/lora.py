@@ -31,6 +31,8 @@ from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks use the reference
+INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)  # the one config on CPU
+INTERPRETER_GRAD_META = dict(BLOCK_M=32, BLOCK_N=32)
 
 
 class LoRAMatmul(torch.autograd.Function):
@@ -90,7 +92,7 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
            out.stride(0), out.stride(1), triton.next_power_of_2(M),
            HAS_LORA=has_lora, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
-           interpreter_meta=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4), enable_fp_fusion=True)
+           interpreter_meta=INTERPRETER_GEMM_META, enable_fp_fusion=True)
 
 
 def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +109,7 @@ def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]
            dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
            dS.stride(0), dB.stride(0), triton.next_power_of_2(M),
            BLOCK_R=rank_block(rank), UPCAST=upcast(dy.dtype, dy.device), IEEE=dy.dtype == torch.float32,
-           device=dy.device, interpreter_meta=dict(BLOCK_M=32, BLOCK_N=32), enable_fp_fusion=True)
+           device=dy.device, interpreter_meta=INTERPRETER_GRAD_META, enable_fp_fusion=True)
     return dS, dB
 
 

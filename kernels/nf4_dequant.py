@@ -27,7 +27,7 @@ from ._triton import autotune, empty, launch, to_output, upcast
 from .nf4 import FLOAT_DTYPES, NF4Weight
 
 # Interpreter: one program per 64 absmax blocks (4096 values at blocksize 64); cost there is per program.
-_INTERPRETER_BLOCKS = 64
+INTERPRETER_META = dict(BLOCKS=64, TREE=False)
 
 
 def nf4_dequantize_triton(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -49,7 +49,7 @@ def nf4_dequantize_triton(q: NF4Weight, dtype: torch.dtype | None = None) -> tor
     launch(_tuned_dequant(half_block), grid,
            q.packed, q.absmax, code2, absmax2, offset, q.code, out, n, q.packed.numel(), q.n_blocks,
            HALF_BLOCK=half_block, BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, ROUND_BF16=upcast(dtype, q.device),
-           device=q.device, interpreter_meta=dict(BLOCKS=_INTERPRETER_BLOCKS, TREE=False),
+           device=q.device, interpreter_meta=INTERPRETER_META,
            enable_fp_fusion=False)
     return out
 
@@ -170,11 +170,12 @@ def absmax_float32(q: NF4Weight) -> torch.Tensor:
 def nf4_dequantize_reference(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain-PyTorch dequantisation with bitsandbytes' float32 arithmetic (table * absmax, then one cast).
 
-    Lookup is per byte: a 256-entry table maps a byte to its (high, low) value pair.
+    Lookup is per byte: a 256-entry table maps a byte to its (high, low) value pair. float64 output is allowed
+    here (for float64 references): the float32 values are exact in it.
     """
     dtype = q.dtype if dtype is None else dtype
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"cannot dequantise to {dtype}; use one of {FLOAT_DTYPES}")
+    if dtype not in FLOAT_DTYPES + (torch.float64,):
+        raise TypeError(f"cannot dequantise to {dtype}; use one of {FLOAT_DTYPES + (torch.float64,)}")
     n, bs = q.numel, q.blocksize
     pairs = torch.stack([q.code.repeat_interleave(16), q.code.repeat(16)], dim=1)  # [256, 2]: byte -> (hi, lo)
     values = pairs[q.packed.reshape(-1).long()].reshape(-1)                         # [2 * nbytes]

@@ -32,6 +32,7 @@ from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_dequantize_reference, nf4_dequantize_triton
 
 FUSED_MAX_TOKENS = 16  # M at or below this: fused decode-in-GEMM; above: dequantise once, then the dense GEMM
+INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False)  # the one config on CPU
 
 
 def use_fused(tokens: int) -> bool:
@@ -91,7 +92,7 @@ def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out)
            TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
            BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
-           interpreter_meta=dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False), enable_fp_fusion=True)
+           interpreter_meta=INTERPRETER_META, enable_fp_fusion=True)
 
 
 @triton.jit

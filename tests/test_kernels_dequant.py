@@ -1,0 +1,79 @@
+"""One-launch NF4 dequantisation kernel (kernels.nf4_dequant) against the plain-PyTorch reference, bit for bit.
+
+The reference is itself checked bit for bit against bitsandbytes in test_nf4_bnb_parity.py. Interpreter on CPU
+(bfloat16 output rounded to nearest even by the kernel's hand-written rounding, so it is exact there too), compiled
+on CUDA (skipped without a GPU). Outputs are NaN-poisoned before each launch; weights are drawn fresh.
+"""
+
+import pytest
+import torch
+
+import kernels
+import kernels.nf4_dequant as nf4_dequant
+from kernels import nf4_quantize
+from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("KERNELS_POISON", "1")
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+
+
+# Odd element counts, blocks across rows, a partial last block, > 256 blocks (partial second-level block), one value.
+SHAPES = [(100, 70), (33, 65), (7,), (301, 64), (1, 1), (3, 4097)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernel_is_bit_identical_to_reference(shape, out_dtype, double_quant, device):
+    q = nf4_quantize(torch.randn(shape, device=device) * torch.rand(()).item() * 3, double_quant=double_quant)
+    out = nf4_dequantize_triton(q, out_dtype)
+    assert out.shape == torch.Size(shape) and out.dtype == out_dtype
+    assert torch.equal(out, nf4_dequantize_reference(q, out_dtype))  # also: no NaN left from the poisoning
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize", [32, 128, 4096])
+def test_other_blocksizes(blocksize, device):
+    q = nf4_quantize(torch.randn(9, 1000, device=device), blocksize=blocksize)
+    assert torch.equal(nf4_dequantize_triton(q, torch.bfloat16), nf4_dequantize_reference(q, torch.bfloat16))
+
+
+def test_select_tree_lookup_matches_table_gather(monkeypatch):
+    """The autotuner may pick either lookup on a GPU; the interpreter normally runs the gather one."""
+    monkeypatch.setattr(nf4_dequant, "INTERPRETER_META", dict(BLOCKS=16, TREE=True))
+    q = nf4_quantize(torch.randn(50, 130))
+    assert torch.equal(nf4_dequantize_triton(q, torch.float32), nf4_dequantize_reference(q, torch.float32))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_op_on_both_backends(device, monkeypatch):
+    q = nf4_quantize(torch.randn(40, 24, device=device, dtype=torch.bfloat16))
+    expected = nf4_dequantize_reference(q)
+    assert expected.dtype == torch.bfloat16                       # default: the original weight's dtype
+    for backend in ("triton", "reference"):
+        monkeypatch.setenv("KERNELS_BACKEND", backend)
+        assert torch.equal(kernels.nf4_dequantize(q), expected)
+        assert torch.equal(kernels.nf4_dequantize(q, torch.float16), nf4_dequantize_reference(q, torch.float16))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_zero_blocks_are_exact_zeros(device):
+    w = torch.randn(12, 64, device=device)
+    w[3:6] = 0.0
+    out = nf4_dequantize_triton(nf4_quantize(w), torch.float16)
+    assert torch.equal(out[3:6], torch.zeros(3, 64, dtype=torch.float16, device=device))
+
+
+def test_bad_output_dtype():
+    q = nf4_quantize(torch.randn(4, 64))
+    with pytest.raises(TypeError, match="use one of"):
+        nf4_dequantize_triton(q, torch.int8)
+    with pytest.raises(TypeError, match="use one of"):
+        nf4_dequantize_reference(q, torch.int32)

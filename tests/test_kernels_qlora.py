@@ -1,0 +1,146 @@
+"""QLoRA linear (kernels.qlora): both Triton paths against LoRA on the dequantised weight, float64 autograd.
+
+Interpreter on CPU, compiled on CUDA (skipped without a GPU); bfloat16 on CPU goes through the UPCAST path
+(see tests/test_kernels_lora.py). Outputs NaN-poisoned before each launch, inputs drawn fresh.
+"""
+
+import pytest
+import torch
+
+import kernels
+from kernels import nf4_quantize
+from kernels.lora import lora_matmul_reference
+from kernels.nf4_dequant import nf4_dequantize_reference
+from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# max |kernel - reference| <= TOL * max |reference| (reference: float64 LoRA on the weight dequantised to the
+# compute dtype, from the same rounded inputs); as in tests/test_kernels_lora.py.
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@pytest.fixture(autouse=True)
+def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("KERNELS_POISON", "1")
+    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    assert actual.shape == expected.shape, what
+    assert not torch.isnan(actual).any(), f"{what}: NaN left in the output (an element was never written)"
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = max(expected.double().abs().max().item(), 1e-30)
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+
+
+def make(M, N, K, r, dtype, device, double_quant=True, blocksize=64):
+    q = nf4_quantize(torch.randn(N, K, device=device) / K**0.5, blocksize=blocksize, double_quant=double_quant)
+    x = torch.randn(M, K, device=device).to(dtype).requires_grad_()
+    A = (torch.randn(r, K, device=device) / K**0.5).to(dtype).requires_grad_()
+    B = torch.randn(N, r, device=device).to(dtype).requires_grad_()
+    return x, q, A, B
+
+
+def reference64(x, q, A, B, scale, dy):
+    W = nf4_dequantize_reference(q, x.dtype).double()       # the weight the kernels see, in the compute dtype
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    y = lora_matmul_reference(x64, W, A64, B64, scale)
+    y.backward(dy.double())
+    return y.detach(), x64.grad, A64.grad, B64.grad
+
+
+# (M, N, K, r, double_quant): K = 100 and 33 make absmax blocks straddle rows of W (per-element absmax); K = 128
+# is row-aligned (one absmax per W row and tile). M = 1 and 5 are decode sizes, 40 runs the fused kernel anyway.
+CASES = [(5, 70, 100, 8, True), (1, 33, 128, 16, True), (40, 64, 33, 4, False), (3, 50, 192, 24, True)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "dequant_then_gemm"])
+@pytest.mark.parametrize("case", CASES)
+def test_forward_and_backward_match_lora_on_dequantised_weight(case, fused, dtype, device):
+    M, N, K, r, dq = case
+    x, q, A, B = make(M, N, K, r, dtype, device, dq)
+    scale = 0.25 + torch.rand(()).item()
+    y = QLoRAMatmul.apply(x, q, A, B, scale, fused)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, dx_ref, dA_ref, dB_ref = reference64(x, q, A, B, scale, dy)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, dx_ref, dtype, "dx")
+    assert_close(A.grad, dA_ref, dtype, "dA")
+    assert_close(B.grad, dB_ref, dtype, "dB")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("blocksize", [32, 128])
+def test_fused_kernel_other_blocksizes(blocksize, device):
+    x, q, A, B = make(4, 40, 96, 8, torch.float16, device, blocksize=blocksize)
+    for transposed in (False, True):
+        if transposed:  # dX = dY W + dS A
+            inp, p, p_times = torch.randn(4, 40, device=device).half(), torch.randn(4, 8, device=device), A.detach()
+            expected = inp.double() @ nf4_dequantize_reference(q, torch.float16).double() + p.double() @ p_times.double()
+            out = torch.full((4, 96), float("nan"), dtype=torch.float16, device=device)
+            qlora_gemm(inp, q, True, p, p_times, 1.0, out)
+        else:
+            inp, p, p_times = x.detach(), torch.randn(4, 8, device=device).half(), B.detach().t()
+            expected = (inp.double() @ nf4_dequantize_reference(q, torch.float16).double().t()
+                        + 0.5 * p.double() @ p_times.double())
+            out = torch.full((4, 40), float("nan"), dtype=torch.float16, device=device)
+            qlora_gemm(inp, q, False, p, p_times, 0.5, out)
+        assert_close(out, expected, torch.float16, f"transposed={transposed}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_public_op_dispatches_on_token_count(device, monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    seen = []
+    original = QLoRAMatmul.apply
+    monkeypatch.setattr(QLoRAMatmul, "apply", lambda *a: seen.append(a[-1]) or original(*a))
+    x, q, A, B = make(FUSED_MAX_TOKENS + 1, 24, 64, 4, torch.float32, device)
+    small = x.detach()[:FUSED_MAX_TOKENS].reshape(2, FUSED_MAX_TOKENS // 2, 64)
+    y_small = kernels.qlora_matmul(small, q, A, B, 1.0)
+    y_large = kernels.qlora_matmul(x, q, A, B, 1.0)
+    assert seen == [True, False] and use_fused(FUSED_MAX_TOKENS) and not use_fused(FUSED_MAX_TOKENS + 1)
+    assert y_small.shape == (2, FUSED_MAX_TOKENS // 2, 24)
+    expected = qlora_matmul_reference(x.detach().double(), q, A.detach().double(), B.detach().double(), 1.0)
+    assert_close(y_large, expected, torch.float32, "dequantise-then-GEMM path")
+    assert_close(y_small.reshape(-1, 24), expected[:FUSED_MAX_TOKENS], torch.float32, "fused path")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_input(device):
+    x, q, A, B = make(0, 24, 64, 4, torch.float16, device)
+    for fused in (True, False):
+        y = QLoRAMatmul.apply(x, q, A, B, 1.0, fused)
+        y.sum().backward()
+        assert y.shape == (0, 24) and x.grad.shape == (0, 64)
+        assert torch.equal(A.grad, torch.zeros_like(A))
+
+
+def test_qlora_forward_equals_lora_on_dequantised_weight_reference():
+    """The issue's fidelity check at the public API (reference backend): QLoRA == LoRA on W_dq."""
+    x, q, A, B = make(6, 20, 70, 4, torch.float32, "cpu")
+    W = kernels.nf4_dequantize(q, torch.float32)
+    assert torch.equal(kernels.qlora_matmul(x, q, A, B, 0.5), kernels.lora_matmul(x, W, A, B, 0.5))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_with_the_fix(monkeypatch):
+    monkeypatch.setenv("KERNELS_BACKEND", "triton")
+    x, q, A, B = make(3, 20, 64, 4, torch.float32, "cpu")
+    with pytest.raises(TypeError, match="NF4Weight"):
+        kernels.qlora_matmul(x, torch.randn(20, 64), A, B, 1.0)
+    with pytest.raises(ValueError, match="expects 64 input features"):
+        kernels.qlora_matmul(torch.randn(3, 65), q, A, B, 1.0)
+    with pytest.raises(ValueError, match="rank 4 .* rank 5"):
+        kernels.qlora_matmul(x, q, A, torch.randn(20, 5), 1.0)
+    with pytest.raises(TypeError, match="cast them to one compute dtype"):
+        kernels.qlora_matmul(x, q, A.half(), B, 1.0)
+    with pytest.raises(ValueError, match="move them to one device"):
+        kernels.qlora_matmul(x, q.to("meta"), A, B, 1.0)
+    with pytest.raises(TypeError, match="NF4Weight"):
+        kernels.nf4_dequantize(torch.zeros(10, dtype=torch.uint8))

@@ -1,0 +1,105 @@
+"""Bit-for-bit parity with bitsandbytes on CPU (the test-only oracle; skipped when it is not installed).
+
+Both directions: a weight quantised by bitsandbytes dequantises identically in ours (reference and Triton kernel,
+the latter in the interpreter), and our quantiser produces bitsandbytes' bytes, absmax codes, absmax2, offset and
+code tables exactly, so bitsandbytes dequantises our state identically too. float32 / float16 / bfloat16, double
+quantisation on and off, odd sizes (partial absmax blocks, blocks across rows, odd element counts, a partial
+second-level block), block sizes 32 / 64 / 128.
+"""
+
+import pytest
+import torch
+
+from kernels import NF4Weight, nf4_quantize
+from kernels.nf4 import dynamic_code, nf4_code
+from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 100x71: odd count, blocks cross rows; 33x65; [7]: one partial block; 301x64+: 301 blocks -> partial 2nd-level block
+SHAPES = [(100, 71), (33, 65), (7,), (301, 64), (2, 4097)]
+
+
+@pytest.fixture(autouse=True)
+def _eager_bitsandbytes(monkeypatch):
+    # bitsandbytes wraps its pure-PyTorch dequantiser in torch.compile; compiling per odd shape costs seconds in a
+    # test run and changes no value (eager and compiled compute the same float32 products).
+    import torch._dynamo
+
+    monkeypatch.setenv("KERNELS_POISON", "1")
+    with torch._dynamo.config.patch(disable=True):
+        yield
+
+
+def bnb_quantize(w, blocksize, double_quant):
+    return bnb_functional.quantize_4bit(w, blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+
+
+def test_code_tables_are_identical():
+    assert torch.equal(dynamic_code(), bnb_functional.create_dynamic_map())
+    assert torch.equal(nf4_code(), bnb_functional.get_4bit_type("nf4", device="cpu"))
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bnb_quantised_weight_dequantises_identically_in_ours(shape, dtype, double_quant):
+    w = (torch.randn(shape) * torch.rand(()) * 2).to(dtype)
+    packed, state = bnb_quantize(w, 64, double_quant)
+    expected = bnb_functional.dequantize_4bit(packed, state)
+    q = NF4Weight.from_bnb(packed, state)
+    assert torch.equal(nf4_dequantize_reference(q), expected)
+    assert torch.equal(nf4_dequantize_triton(q), expected)       # Triton kernel (interpreter), NaN-poisoned output
+
+
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_our_quantiser_reproduces_bnb_state_exactly(shape, dtype, double_quant):
+    w = (torch.randn(shape) * torch.rand(()) * 2).to(dtype)
+    packed, state = bnb_quantize(w, 64, double_quant)
+    q = nf4_quantize(w, 64, double_quant)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.code, state.code) and q.shape == state.shape and q.dtype == state.dtype
+    if double_quant:
+        assert torch.equal(q.absmax2, state.state2.absmax) and torch.equal(q.offset, state.offset)
+        assert torch.equal(q.code2, state.state2.code) and q.blocksize2 == state.state2.blocksize
+    # ... so bitsandbytes decodes our state to what we decode it to.
+    ours_packed, ours_state = q.to_bnb()
+    assert torch.equal(bnb_functional.dequantize_4bit(ours_packed, ours_state), nf4_dequantize_reference(q))
+
+
+@pytest.mark.parametrize("blocksize", [32, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_other_blocksizes(blocksize, dtype):
+    w = torch.randn(37, 90).to(dtype)
+    packed, state = bnb_quantize(w, blocksize, True)
+    q = nf4_quantize(w, blocksize, True)
+    assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+    assert torch.equal(nf4_dequantize_triton(q), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_degenerate_weights_match():
+    """Constant weight (every absmax equal: all centred absmax 0), all-zero weight, a zero tail block."""
+    for w in (torch.full((300, 64), 3.0), torch.zeros(5, 67), torch.cat([torch.randn(10, 64), torch.zeros(1, 64)])):
+        for double_quant in (True, False):
+            packed, state = bnb_quantize(w, 64, double_quant)
+            q = nf4_quantize(w, 64, double_quant)
+            assert torch.equal(q.packed, packed) and torch.equal(q.absmax, state.absmax)
+            assert torch.equal(nf4_dequantize_triton(q), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_quant_storage_other_than_uint8():
+    w = torch.randn(16, 64, dtype=torch.bfloat16)
+    packed, state = bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4",
+                                                 quant_storage=torch.bfloat16)
+    assert packed.dtype == torch.bfloat16
+    q = NF4Weight.from_bnb(packed, state)
+    assert torch.equal(nf4_dequantize_reference(q), bnb_functional.dequantize_4bit(packed, state))
+
+
+def test_fp4_state_is_refused():
+    packed, state = bnb_functional.quantize_4bit(torch.randn(8, 64), quant_type="fp4")
+    with pytest.raises(ValueError, match="quant_type='nf4'"):
+        NF4Weight.from_bnb(packed, state)
