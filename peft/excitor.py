@@ -1,4 +1,4 @@
-"""LLaMA-Excitor (Zou et al., arXiv 2404.00913, CVPR 2024): learnable prompts that re-weight attention, values untouched.
+"""LLaMA-Excitor (Zou et al., arXiv 2404.00913, CVPR 2024): prompts that re-weight attention, values untouched.
 
 Shapes: B batch, T new tokens, S attended positions, H heads, D head dim, C model dim, K prompts, r rank.
 

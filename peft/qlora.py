@@ -1,4 +1,6 @@
-"""QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers et al., arXiv 2305.14314), via `peft.LoraConfig(quantize_base=True)`.
+"""QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers et al., arXiv 2305.14314).
+
+Switched on by `peft.LoraConfig(quantize_base=True)`.
 
 Shapes: M tokens, K in features, N out features, r rank.
 

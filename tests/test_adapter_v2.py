@@ -1,4 +1,4 @@
-"""LLaMA-Adapter V2 (peft.adapter_v2): bias/scale tuning, unfrozen norms and adaption prompts vs. the paper's equations."""
+"""LLaMA-Adapter V2 (peft.adapter_v2): bias/scale tuning, unfrozen norms and prompts vs. the paper's equations."""
 
 from __future__ import annotations
 
