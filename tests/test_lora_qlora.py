@@ -188,3 +188,26 @@ def test_nan_weight_is_refused_before_anything_changes():
 def test_config_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         peft.LoraConfig(quantize_base=True, **bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [False, True])
+def test_cuda_bf16_triton_matches_reference(monkeypatch, quantize):
+    """On a GPU: LoRA / QLoRA through the Triton kernels vs. the same model through the references (bf16)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    config = peft.LoraConfig(r=8, target_modules=ALL_BLOCK, quantize_base=quantize, compute_dtype="bfloat16")
+    model = peft.apply(make_model("gqa", dtype=torch.bfloat16).cuda(), config)
+    randomize(model)
+    toks = tokens(model.args, B=4, T=64).cuda()
+    outs, grads = {}, {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("KERNELS_BACKEND", backend)
+        model.zero_grad()
+        out = model(toks).float()
+        out.square().mean().backward()
+        outs[backend] = out.detach()
+        grads[backend] = {n: p.grad.float().clone() for n, p in peft.adapter_parameters(model).items()}
+    assert max_rel_error(outs["triton"], outs["reference"]) < 2e-2
+    for name, g in grads["triton"].items():
+        assert max_rel_error(g, grads["reference"][name]) < 5e-2, name
