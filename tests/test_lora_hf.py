@@ -9,7 +9,8 @@ Per case, the subprocess:
   2. wraps it with HF's `get_peft_model(LoraConfig(...))`, copies in our LoRA tensors (lora_B / DoRA magnitude rows
      permuted for q_proj/k_proj), and returns its logits;
   3. loads our `export_hf` folder with `PeftModel.from_pretrained` onto a fresh base and returns those logits.
-Both are compared with our model's float64 logits.
+Both are compared with our model's float64 logits and with its last hidden state before the final norm (which
+rounds to float32 in every LLaMA implementation, so the logits alone would hide differences below ~1e-8).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peft
-from test_peft_reference import make_model, max_rel_error, tokens
+from test_peft_reference import forward_with_hidden, make_model, max_rel_error, tokens
 
 HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
 
@@ -67,6 +68,17 @@ HF_SCRIPT = textwrap.dedent('''
         return model.eval()
 
 
+    def logits_and_hidden(model, tokens):
+        """Logits and the last hidden state before the final norm (the norm rounds to float32; this does not)."""
+        seen = []
+        norm = model.get_base_model().model.norm
+        handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+        with torch.no_grad():
+            logits = model(tokens).logits
+        handle.remove()
+        return logits.contiguous(), seen[-1].contiguous()
+
+
     def run(work):
         case = json.loads((work / "case.json").read_text())
         tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
@@ -81,16 +93,14 @@ HF_SCRIPT = textwrap.dedent('''
         with torch.no_grad():
             for key, value in ours.items():
                 params[key].copy_(value)
-        with torch.no_grad():
-            logits_hf_lora = model(tokens).logits
+        logits_hf_lora, hidden_hf_lora = logits_and_hidden(model, tokens)
 
         # 2. our export_hf folder, loaded by HF PEFT
         loaded = PeftModel.from_pretrained(base_model(work, case), str(work / "export"))
-        with torch.no_grad():
-            logits_export = loaded(tokens).logits
+        logits_export, hidden_export = logits_and_hidden(loaded, tokens)
         n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
-        save_file({"hf_lora": logits_hf_lora.contiguous(), "export": logits_export.contiguous()},
-                  str(work / "logits.safetensors"))
+        save_file({"hf_lora": logits_hf_lora, "export": logits_export, "hf_lora_hidden": hidden_hf_lora,
+                   "export_hidden": hidden_export}, str(work / "logits.safetensors"))
         (work / "info.json").write_text(json.dumps({"n_lora_tensors_loaded": n_lora,
                                                     "peft_version": hf_peft.__version__}))
 
@@ -171,7 +181,7 @@ def prepare(case: str, work: Path) -> dict:
         for name, p in peft.adapter_parameters(model).items():
             noise = torch.randn(p.shape, generator=g, dtype=torch.float64)
             p.copy_(p * (1 + 0.3 * noise) if name.endswith("magnitude") else 0.5 * noise)
-        ours = model(toks)
+        ours, hidden = forward_with_hidden(model, toks)
     work.mkdir(parents=True)
     save_file(base, str(work / "base.safetensors"))
     save_file(hf_lora_tensors(model), str(work / "lora.safetensors"))
@@ -188,7 +198,8 @@ def prepare(case: str, work: Path) -> dict:
         "r": config.r, "alpha": config.alpha, "hf_targets": hf_targets, "use_rslora": config.use_rslora,
         "use_dora": config.use_dora, "layers": list(config.layers) if config.layers else None}}))
     n_adapted = sum(1 for m in model.modules() if hasattr(m, "lora_A"))
-    return dict(ours=ours, frozen=frozen, work=work, n_tensors=n_adapted * (3 if config.use_dora else 2))
+    return dict(ours=ours, hidden=hidden, frozen=frozen, work=work,
+                n_tensors=n_adapted * (3 if config.use_dora else 2))
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +225,7 @@ def test_lora_matches_hf_peft(hf_results, case):
     r = hf_results[case]
     assert max_rel_error(r["ours"], r["frozen"]) > 1e-3  # the adapter matters, so equality below means something
     assert r["info"]["n_lora_tensors_loaded"] == r["n_tensors"]  # export_hf: every tensor found its module
-    err_hf, err_export = max_rel_error(r["ours"], r["hf"]["hf_lora"]), max_rel_error(r["ours"], r["hf"]["export"])
+    err_hf = max(max_rel_error(r["ours"], r["hf"]["hf_lora"]), max_rel_error(r["hidden"], r["hf"]["hf_lora_hidden"]))
+    err_export = max(max_rel_error(r["ours"], r["hf"]["export"]), max_rel_error(r["hidden"], r["hf"]["export_hidden"]))
     print(f"{case}: vs HF PEFT LoRA rel. error {err_hf:.2e}; export_hf loaded by HF PEFT rel. error {err_export:.2e}")
     assert err_hf < 1e-12 and err_export < 1e-12

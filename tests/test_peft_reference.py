@@ -92,8 +92,9 @@ def softmax(s: Tensor) -> Tensor:
 
 
 def reference_forward(args: llama.ModelArgs, W: dict[str, Tensor], toks: Tensor,
-                      ad: Optional[Adapters] = None) -> Tensor:
-    """logits [B, T, V] of the adapted model, written from the papers' equations."""
+                      ad: Optional[Adapters] = None, return_hidden: bool = False):
+    """logits [B, T, V] of the adapted model, written from the papers' equations (and the last hidden state
+    [B, T, C] before the final norm if `return_hidden`: the norm rounds to float32, the hidden state does not)."""
     ad = ad or Adapters()
     B, T = toks.shape
     H, Hkv, D, C = args.n_heads, args.n_kv_heads, args.head_dim, args.dim
@@ -152,7 +153,29 @@ def reference_forward(args: llama.ModelArgs, W: dict[str, Tensor], toks: Tensor,
         h = h + linear(p + "feed_forward.w2", gate_up)
     out_w = "output.weight" if "output.weight" in W else "tok_embeddings.weight"
     W.setdefault("output.weight", W[out_w])
-    return linear("output", rms_norm(h, W["norm.weight"], args.norm_eps))
+    logits = linear("output", rms_norm(h, W["norm.weight"], args.norm_eps))
+    return (logits, h) if return_hidden else logits
+
+
+def forward_with_hidden(model, toks: Tensor) -> tuple[Tensor, Tensor]:
+    """The model's logits and its last hidden state (the final norm's input), captured with a forward pre-hook."""
+    seen = []
+    handle = model.norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    try:
+        logits = model(toks)
+    finally:
+        handle.remove()
+    return logits, seen[-1]
+
+
+def check_against_reference(model, toks: Tensor, ad: Adapters, tol: float = 1e-12) -> float:
+    """Compare logits and the float64 last hidden state with the reference; return the larger relative error."""
+    with torch.no_grad():
+        logits, hidden = forward_with_hidden(model, toks)
+        ref_logits, ref_hidden = reference_forward(model.args, base_weights(model), toks, ad, return_hidden=True)
+    err = max(max_rel_error(logits, ref_logits), max_rel_error(hidden, ref_hidden))
+    assert err < tol, err
+    return err
 
 
 def identity(g: Tensor) -> Tensor:
