@@ -211,3 +211,19 @@ def test_cuda_bf16_triton_matches_reference(monkeypatch, quantize):
     assert max_rel_error(outs["triton"], outs["reference"]) < 2e-2
     for name, g in grads["triton"].items():
         assert max_rel_error(g, grads["reference"][name]) < 5e-2, name
+
+
+def test_dequantize_model_replaces_frozen_nf4_layers():
+    """For deployment after merge: the NF4 layers without an adapter become dense nn.Linear, same function."""
+    from peft.qlora import dequantize_model
+
+    qmodel = peft.apply(make_model("gqa"), peft.LoraConfig(r=4, target_modules=("wq",), quantize_base=True))
+    randomize(qmodel)
+    toks = tokens(qmodel.args)
+    with torch.no_grad():
+        before = qmodel(toks)
+        dequantize_model(qmodel)
+        assert type(qmodel.layers[0].attention.wk) is torch.nn.Linear
+        assert isinstance(qmodel.layers[0].attention.wq, QLoRALinear)  # adapted layers are left to merge/unmerge
+        assert torch.equal(qmodel(toks), before)
+    assert not qmodel.layers[0].attention.wk.weight.requires_grad
