@@ -1,0 +1,99 @@
+"""Generate from a trained run (adapter attached, or merged into the base) or from any checkpoint folder.
+
+    python scripts/generate.py --run runs/sft_lora --prompt $'Sort: 3914\nAnswer:'
+    python scripts/generate.py --run runs/sft_lora --merge --prompts-file prompts.jsonl --json out.json
+    python scripts/generate.py --checkpoint runs/pretrain_tiny/final/model \
+        --tokenizer runs/pretrain_tiny/final/tokenizer.model --prompt "Return the" --temperature 0.8 --seed 1
+
+--run takes the train.out_dir of scripts/train.py (it holds final/run.json, the tokenizer and the trained tensors);
+--merge folds the adapter into the base weights first (LoRA, QLoRA into the dequantised base, Adapter V2's
+bias/scale), which must give the same tokens. A prompts file is JSONL with a "prompt" field per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from llama.generate import generate  # noqa: E402
+
+
+def load(args):
+    if bool(args.run) == bool(args.checkpoint):
+        raise SystemExit("give exactly one of --run (a training run folder) or --checkpoint (a model folder)")
+    if args.run:
+        from peft.recipe import load_run
+
+        model, tokenizer, _ = load_run(args.run, merge=args.merge, device=args.device)
+        return model, tokenizer
+    if args.merge:
+        raise SystemExit("--merge needs --run (a checkpoint folder holds no adapter)")
+    if not args.tokenizer:
+        raise SystemExit("--checkpoint needs --tokenizer (the tokenizer.model the model was trained with)")
+    from llama.checkpoint import load as load_checkpoint
+    from llama.tokenizer import Tokenizer
+
+    return load_checkpoint(args.checkpoint, device=args.device), Tokenizer(args.tokenizer)
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        from peft.data import _check_file
+
+        path = _check_file(args.prompts_file)
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if line.strip():
+                try:
+                    prompts.append(json.loads(line)["prompt"])
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    raise SystemExit(f"{path}:{lineno}: expected a JSON object with a \"prompt\" field") from None
+    if not prompts:
+        raise SystemExit("no prompt given: use --prompt TEXT (repeatable) or --prompts-file FILE.jsonl")
+    return prompts
+
+
+def main(argv=None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="a scripts/train.py output folder (train.out_dir)")
+    p.add_argument("--checkpoint", help="a Meta or HF checkpoint folder (llama.load)")
+    p.add_argument("--tokenizer", help="tokenizer.model (with --checkpoint)")
+    p.add_argument("--merge", action="store_true", help="merge the adapter into the base before generating")
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="JSONL with a \"prompt\" field per line")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", help="write prompts and completions to this file")
+    args = p.parse_args(argv)
+    torch.manual_seed(args.seed)
+    model, tokenizer = load(args)
+    model.eval()
+    prompts = read_prompts(args)
+    ids = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+    outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    stop_tokens=tokenizer.stop_tokens, seed=args.seed)
+    rows = []
+    for prompt, out in zip(prompts, outs):
+        stopped = bool(out) and out[-1] in tokenizer.stop_tokens
+        text = tokenizer.decode([t for t in out if t not in tokenizer.stop_tokens])
+        rows.append({"prompt": prompt, "completion": text, "tokens": len(out), "stopped": stopped})
+    width = min(40, max(len(repr(r["prompt"])) for r in rows))
+    print(f"{'prompt':<{width}}  completion")
+    for r in rows:
+        print(f"{repr(r['prompt']):<{width}}  {r['completion']!r}{'' if r['stopped'] else '  (no EOS)'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""Configs (TOML + --section.key=value), the scripts/train.py and scripts/generate.py entry points, user data through
+a config, and generation with an adapter attached vs merged."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft import data as D
+from peft.recipe import build_config, format_config, load_config, load_run, parse_value, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(tmp_path_factory):
+    docs = [e.prompt + " " + e.response for e in D.task_examples("mix", 400)]
+    return str(D.builtin_tokenizer(tmp_path_factory.mktemp("tok"), 400, documents=docs).path)
+
+
+def tiny(out_dir, tokenizer_path, *extra):
+    return [f"--train.out_dir={out_dir}", f"--data.tokenizer={tokenizer_path}", "--data.n_train=64",
+            "--data.n_eval=4", "--data.seq_len=48", "--eval.n_generate=4", "--model.dim=32", "--model.n_layers=2",
+            "--model.max_seq_len=48", "--train.steps=3", "--train.batch_size=4", "--train.micro_batch_size=4",
+            "--train.progress=false", *extra]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# parsing
+
+
+def test_file_plus_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\npreset = "tiny-llama-3"\n[method]\nname = "lora"\nr = 4\n[train]\nlr = 1e-3\nsteps = 7\n')
+    cfg = load_config(str(f), ["--train.lr=3e-4", "--method.target_modules=['wq', 'wk']", "--data.path=/x/y.jsonl",
+                               "--data.pack=false", "--data.source=jsonl"])
+    assert cfg.model.preset == "tiny-llama-3" and cfg.train.steps == 7 and cfg.train.lr == 3e-4
+    assert cfg.method == {"name": "lora", "r": 4, "target_modules": ["wq", "wk"]}
+    assert cfg.data.path == "/x/y.jsonl" and cfg.data.pack is False
+    text = format_config(cfg)
+    assert "[train]\n" in text and "lr = 0.0003" in text and 'preset = "tiny-llama-3"' in text
+    assert parse_value("1e-3") == 1e-3 and parse_value("true") is True and parse_value("runs/a b") == "runs/a b"
+
+
+def test_every_shipped_config_parses():
+    for f in sorted((REPO / "configs").glob("*.toml")):
+        cfg = load_config(str(f))
+        assert cfg.method["name"] in f.stem or f.stem.startswith("pretrain"), f
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["--trian.lr=1"], r"unknown config section 'trian'; did you mean 'train'\?"),
+    (["--train.learning_rate=1"], r"unknown config key in \[train\] 'learning_rate'"),
+    (["--train.lr"], r"must look like --section.key=value"),
+    (["--lr=1"], r"must look like --section.key=value"),
+    (["--method.name=prefix"], r"unknown method 'prefix'"),
+    (["--method.name=lora", "--method.rank=4"], r"unknown option of method 'lora' 'rank' \(valid: .*, r, "),
+    (["--method.name=lora", "--method.alpah=4"], r"unknown option of method 'lora' 'alpah'; did you mean 'alpha'\?"),
+    (["--method.name=full", "--method.r=4"], r"method 'full' takes no options"),
+    (["--method.name=qlora", "--method.quantize_base=false"], r"drop quantize_base=false"),
+    (["--method.name=lora", "--method.r=0"], r"LoRA rank r must be a positive integer"),
+    (["--train.precision=fp8"], r"train.precision must be one of"),
+])
+def test_bad_config_is_rejected(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_config(None, overrides)
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_config(str(tmp_path / "nope.toml"))
+    (tmp_path / "bad.toml").write_text("[train\nlr = 1")
+    with pytest.raises(ValueError, match="not valid TOML"):
+        load_config(str(tmp_path / "bad.toml"))
+    with pytest.raises(ValueError, match=r"\[train\] must be a table"):
+        build_config({"train": 3})
+
+
+def test_train_script_prints_resolved_config_and_rejects_unknown_keys(capsys):
+    train_script = script("train")
+    assert train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), "--train.lr=5e-4", "--seed", "7",
+                              "--dry-run"]) == {}
+    printed = capsys.readouterr().out
+    assert "lr = 0.0005" in printed and "seed = 7" in printed and 'name = "lora"' in printed
+    with pytest.raises(ValueError, match="unknown config key in \\[data\\] 'pth'"):
+        train_script.main(["--data.pth=x", "--dry-run"])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# user data through a config
+
+
+def test_user_jsonl_and_text_files(tmp_path, tokenizer_path):
+    sft = tmp_path / "d.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Q{i}:", "response": str(i)}) + "\n" for i in range(40)))
+    out = run(load_config(None, tiny(tmp_path / "r1", tokenizer_path, "--data.source=jsonl",
+                                     f"--data.path={sft}", "--data.eval_fraction=0.1")), quiet=True)
+    assert len(out.data.eval_examples) == 4 and out.data.eval_examples[0].prompt == "Q36:"
+    assert "exact_match" in out.result.history[-1]
+    text = tmp_path / "c.txt"
+    text.write_text("\n\n".join(f"document number {i} " * 20 for i in range(30)))
+    out = run(load_config(None, tiny(tmp_path / "r2", tokenizer_path, "--data.source=text", f"--data.path={text}")),
+              quiet=True)
+    assert not out.data.sft and out.data.length is None and "exact_match" not in out.result.history[-1]
+
+
+def test_data_errors_through_config(tmp_path, tokenizer_path):
+    with pytest.raises(ValueError, match=r"data.source='jsonl' needs data.path"):
+        run(load_config(None, tiny(tmp_path, tokenizer_path, "--data.source=jsonl")), quiet=True)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(load_config(None, tiny(tmp_path, tokenizer_path, "--data.source=jsonl", "--data.path=/no/such.jsonl")),
+            quiet=True)
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": "p " * 100, "response": "r"}) + "\n" + json.dumps(
+        {"prompt": "q", "response": "r"}) + "\n")
+    with pytest.raises(ValueError, match="example 0 has .* tokens, longer than the context of 48"):
+        run(load_config(None, tiny(tmp_path, tokenizer_path, "--data.source=jsonl", f"--data.path={long}",
+                                   "--data.eval_path=" + str(long))), quiet=True)
+    with pytest.raises(ValueError, match="exceeds the model context"):
+        run(load_config(None, tiny(tmp_path, tokenizer_path, "--data.seq_len=96")), quiet=True)
+    with pytest.raises(ValueError, match="unknown data.source 'csv'"):
+        run(load_config(None, tiny(tmp_path, tokenizer_path, "--data.source=csv")), quiet=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# generation: attached vs merged
+
+
+def test_generate_attached_equals_merged(tmp_path, tokenizer_path):
+    run(load_config(None, tiny(tmp_path, tokenizer_path, "--method.name=lora", "--method.r=4", "--train.lr=3e-2",
+                               "--method.target_modules=['wq', 'wv', 'w1', 'w2']")), quiet=True)
+    gen = script("generate")
+    prompts = ["--prompt", "Sort: 3914\nAnswer:", "--prompt", "Add: 12+5\nAnswer:"]
+    attached = gen.main(["--run", str(tmp_path), *prompts, "--max-new-tokens", "8"])
+    merged = gen.main(["--run", str(tmp_path), "--merge", *prompts, "--max-new-tokens", "8"])
+    assert [r["completion"] for r in attached] == [r["completion"] for r in merged]
+    # and the adapter really is loaded: its tensors equal the trained ones
+    model, _, cfg = load_run(tmp_path)
+    from safetensors.torch import load_file
+    saved = load_file(str(tmp_path / "final" / "adapter.safetensors"))
+    assert saved and all(torch.equal(model.get_parameter(k), v) for k, v in saved.items())
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k or "B" in k.split(".")[-1])
+
+
+def test_generate_full_checkpoint_and_errors(tmp_path, tokenizer_path):
+    run(load_config(None, tiny(tmp_path, tokenizer_path)), quiet=True)
+    gen = script("generate")
+    rows = gen.main(["--checkpoint", str(tmp_path / "final" / "model"), "--tokenizer", tokenizer_path,
+                     "--prompt", "Sort: 12\nAnswer:", "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")])
+    assert json.loads((tmp_path / "g.json").read_text()) == rows and rows[0]["tokens"] <= 4
+    with pytest.raises(SystemExit, match="exactly one of --run"):
+        gen.main(["--prompt", "x"])
+    with pytest.raises(SystemExit, match="no prompt given"):
+        gen.main(["--run", str(tmp_path)])
+    with pytest.raises(FileNotFoundError, match="final/run.json not found"):
+        load_run(tmp_path / "nothing")
