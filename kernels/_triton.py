@@ -90,11 +90,10 @@ def autotune(configs: list, key: list[str], prune=None, **kwargs):
 
     `KERNELS_AUTOTUNE=0` keeps only the first config that survives pruning (no timing runs: quick GPU tests).
     """
-    quick = os.environ.get(AUTOTUNE_ENV, "1").strip() == "0"
 
     def early_config_prune(configs, named_args, **meta):
         kept = prune(configs, {**named_args, **meta}) if prune else configs
-        return kept[:1] if quick else kept
+        return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1").strip() == "0" else kept
 
     return triton.autotune(configs=configs, key=key, do_bench=_bench_for_autotune,
                            prune_configs_by={"early_config_prune": early_config_prune}, **kwargs)

@@ -4,7 +4,7 @@ Shapes: n values, nb = ceil(n / blocksize) absmax blocks, HB = blocksize // 2 pa
         G blocks per program.
 
 Reading order: launcher `nf4_dequantize_triton` -> kernel `_nf4_dequant_kernel` -> device helpers, also used by the
-fused QLoRA GEMM (`nf4_decode`, `restore_absmax`, `nf4_lookup`) -> reference `nf4_dequantize_reference`.
+fused QLoRA GEMM (`nf4_decode_rows`, `nf4_decode`, `restore_absmax`, `nf4_lookup`) -> reference `nf4_dequantize_reference`.
 
 Design. Each program owns G whole absmax blocks, viewed as a [G, HB] tile of packed bytes, so every absmax is
 fetched (and, with double quantisation, restored: code2[c] * absmax2[b // 256] + offset) once and broadcast over
@@ -93,25 +93,37 @@ def _nf4_dequant_kernel(
 
 
 @triton.jit
-def nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
-               w_row, w_col, W_K, row_block_col,
-               LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-               TREE: tl.constexpr, SCALE_PER_ROW: tl.constexpr):
-    """float32 W[w_row, w_col] for broadcastable, in-bounds index tiles of an NF4 weight W [.., W_K].
+def nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, rows, col0, W_K,
+                    COLS: tl.constexpr, LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                    DOUBLE_QUANT: tl.constexpr, TREE: tl.constexpr):
+    """float32 W[rows, col0 : col0 + COLS] as [R, COLS], for an NF4 weight W [.., W_K] (the fused GEMM's fast path).
 
-    Element (n, k) is flat value n * W_K + k: its byte is flat >> 1 (high nibble when flat is even) and its absmax
-    block is flat >> log2(blocksize). With SCALE_PER_ROW (W_K a multiple of the block size and the tile's column
-    range inside one block starting at column `row_block_col`), the block is the same along the columns, so one
-    absmax per row is restored instead of one per element.
+    Needs W_K % blocksize == 0 and a column range inside one absmax block (col0 % COLS == 0, COLS <= blocksize):
+    then each row of the tile is COLS/2 consecutive bytes under ONE absmax, decoded byte-wise like the
+    dequantisation kernel (high nibble first). Rows must be in bounds.
     """
-    flat = w_row * W_K + w_col
+    byte = rows[:, None] * (W_K // 2) + (col0 // 2 + tl.arange(0, COLS // 2))[None, :]     # [R, COLS/2]
+    packed = tl.load(packed_ptr + byte)
+    block = rows * (W_K >> LOG2_BLOCKSIZE) + (col0 >> LOG2_BLOCKSIZE)                       # [R]
+    scale = restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, BLOCKSIZE2, DOUBLE_QUANT)
+    high = nf4_lookup(code_ptr, (packed >> 4).to(tl.int32), TREE) * scale[:, None]
+    low = nf4_lookup(code_ptr, (packed & 0xF).to(tl.int32), TREE) * scale[:, None]
+    return tl.interleave(high, low)                                                         # [R, COLS]
+
+
+@triton.jit
+def nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, flat,
+               LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               TREE: tl.constexpr):
+    """float32 values of an NF4 weight at flat (row-major) indices `flat`, any tile shape, in bounds.
+
+    The general path (absmax blocks may cross rows): value i is in byte i >> 1 (high nibble when i is even) and in
+    absmax block i >> log2(blocksize), everything gathered per element.
+    """
     byte = tl.load(packed_ptr + (flat >> 1))
     nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
-    if SCALE_PER_ROW:
-        block = w_row * (W_K >> LOG2_BLOCKSIZE) + (row_block_col >> LOG2_BLOCKSIZE)
-    else:
-        block = flat >> LOG2_BLOCKSIZE
-    scale = restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, BLOCKSIZE2, DOUBLE_QUANT)
+    scale = restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, flat >> LOG2_BLOCKSIZE, BLOCKSIZE2,
+                           DOUBLE_QUANT)
     return nf4_lookup(code_ptr, nibble, TREE) * scale
 
 

@@ -29,7 +29,7 @@ import triton.language as tl
 from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
 from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
-from .nf4_dequant import nf4_decode, nf4_dequantize_reference, nf4_dequantize_triton
+from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, nf4_dequantize_triton
 
 FUSED_MAX_TOKENS = 16  # M at or below this: fused decode-in-GEMM; above: dequantise once, then the dense GEMM
 INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False)  # the one config on CPU
@@ -89,7 +89,8 @@ def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out)
            M, cols, red, w_k, rank, scale,
            x.stride(0), x.stride(1), p.stride(0), p.stride(1), p_times.stride(0), p_times.stride(1),
            out.stride(0), out.stride(1), triton.next_power_of_2(M),
-           TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
+           TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, BLOCKSIZE=q.blocksize,
+           LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
            BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
            interpreter_meta=INTERPRETER_META, enable_fp_fusion=True)
@@ -103,7 +104,7 @@ def _qlora_gemm_kernel(
     M_BUCKET,                    # autotuning key only
     TRANSPOSED: tl.constexpr,    # False: C = X Wᵀ (N = W rows, K = W cols); True: C = X W (N = W cols, K = W rows)
     ROW_ALIGNED: tl.constexpr,   # W_K % blocksize == 0: absmax blocks never straddle rows of W
-    LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TREE: tl.constexpr,
 ):
@@ -128,23 +129,32 @@ def _qlora_gemm_kernel(
     q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
     acc = mma(p.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE) * scale
 
-    # One absmax per W row when the tile's W-column range lies inside one block (power-of-two sizes: "fits").
+    # Fast path when absmax blocks follow W's rows (W_K % blocksize == 0, every LLaMA shape) and the tile's W-column
+    # range fits in one block: decode byte-wise with one absmax per W row (`nf4_decode_rows`). Otherwise decode
+    # element by element (`nf4_decode`).
     if TRANSPOSED:
-        PER_ROW: tl.constexpr = ROW_ALIGNED and BLOCK_N <= (1 << LOG2_BLOCKSIZE)
+        BYTEWISE: tl.constexpr = ROW_ALIGNED and BLOCK_N <= BLOCKSIZE
     else:
-        PER_ROW: tl.constexpr = ROW_ALIGNED and BLOCK_K <= (1 << LOG2_BLOCKSIZE)
+        BYTEWISE: tl.constexpr = ROW_ALIGNED and BLOCK_K <= BLOCKSIZE
     for k0 in range(0, K, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)                                         # [BK] reduction index
         x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K, other=0.0)
         k_in = tl.minimum(k, K - 1)              # past K: decode a real element; x is 0 there, so it adds nothing
         if TRANSPOSED:   # tile [BK, BN] of W itself: W rows k, W columns cols (dX = dY W)
-            w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
-                           k_in[:, None], cols_in[None, :], W_K, pid_n * BLOCK_N,
-                           LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE, PER_ROW)
+            if BYTEWISE:
+                w = nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                                    k_in, pid_n * BLOCK_N, W_K, BLOCK_N, LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)
+            else:
+                w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                               k_in[:, None] * W_K + cols_in[None, :], LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)
         else:            # tile [BK, BN] of Wᵀ: W rows cols, W columns k (y = x Wᵀ)
-            w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
-                           cols_in[None, :], k_in[:, None], W_K, k0,
-                           LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE, PER_ROW)
+            if BYTEWISE:
+                w = tl.trans(nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                                             cols_in, k0, W_K, BLOCK_K, LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT,
+                                             TREE))
+            else:
+                w = nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                               cols_in[None, :] * W_K + k_in[:, None], LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)
         if not UPCAST:
             w = w.to(x_ptr.dtype.element_ty)     # the same rounding as dequantising W to the compute dtype
         acc = mma(x, w, acc, UPCAST, IEEE)
@@ -163,9 +173,11 @@ def _fits(configs, args):
 
 
 def _qgemm_configs():
+    # BLOCK_N, BLOCK_K <= 64 keep both orientations on the byte-wise decode at blocksize 64; narrow BLOCK_N gives
+    # more programs when M is tiny (N / BLOCK_N programs in all).
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, TREE); first = the default when autotuning is off
-        (16, 64, 64, 3, 4, False), (16, 64, 64, 3, 4, True), (16, 32, 128, 3, 4, False), (16, 32, 64, 4, 4, True),
-        (16, 128, 64, 3, 4, False), (32, 64, 64, 3, 4, False), (64, 64, 64, 3, 4, True), (64, 128, 64, 3, 8, False),
+        (16, 64, 64, 3, 4, False), (16, 64, 64, 3, 4, True), (16, 32, 64, 4, 4, False), (16, 32, 64, 4, 4, True),
+        (16, 16, 64, 4, 2, False), (16, 16, 64, 4, 2, True), (32, 64, 64, 3, 4, False), (64, 64, 64, 3, 4, True),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TREE": tree},
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w, tree in shapes]
