@@ -4,7 +4,7 @@ Shapes: B batch, H heads, T queries (new tokens), S keys (cache + new), D head d
 
 Query i sits at absolute position p_i = start_pos + i, key j at position j. Two patterns:
     causal          key j visible to query i  iff  j ≤ p_i
-    chunked local   key j visible to query i  iff  j ≤ p_i  and  ⌊j/C⌋ = ⌊p_i/C⌋     (Llama 4 RoPE layers, C = 8192)
+    chunked local   key j visible to query i  iff  j ≤ p_i  and  ⌊j/C⌋ = ⌊p_i/C⌋   (Llama 4 RoPE layers, C = 8192)
 
 `causal_attention` cuts the queries into pieces that never straddle a chunk boundary (and, for the "math"
 implementation, hold at most `query_block` queries). Each piece reads one contiguous key range that ends at its last

@@ -112,6 +112,7 @@ class MoEArgs:
     # (capacity_factor + 1), so the routed expert + shared expert touch as many weights as one dense FFN.
     capacity_factor: float = 1.0
     auto_scale_F: bool = True  # noqa: N815  (Meta's name)
+    shared_expert: bool = True  # Llama 4 always has one; False only for ablations (plain Switch-style MoE)
     # Switch Transformer training (arXiv 2101.03961 §2.2): each expert takes at most
     # ceil(expert_capacity_factor · tokens·top_k / E) tokens per forward; the rest skip the routed expert.
     # None: no limit (inference in Meta's and HF's references never drops tokens).
@@ -301,7 +302,8 @@ def _ffn_parameters(args: ModelArgs, layer_id: int, active: bool) -> int:
         return 3 * D * args.ffn_hidden_dim
     E, Fe = args.moe_args.num_experts, args.moe_hidden_dim
     routed = args.moe_args.top_k if active else E
-    return routed * 3 * D * Fe + 3 * D * Fe + D * E  # routed experts + shared expert + router
+    shared = 3 * D * Fe if args.moe_args.shared_expert else 0
+    return routed * 3 * D * Fe + shared + D * E  # routed experts + shared expert + router
 
 
 def count_parameters(args: ModelArgs) -> int:

@@ -138,6 +138,12 @@ def _interval_of(flags: list, n_layers: int, what: str, path) -> Optional[int]:
     return n
 
 
+def _require_shared_expert(args: ModelArgs) -> None:
+    if args.moe_args is not None and not args.moe_args.shared_expert:
+        raise CheckpointError("this MoE has no shared expert (an ablation variant); neither HF's nor Meta's Llama 4 "
+                              "format can hold it: save it with torch.save(model.state_dict()) instead")
+
+
 def _config_error(path, e: Exception) -> CheckpointError:
     return CheckpointError(f"{path} describes a Llama 4 model this Transformer cannot build: {e}")
 
@@ -192,7 +198,8 @@ def _with_preset_rule(args: ModelArgs) -> ModelArgs:
               "nope_layer_interval", "attention_chunk_size", "rope_scaling", "rope_theta")
     for name, preset in PRESETS.items():
         p = preset.args
-        if p.moe_args is not None and args.moe_args is not None and all(getattr(p, f) == getattr(args, f) for f in fields) \
+        same = all(getattr(p, f) == getattr(args, f) for f in fields)
+        if same and p.moe_args is not None and args.moe_args is not None \
                 and p.moe_args.num_experts == args.moe_args.num_experts:
             return dataclasses.replace(args, multiple_of=p.multiple_of, ffn_dim_multiplier=p.ffn_dim_multiplier,
                                        ffn_exp=p.ffn_exp, name=name)
@@ -203,6 +210,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     """A config.json that `Llama4ForCausalLM.from_pretrained` reads (transformers 5 field layout)."""
     scaling = args.rope_scaling.to_hf() if args.rope_scaling is not None else None
     moe = args.moe_args
+    _require_shared_expert(args)
     if args.floor_scale != int(args.floor_scale):
         raise CheckpointError(f"HF's Llama4TextConfig takes an integer floor_scale, got {args.floor_scale}; round it "
                               f"or save with format='meta'")
@@ -332,6 +340,7 @@ def _args_from_params(params: dict, max_seq_len: Optional[int]) -> ModelArgs:
 def params_from_args(args: ModelArgs) -> dict:
     """params.json in Meta's Llama 4 field names; refuses sizes Meta's rules cannot express."""
     m = args.moe_args
+    _require_shared_expert(args)
     if m is not None and (args.ffn_exp is None or moe_hidden_size(args.dim, args.ffn_exp, args.ffn_dim_multiplier,
                                                                    args.multiple_of, m) != args.moe_hidden_dim):
         raise CheckpointError(f"expert hidden size {args.moe_hidden_dim} does not follow Meta's rule from ffn_exp="

@@ -22,6 +22,7 @@ Adapters attach from outside through two narrow override points, never by editin
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -29,7 +30,7 @@ from torch import nn
 
 from . import moe
 from .attention import attend, causal_attention, causal_mask, chunked_causal_mask  # noqa: F401 (re-exported)
-from .config import LayerSpec, ModelArgs
+from .config import LayerSpec, ModelArgs, RopeScaling
 from .ffn import FeedForward
 from .moe import MoE
 from .rope import RotaryEmbedding, apply_rotary
@@ -233,6 +234,15 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.cache = None
+
+    def set_rope_scaling(self, scaling: Optional[RopeScaling], max_seq_len: Optional[int] = None) -> None:
+        """Change the RoPE frequency rule of a built (e.g. trained) model: context extension by PI, dynamic NTK,
+        YaRN or llama3 scaling. max_seq_len: the new longest accepted input (default: unchanged)."""
+        context = max_seq_len or self.args.max_seq_len
+        self.args = dataclasses.replace(self.args, rope_scaling=scaling, max_seq_len=context)
+        with torch.device(self.rope.inv_freq.device):
+            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling, self.args.max_seq_len,
+                                        complex64=self.args.rope_complex64)
 
     def set_attention_implementation(self, implementation: str) -> None:
         """'sdpa' (fused kernel, default) or 'math' (the formula written out, for study)."""

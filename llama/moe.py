@@ -101,7 +101,7 @@ class MoE(nn.Module):
         self.n_experts, self.top_k = moe_args.num_experts, moe_args.top_k
         self.router = Router(dim, moe_args.num_experts)
         self.experts = Experts(moe_args.num_experts, dim, hidden_dim)
-        self.shared_expert = FeedForward(dim, hidden_dim)
+        self.shared_expert = FeedForward(dim, hidden_dim) if moe_args.shared_expert else None
         self.dispatch = "sorted"
         self.stats: Optional[MoEStats] = None
 
@@ -111,8 +111,8 @@ class MoE(nn.Module):
         M, E, K = x.shape[0], self.n_experts, self.top_k
         logits = self.router(x)  # [M, E], >= float32
         top_logits, chosen = logits.topk(K, dim=-1)  # [M, K]
-        # Meta's and HF's form: −∞ for the unselected experts, sigmoid of the whole [M, E] matrix in float32 (σ(−∞)=0),
-        # back to the activation dtype. Taking σ of the same [M, E] tensor keeps float64 parity with HF bit-exact.
+        # Meta's and HF's form: −∞ for the unselected experts, sigmoid of the whole [M, E] matrix in float32
+        # (σ(−∞) = 0), back to the activation dtype. σ of the same [M, E] tensor keeps float64 parity bit-exact.
         gate = torch.full_like(logits, float("-inf")).scatter(1, chosen, top_logits)  # [M, E]
         scores = torch.sigmoid(gate.float()).to(x.dtype).gather(1, chosen)  # [M, K]
         keep = self._within_capacity(chosen)  # [M, K] bool
@@ -123,7 +123,9 @@ class MoE(nn.Module):
         else:
             raise ValueError(f"unknown MoE dispatch {self.dispatch!r}; use 'sorted' or 'dense'")
         self.stats = self._statistics(logits, chosen, keep)
-        return (self.shared_expert(x) + routed).reshape(shape)
+        if self.shared_expert is not None:  # always on in Llama 4
+            routed = self.shared_expert(x) + routed
+        return routed.reshape(shape)
 
     # -- capacity (Switch eq. 3) ------------------------------------------------------------------------------------
     def capacity(self, n_tokens: int) -> Optional[int]:

@@ -174,7 +174,8 @@ def meta_shards_by_hand(hf: Llama4ForCausalLM, P: int) -> list[dict]:
             put(m + "feed_forward.experts.moe_w_in_eD_F", [g.reshape(E * C, -1) for g in gate.chunk(P, 2)])
             put(m + "feed_forward.experts.moe_w_swiglu_eD_F", [u.reshape(E * C, -1) for u in up.chunk(P, 2)])
             put(m + "feed_forward.experts.moe_w_out_eF_D", [d.reshape(-1, C) for d in down.chunk(P, 1)])
-            put(m + "feed_forward.w_in_shared_FD.weight", sd[h + "feed_forward.shared_expert.gate_proj.weight"].chunk(P))
+            shared = h + "feed_forward.shared_expert."
+            put(m + "feed_forward.w_in_shared_FD.weight", sd[shared + "gate_proj.weight"].chunk(P))
             put(m + "feed_forward.w_swiglu_FD.weight", sd[h + "feed_forward.shared_expert.up_proj.weight"].chunk(P))
             put(m + "feed_forward.w_out_shared_DF.weight",
                 sd[h + "feed_forward.shared_expert.down_proj.weight"].chunk(P, 1))
@@ -312,7 +313,8 @@ def test_kv_cache_decoding_equals_full_forward(name, implementation):
 
 
 @pytest.mark.parametrize("kw, message", [
-    (dict(moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=3)), r"interleave_moe_layer_step \(3\) must divide"),
+    (dict(moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=3)),
+     r"interleave_moe_layer_step \(3\) must divide"),
     (dict(attention_chunk_size=0), "attention_chunk_size must be a positive integer"),
     (dict(attention_chunk_size=-8), "attention_chunk_size must be a positive integer"),
     (dict(nope_layer_interval=0), "nope_layer_interval must be a positive integer"),

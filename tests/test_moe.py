@@ -17,9 +17,9 @@ from llama.moe import MoE
 C, FE = 16, 24
 
 
-def make_moe(E=4, K=1, capacity=None, seed=0, dtype=torch.float64) -> MoE:
+def make_moe(E=4, K=1, capacity=None, seed=0, dtype=torch.float64, shared=True) -> MoE:
     torch.manual_seed(seed)
-    moe = MoE(C, FE, MoEArgs(num_experts=E, top_k=K, expert_capacity_factor=capacity)).to(dtype)
+    moe = MoE(C, FE, MoEArgs(num_experts=E, top_k=K, expert_capacity_factor=capacity, shared_expert=shared)).to(dtype)
     with torch.no_grad():
         for p in moe.parameters():
             p.normal_(0, 1 / math.sqrt(p.shape[-1] if p.ndim == 2 else p.shape[-2]))
@@ -44,7 +44,7 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     out = []
     for x_t in xs:
         z = moe.router.weight @ x_t  # [E]
-        y = moe.shared_expert(x_t)
+        y = moe.shared_expert(x_t) if moe.shared_expert is not None else torch.zeros_like(x_t)
         for e in z.topk(K).indices.tolist():
             taken[e] += 1
             if capacity is not None and taken[e] > capacity:
@@ -56,11 +56,12 @@ def reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
     return torch.stack(out).reshape(x.shape)
 
 
-@pytest.mark.parametrize("E, K, capacity", [(4, 1, None), (8, 2, None), (4, 1, 1.0), (4, 1, 0.5), (8, 2, 0.75)])
-def test_both_dispatch_paths_equal_the_token_by_token_reference(E, K, capacity):
+@pytest.mark.parametrize("E, K, capacity, shared", [(4, 1, None, True), (8, 2, None, True), (4, 1, 1.0, True),
+                                                   (4, 1, 0.5, True), (8, 2, 0.75, True), (4, 1, None, False)])
+def test_both_dispatch_paths_equal_the_token_by_token_reference(E, K, capacity, shared):
     """The reference takes σ of one scalar at a time; PyTorch's vectorised float32 sigmoid may differ from its scalar
     one in the last bit (relative 6e-8), hence 1e-6 against the reference but 1e-12 between the two paths."""
-    moe, x = make_moe(E, K, capacity), inputs()
+    moe, x = make_moe(E, K, capacity, shared=shared), inputs()
     ref = reference(moe, x)
     out = {}
     for dispatch in ("sorted", "dense"):
@@ -185,6 +186,15 @@ def test_model_aux_losses_mean_over_moe_layers_and_expert_load():
                                                     + coef.router_z_loss_coef * losses["router_z"].item())
     load = model.expert_load()
     assert load.shape == (2, 8) and load.sum(1).tolist() == [40, 40]
+
+
+def test_parameter_counts_without_shared_expert():
+    args = ModelArgs.from_name("tiny-llama-4-scout", moe_args=MoEArgs(num_experts=4, shared_expert=False))
+    model = Transformer(args)
+    assert all(layer.feed_forward.shared_expert is None for layer in model.layers)
+    from llama.config import count_active_parameters, count_parameters
+    assert count_parameters(args) == sum(p.numel() for p in model.parameters())
+    assert count_parameters(args) - count_active_parameters(args) == 4 * 3 * (3 * args.dim * args.moe_hidden_dim)
 
 
 def test_dense_model_has_no_aux_losses():

@@ -134,6 +134,20 @@ def test_model_logits_equal_hf_beyond_the_original_context(tmp_path, scaling):
     assert err <= 1e-10
 
 
+def test_set_rope_scaling_on_a_built_model_equals_building_with_it():
+    torch.manual_seed(0)
+    scaling = RopeScaling("yarn", factor=4.0, original_max_position_embeddings=32)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=64)
+    model = Transformer(args).double().eval()
+    model.set_rope_scaling(scaling, max_seq_len=256)
+    built = Transformer(ModelArgs(**{**args.to_dict(), "rope_scaling": scaling, "max_seq_len": 256})).double().eval()
+    built.load_state_dict(model.state_dict())
+    x = torch.randint(0, 256, (1, 200))
+    with torch.no_grad():
+        assert torch.equal(model(x), built(x))
+    assert model.args.rope_scaling == scaling and model.args.max_seq_len == 256
+
+
 # -- config ---------------------------------------------------------------------------------------------------------
 
 
