@@ -1,0 +1,548 @@
+"""Benchmark of the Triton kernels (kernels/) on LLaMA projection shapes, against eager PyTorch, torch.compile and
+bitsandbytes where installed.
+
+On a CUDA device:
+  * machine anchors, measured first: copy bandwidth (device-to-device copy of 1 GiB) and the bf16 GEMM rate
+    (torch.matmul 8192^3); every result is also given as a fraction of these;
+  * NF4 dequantisation (bf16 out): Triton one-launch kernel / eager reference / torch.compile(reference) /
+    bitsandbytes `dequantize_4bit`; GB/s counts packed + absmax codes + absmax2 + offset read and bf16 written;
+  * fused LoRA linear x Wᵀ + s (x Aᵀ) Bᵀ: Triton / eager / torch.compile / bare bf16 GEMM x Wᵀ (cuBLAS) / the same
+    Triton GEMM kernel without the LoRA term; TFLOP/s = 2MNK(1 + r/N + r/K) / t; forward, and forward+backward;
+  * QLoRA linear: fused NF4 GEMM / Triton dequantise-then-GEMM / eager dequantise-then-matmul / torch.compile /
+    bitsandbytes dequantise + eager LoRA;
+  * the issue's targets, each marked met / missed.
+Times are medians of `triton.testing.do_bench` (L2 flushed before every call). Outputs are checked against the
+references before timing. Prints tables; writes <out>.json and <out>.md.
+
+Without a CUDA device it says so and runs a small correctness smoke of every kernel (Triton interpreter) and the
+CPU ratio "pure-PyTorch NF4 quantise + dequantise vs bitsandbytes on CPU" instead.
+
+    python scripts/bench_kernels.py --seed 0 --out bench_kernels              # full sweep
+    python scripts/bench_kernels.py --quick --budget-s 200 --out bench_kernels  # the headline cases only
+    python scripts/bench_kernels.py --simulate                                # GPU code path on CPU, toy sizes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+# LLaMA projection weights [out, in] (research kernels.md §4).
+SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "14336x4096": (14336, 4096),
+          "28672x8192": (28672, 8192)}
+SHAPE_NOTES = {"4096x4096": "q/o, Llama 2 7B / Llama 3 8B", "11008x4096": "gate/up, Llama 2 7B",
+               "14336x4096": "gate/up, Llama 3 8B", "28672x8192": "gate/up, Llama 3 70B"}
+TOKENS = [1, 16, 64, 256, 1024, 4096, 16384]
+RANKS = [8, 16, 64]
+DTYPE = torch.bfloat16
+SCALE = 2.0  # alpha / r
+
+
+# ---- timing -----------------------------------------------------------------------------------------------
+
+class Timer:
+    """Median seconds per call: do_bench on CUDA (L2 flushed per call), a wall-clock loop on CPU (--simulate)."""
+
+    def __init__(self, device: torch.device, quick: bool):
+        self.device, self.quick = device, quick
+
+    def __call__(self, fn, grad_to_none=None) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+            warmup, rep = (10, 40) if self.quick else (25, 100)
+            return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median") * 1e-3
+        fn()
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+
+def measure(timer, fn, **kw):
+    """(seconds, None) or (None, error text): one failing column never stops the benchmark."""
+    try:
+        return timer(fn, **kw), None
+    except Exception as e:  # noqa: BLE001 - report and go on
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def compiled(fn):
+    """torch.compile(fn), or None when compilation is unavailable."""
+    try:
+        return torch.compile(fn)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---- anchors ----------------------------------------------------------------------------------------------
+
+def measure_anchors(device, timer, simulate: bool) -> dict:
+    n = (1 << 16) if simulate else (1 << 29)                 # bf16 elements: 1 GiB on a GPU
+    src = torch.empty(n, dtype=DTYPE, device=device).normal_()
+    dst = torch.empty_like(src)
+    t_copy = timer(lambda: dst.copy_(src))
+    m = 256 if simulate else 8192
+    a = torch.randn(m, m, dtype=DTYPE, device=device)
+    b = torch.randn(m, m, dtype=DTYPE, device=device)
+    t_gemm = timer(lambda: a @ b)
+    anchors = {"copy_GBps": 2 * src.numel() * src.element_size() / t_copy / 1e9,
+               "bf16_gemm_TFLOPs": 2 * m**3 / t_gemm / 1e12, "copy_bytes": 2 * src.numel() * 2, "gemm_size": m}
+    del src, dst, a, b
+    return anchors
+
+
+# ---- NF4 dequantisation -----------------------------------------------------------------------------------
+
+def nf4_bytes(q) -> int:
+    """Bytes one dequantisation moves: packed + absmax (+ absmax2 + offset) read, bf16 written."""
+    read = q.packed.numel() + q.absmax.numel() * q.absmax.element_size()
+    if q.double_quant:
+        read += q.absmax2.numel() * 4 + 4
+    return read + 2 * q.numel
+
+
+def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> list[dict]:
+    from kernels import nf4_quantize
+    from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
+
+    rows = []
+    for name, (N, K) in shapes.items():
+        if budget.out():
+            rows.append({"shape": name, "skipped": "time budget"})
+            continue
+        q = nf4_quantize(torch.randn(N, K, device=device, dtype=DTYPE) * 0.02)
+        reference = nf4_dequantize_reference(q, DTYPE)
+        ours = nf4_dequantize_triton(q, DTYPE)
+        row = {"shape": name, "params": N * K, "bytes": nf4_bytes(q), "bit_exact_vs_reference": torch.equal(ours, reference)}
+        columns = {"triton": lambda: nf4_dequantize_triton(q, DTYPE), "eager": lambda: nf4_dequantize_reference(q, DTYPE)}
+        if name in compile_for:
+            fn = compiled(nf4_dequantize_reference)
+            if fn is not None:
+                columns["torch.compile"] = lambda: fn(q, DTYPE)
+        if bnb is not None:
+            try:
+                packed, state = q.to_bnb()
+                row["bnb_bit_exact_vs_ours"] = torch.equal(bnb.dequantize_4bit(packed, state), reference)
+                columns["bitsandbytes"] = lambda: bnb.dequantize_4bit(packed, state)
+            except Exception as e:  # noqa: BLE001
+                row["bitsandbytes_error"] = f"{type(e).__name__}: {e}"[:160]
+        for col, fn in columns.items():
+            t, err = measure(timer, fn)
+            row[col] = {"us": None if t is None else t * 1e6, "error": err,
+                        "GBps": None if t is None else row["bytes"] / t / 1e9,
+                        "frac_copy_bw": None if t is None else row["bytes"] / t / 1e9 / anchors["copy_GBps"]}
+        rows.append(row)
+        del q, reference, ours
+        free(device)
+    return rows
+
+
+# ---- LoRA and QLoRA ---------------------------------------------------------------------------------------
+
+def lora_eager(x, W, A, B, s):
+    return x @ W.t() + s * ((x @ A.t()) @ B.t())
+
+
+def lora_flops(M, N, K, r) -> float:
+    return 2.0 * M * N * K * (1 + r / N + r / K)
+
+
+def rel_err(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]:
+    from kernels import lora as lora_mod
+    from kernels.lora import LoRAMatmul, lora_forward_triton, lora_gemm
+
+    rows = []
+    for name, M, r, backward in cases:
+        N, K = SHAPES[name] if name in SHAPES else SIM_SHAPES[name]
+        if budget.out():
+            rows.append({"shape": name, "tokens": M, "rank": r, "skipped": "time budget"})
+            continue
+        x = torch.randn(M, K, device=device, dtype=DTYPE)
+        W = torch.randn(N, K, device=device, dtype=DTYPE) / K**0.5
+        A = torch.randn(r, K, device=device, dtype=DTYPE) / K**0.5
+        B = torch.randn(N, r, device=device, dtype=DTYPE) / r**0.5
+        out = torch.empty(M, N, device=device, dtype=DTYPE)
+        y, _ = lora_forward_triton(x, W, A, B, SCALE)
+        row = {"shape": name, "tokens": M, "rank": r, "flops": lora_flops(M, N, K, r),
+               "rel_err_vs_eager": rel_err(y, lora_eager(x.float(), W.float(), A.float(), B.float(), SCALE))}
+        columns = {"triton": lambda: lora_forward_triton(x, W, A, B, SCALE),
+                   "eager": lambda: lora_eager(x, W, A, B, SCALE),
+                   "bf16_gemm": lambda: x @ W.t(),
+                   "triton_gemm_no_lora": lambda: lora_gemm(x, W, W.stride(0), W.stride(1), None, None, 1.0, out)}
+        if (name, M, r) in compile_for:
+            fn = compiled(lora_eager)
+            if fn is not None:
+                columns["torch.compile"] = lambda: fn(x, W, A, B, SCALE)
+        for col, fn in columns.items():
+            t, err = measure(timer, fn)
+            flops = 2.0 * M * N * K if col in ("bf16_gemm", "triton_gemm_no_lora") else row["flops"]
+            row[col] = {"us": None if t is None else t * 1e6, "error": err,
+                        "TFLOPs": None if t is None else flops / t / 1e12,
+                        "frac_gemm_peak": None if t is None else flops / t / 1e12 / anchors["bf16_gemm_TFLOPs"]}
+        row["triton_config"] = str(getattr(lora_mod._tuned_gemm, "best_config", ""))
+        if backward:
+            xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
+            dy = torch.randn(M, N, device=device, dtype=DTYPE)
+            grads = [xg, Ag, Bg]
+            fb = {"triton_fwd_bwd": lambda: LoRAMatmul.apply(xg, W, Ag, Bg, SCALE).backward(dy),
+                  "eager_fwd_bwd": lambda: lora_eager(xg, W, Ag, Bg, SCALE).backward(dy)}
+            for col, fn in fb.items():
+                t, err = measure(timer, fn, grad_to_none=grads)
+                row[col] = {"us": None if t is None else t * 1e6, "error": err}
+            del xg, Ag, Bg, dy
+        rows.append(row)
+        del x, W, A, B, out, y
+        free(device)
+    return rows
+
+
+def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list[dict]:
+    from kernels import nf4_quantize, qlora_matmul
+    from kernels import qlora as qlora_mod
+    from kernels.nf4_dequant import nf4_dequantize_reference
+
+    rows = []
+    quantised = {}
+    for name, M, r in cases:
+        N, K = SHAPES[name] if name in SHAPES else SIM_SHAPES[name]
+        if budget.out():
+            rows.append({"shape": name, "tokens": M, "rank": r, "skipped": "time budget"})
+            continue
+        if name not in quantised:
+            quantised.clear()
+            free(device)
+            quantised[name] = nf4_quantize(torch.randn(N, K, device=device, dtype=DTYPE) / K**0.5)
+        q = quantised[name]
+        x = torch.randn(M, K, device=device, dtype=DTYPE)
+        A = torch.randn(r, K, device=device, dtype=DTYPE) / K**0.5
+        B = torch.randn(N, r, device=device, dtype=DTYPE) / r**0.5
+        with torch.no_grad():
+            W_dq = nf4_dequantize_reference(q, DTYPE)
+            expected = lora_eager(x.float(), W_dq.float(), A.float(), B.float(), SCALE)
+            row = {"shape": name, "tokens": M, "rank": r, "flops": lora_flops(M, N, K, r),
+                   "rel_err_fused": rel_err(qlora_matmul(x, q, A, B, SCALE, fused=True), expected),
+                   "rel_err_dequant_gemm": rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False), expected)}
+            row["fused_config"] = str(getattr(qlora_mod._tuned_qgemm, "best_config", ""))
+            columns = {"triton_fused": lambda: qlora_matmul(x, q, A, B, SCALE, fused=True),
+                       "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
+                       "eager_dequant_matmul": lambda: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE),
+                       "bf16_lora_unquantised": lambda: lora_eager(x, W_dq, A, B, SCALE)}
+            if (name, M) in compile_for:
+                fn = compiled(lambda x, A, B: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE))
+                if fn is not None:
+                    columns["torch.compile"] = lambda: fn(x, A, B)
+            if bnb is not None:
+                packed, state = q.to_bnb()
+                columns["bnb_dequant_matmul"] = lambda: lora_eager(x, bnb.dequantize_4bit(packed, state), A, B, SCALE)
+            for col, fn in columns.items():
+                t, err = measure(timer, fn)
+                row[col] = {"us": None if t is None else t * 1e6, "error": err,
+                            "TFLOPs": None if t is None else row["flops"] / t / 1e12}
+        rows.append(row)
+        del x, A, B, W_dq, expected
+        free(device)
+    return rows
+
+
+def free(device):
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+class Budget:
+    def __init__(self, seconds: float):
+        self.start, self.seconds = time.perf_counter(), seconds
+
+    def out(self) -> bool:
+        return time.perf_counter() - self.start > self.seconds
+
+
+# ---- targets ----------------------------------------------------------------------------------------------
+
+def us(row, col):
+    cell = row.get(col) or {}
+    return cell.get("us") if isinstance(cell, dict) else None
+
+
+def evaluate_targets(dequant, lora, qlora) -> list[dict]:
+    targets = []
+    for row in dequant:
+        if row.get("params", 0) >= 45_000_000 and us(row, "triton"):
+            frac = row["triton"]["frac_copy_bw"]
+            targets.append({"target": f"NF4 dequant {row['shape']}: >= 80% of copy bandwidth",
+                            "value": f"{100 * frac:.1f}%", "met": frac >= 0.80})
+            if us(row, "bitsandbytes"):
+                speedup = us(row, "bitsandbytes") / us(row, "triton")
+                targets.append({"target": f"NF4 dequant {row['shape']}: faster than bitsandbytes",
+                                "value": f"{speedup:.2f}x", "met": speedup > 1.0})
+    for row in lora:
+        if row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16 and us(row, "triton"):
+            if us(row, "bf16_gemm"):
+                ratio = us(row, "triton") / us(row, "bf16_gemm")
+                targets.append({"target": "fused LoRA fwd 4096x4096 r16 M4096: <= 1.10x bare bf16 GEMM (cuBLAS)",
+                                "value": f"{ratio:.3f}x", "met": ratio <= 1.10})
+            if us(row, "triton_gemm_no_lora"):
+                ratio = us(row, "triton") / us(row, "triton_gemm_no_lora")
+                targets.append({"target": "  (for reference) vs the same Triton GEMM without LoRA",
+                                "value": f"{ratio:.3f}x", "met": None})
+            if us(row, "eager"):
+                speedup = us(row, "eager") / us(row, "triton")
+                targets.append({"target": "fused LoRA fwd 4096x4096 r16 M4096: >= 1.3x faster than eager",
+                                "value": f"{speedup:.2f}x", "met": speedup >= 1.3})
+    for row in qlora:
+        if row.get("tokens", 1 << 30) <= 16 and us(row, "triton_fused") and us(row, "eager_dequant_matmul"):
+            speedup = us(row, "eager_dequant_matmul") / us(row, "triton_fused")
+            targets.append({"target": f"fused NF4+LoRA {row['shape']} M{row['tokens']}: >= 2x eager dequant+matmul",
+                            "value": f"{speedup:.1f}x", "met": speedup >= 2.0})
+    return targets
+
+
+# ---- output -----------------------------------------------------------------------------------------------
+
+def fmt_us(row, col):
+    cell = row.get(col)
+    if not isinstance(cell, dict):
+        return "-"
+    return "err" if cell.get("us") is None else f"{cell['us']:.1f}"
+
+
+def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
+    anchors = result["anchors"]
+    out = [("Machine anchors", ["quantity", "value"],
+            [["device", result["device"]], ["copy bandwidth (GB/s)", f"{anchors['copy_GBps']:.0f}"],
+             ["bf16 GEMM (TFLOP/s)", f"{anchors['bf16_gemm_TFLOPs']:.0f}"]])]
+    cols = ["triton", "eager", "torch.compile", "bitsandbytes"]
+    body = []
+    for row in result["dequant"]:
+        if "skipped" in row:
+            body.append([row["shape"], "skipped"] + [""] * 6)
+            continue
+        t = row["triton"]
+        body.append([row["shape"], f"{row['params'] / 1e6:.1f}M"] + [fmt_us(row, c) for c in cols]
+                    + [f"{t['GBps']:.0f}" if t.get("GBps") else "-",
+                       f"{100 * t['frac_copy_bw']:.0f}%" if t.get("frac_copy_bw") else "-"])
+    out.append(("NF4 dequantisation to bf16 (us; GB/s and % of copy bandwidth for Triton)",
+                ["shape", "params"] + cols + ["triton GB/s", "% copy BW"], body))
+    cols = ["triton", "eager", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
+    body = []
+    for row in result["lora"]:
+        if "skipped" in row:
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 7)
+            continue
+        t = row["triton"]
+        ratio = (f"{us(row, 'triton') / us(row, 'bf16_gemm'):.3f}" if us(row, "triton") and us(row, "bf16_gemm")
+                 else "-")
+        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
+                    + [f"{t['TFLOPs']:.0f}" if t.get("TFLOPs") else "-",
+                       f"{100 * t['frac_gemm_peak']:.0f}%" if t.get("frac_gemm_peak") else "-", ratio,
+                       fmt_us(row, "triton_fwd_bwd") + " / " + fmt_us(row, "eager_fwd_bwd")])
+    out.append(("Fused LoRA linear, forward (us); fwd+bwd Triton / eager (us)",
+                ["shape", "M", "r"] + cols + ["triton TFLOP/s", "% GEMM peak", "triton / bf16 GEMM", "fwd+bwd"],
+                body))
+    cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
+            "bf16_lora_unquantised"]
+    body = []
+    for row in result["qlora"]:
+        if "skipped" in row:
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 6)
+            continue
+        faster = ("fused" if us(row, "triton_fused") and us(row, "triton_dequant_gemm")
+                  and us(row, "triton_fused") < us(row, "triton_dequant_gemm") else "dequant+GEMM")
+        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols] + [faster])
+    out.append(("QLoRA linear, forward (us)", ["shape", "M", "r"] + cols + ["faster Triton path"], body))
+    out.append(("Targets", ["target", "value", "met"],
+                [[t["target"], t["value"], {True: "yes", False: "NO", None: ""}[t["met"]]] for t in result["targets"]]))
+    return out
+
+
+def print_table(title, header, body):
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)] if body else [len(h) for h in header]
+    print(f"\n{title}")
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for line in body:
+        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
+
+
+def markdown(result) -> str:
+    lines = [f"# Kernel benchmark ({result['device']})", "",
+             f"torch {result['torch']}, triton {result['triton']}, bitsandbytes {result['bitsandbytes']}; "
+             f"seed {result['seed']}; {'quick' if result['quick'] else 'full'} sweep; "
+             f"{result['elapsed_s']:.0f} s.", ""]
+    for title, header, body in tables(result):
+        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---- CPU-only mode ----------------------------------------------------------------------------------------
+
+def cpu_only(args) -> dict:
+    """Correctness smoke of every kernel in the Triton interpreter, and the CPU NF4 ratio vs bitsandbytes."""
+    from kernels import NF4Weight, lora_matmul, nf4_dequantize, nf4_quantize, qlora_matmul
+    from kernels.lora import lora_matmul_reference
+    from kernels.nf4_dequant import nf4_dequantize_reference
+    from kernels.qlora import qlora_matmul_reference
+
+    print("No CUDA device: no GPU timings. Running a correctness smoke of the kernels (Triton interpreter) and the "
+          "CPU ratio of pure-PyTorch NF4 quantise + dequantise vs bitsandbytes instead.")
+    smoke = []
+    os.environ["KERNELS_BACKEND"] = "triton"
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        x = torch.randn(5, 70).to(dtype)
+        W = (torch.randn(48, 70) / 8).to(dtype)
+        A, B = (torch.randn(8, 70) / 8).to(dtype), torch.randn(48, 8).to(dtype)
+        q = nf4_quantize(W)
+        checks = {
+            "nf4_dequantize bit-exact": torch.equal(nf4_dequantize(q, dtype), nf4_dequantize_reference(q, dtype)),
+            "lora_matmul rel err": rel_err(lora_matmul(x, W, A, B, 0.5), lora_matmul_reference(
+                x.double(), W.double(), A.double(), B.double(), 0.5)),
+            "qlora_matmul rel err": rel_err(qlora_matmul(x, q, A, B, 0.5), qlora_matmul_reference(
+                x.double(), q, A.double(), B.double(), 0.5)),
+        }
+        smoke.append({"dtype": str(dtype).replace("torch.", ""), **checks})
+    os.environ.pop("KERNELS_BACKEND")
+
+    w = torch.randn(4096, 4096, dtype=DTYPE) * 0.02
+    timings = {}
+
+    def best_of(fn, n=3):
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    q = nf4_quantize(w)
+    timings["ours_quantise_s"] = best_of(lambda: nf4_quantize(w))
+    timings["ours_dequantise_s"] = best_of(lambda: nf4_dequantize_reference(q, DTYPE))
+    try:
+        import bitsandbytes.functional as bnb
+
+        packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+        bnb.dequantize_4bit(packed, state)
+        timings["bnb_quantise_s"] = best_of(lambda: bnb.quantize_4bit(w, blocksize=64, compress_statistics=True,
+                                                                      quant_type="nf4"))
+        timings["bnb_dequantise_s"] = best_of(lambda: bnb.dequantize_4bit(packed, state))
+        timings["bit_exact_vs_bnb"] = (torch.equal(q.packed, packed)
+                                       and torch.equal(nf4_dequantize_reference(NF4Weight.from_bnb(packed, state)),
+                                                       bnb.dequantize_4bit(packed, state)))
+        timings["ratio_bnb_over_ours"] = ((timings["bnb_quantise_s"] + timings["bnb_dequantise_s"])
+                                          / (timings["ours_quantise_s"] + timings["ours_dequantise_s"]))
+    except ImportError:
+        timings["bitsandbytes"] = "not installed"
+    print_table("Correctness smoke (interpreter vs float64 references)", ["dtype", "dequant bit-exact",
+                "lora rel err", "qlora rel err"],
+                [[s["dtype"], str(s["nf4_dequantize bit-exact"]), f"{s['lora_matmul rel err']:.1e}",
+                  f"{s['qlora_matmul rel err']:.1e}"] for s in smoke])
+    body = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in timings.items()]
+    print_table("NF4 quantise + dequantise of a 4096x4096 bf16 weight on CPU (best of 3, s); ratio > 1: ours faster",
+                ["quantity", "value"], body)
+    return {"device": "cpu (no CUDA device)", "smoke": smoke, "cpu_nf4": timings, "threads": torch.get_num_threads()}
+
+
+# ---- main -------------------------------------------------------------------------------------------------
+
+SIM_SHAPES = {"64x96": (64, 96), "48x128": (48, 128)}
+
+
+def sweep(args):
+    """(dequant shapes, lora cases, qlora cases, compile sets) for the chosen mode."""
+    if args.simulate:
+        shapes = dict(SIM_SHAPES)
+        lora = [("64x96", 40, 8, True), ("48x128", 5, 16, False)]
+        qlora = [("64x96", m, 8) for m in (1, 16, 40)]
+        return shapes, lora, qlora, set(), set(), set()
+    if args.quick:
+        lora = [("4096x4096", 4096, r, r == 16) for r in (16, 8, 64)]
+        lora += [("4096x4096", m, 16, False) for m in (16, 256, 16384)]
+        lora += [(s, 4096, 16, s == "14336x4096") for s in ("11008x4096", "14336x4096", "28672x8192")]
+        qlora = [(s, m, 16) for s in ("4096x4096", "14336x4096") for m in (1, 16, 64, 256, 4096)]
+        qlora += [("28672x8192", m, 16) for m in (1, 16)]
+        return dict(SHAPES), lora, qlora, {"14336x4096"}, {("4096x4096", 4096, 16)}, {("4096x4096", 16)}
+    lora = [(s, m, r, m == 4096 and r == 16) for s in SHAPES for r in RANKS for m in TOKENS]
+    qlora = [(s, m, 16) for s in SHAPES for m in TOKENS]
+    return (dict(SHAPES), lora, qlora, set(SHAPES), {(s, 4096, 16) for s in SHAPES},
+            {(s, m) for s in SHAPES for m in (1, 16)})
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench_kernels", help="path stem: writes <out>.json and <out>.md")
+    parser.add_argument("--quick", action="store_true", help="headline cases only (about 3 minutes on an H200)")
+    parser.add_argument("--budget-s", type=float, default=float("inf"),
+                        help="stop starting new cases after this many seconds (the rest are marked skipped)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="run the GPU code path on CPU at toy sizes (checks the script, not the speed)")
+    args = parser.parse_args(argv)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnb
+        bnb_version = bitsandbytes.__version__
+    except Exception:  # noqa: BLE001 - missing or broken native library
+        bnb, bnb_version = None, "not installed"
+
+    if not torch.cuda.is_available() and not args.simulate:
+        result = cpu_only(args)
+    else:
+        if args.simulate:
+            os.environ["KERNELS_BACKEND"] = "triton"
+            device = torch.device("cpu")
+            name = "cpu (simulated GPU sweep, interpreter; timings meaningless)"
+        else:
+            device = torch.device("cuda")
+            name = torch.cuda.get_device_name(device)
+        timer = Timer(device, args.quick or args.simulate)
+        budget = Budget(args.budget_s)
+        anchors = measure_anchors(device, timer, args.simulate)
+        print(f"{name}: copy {anchors['copy_GBps']:.0f} GB/s, bf16 GEMM {anchors['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
+        shapes, lora_cases, qlora_cases, compile_dq, compile_lora, compile_qlora = sweep(args)
+        dequant = bench_dequant(shapes, device, timer, anchors, budget, compile_dq, bnb)
+        lora = bench_lora(lora_cases, device, timer, anchors, budget, compile_lora)
+        qlora = bench_qlora(qlora_cases, device, timer, anchors, budget, compile_qlora, bnb)
+        result = {"device": name, "anchors": anchors, "dequant": dequant, "lora": lora, "qlora": qlora,
+                  "targets": evaluate_targets(dequant, lora, qlora)}
+    result.update(torch=torch.__version__, triton=triton_version, bitsandbytes=bnb_version, seed=args.seed,
+                  quick=args.quick, python=platform.python_version(), elapsed_s=time.perf_counter() - start)
+    if "anchors" in result:
+        for title, header, body in tables(result):
+            print_table(title, header, body)
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(result))
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    print(f"\nwrote {args.out}.json" + (f" and {args.out}.md" if "anchors" in result else "")
+          + f" ({result['elapsed_s']:.0f} s)")
+    return result
+
+
+if __name__ == "__main__":
+    main()
