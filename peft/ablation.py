@@ -126,8 +126,8 @@ def pretrained_base(cfg: AblationConfig, tokenizer) -> tuple[Path, dict]:
     probe = base_config(cfg, str(tokenizer.path), Path("."))
     recipe = {"config": probe.to_dict(), "tokenizer": hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
               "torch": torch.__version__}
-    recipe["config"]["train"].pop("out_dir")
-    recipe["config"]["train"].pop("progress")
+    for section, key in (("train", "out_dir"), ("train", "progress"), ("data", "tokenizer"), ("data", "cache_dir")):
+        recipe["config"][section].pop(key)  # where things live does not change the model (the tokenizer's bytes do)
     key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     root = cache_dir(cfg.cache_dir) / "bases"
     final = root / f"base-{key}"
