@@ -1,7 +1,8 @@
 """Benchmark: our `Transformer` against Hugging Face `LlamaForCausalLM` with identical weights, on CPU.
 
 Measures, side by side in one run (alternating the models so that noise from other processes hits both):
-  * training step: forward + next-token cross-entropy + backward, tokens/s at batch 4 x 512;
+  * training step: forward + next-token cross-entropy + backward, tokens/s at batch 4 x 512, next to the
+    float32 GEMM floor: the time of just the weight-matrix products of that step (3 per matrix);
   * decode: greedy generation of 128 new tokens at batch 1, tokens/s (`llama.generate` vs HF `generate`),
     next to the float32 GEMV floor: the time one pass over every weight matrix takes at batch 1, the bound that
     no implementation of this model can beat at this precision on this machine;
@@ -136,6 +137,17 @@ def decode_hf(hf, prompt: list[int], n: int) -> tuple[Timer, list[int]]:
     return t, out[0, len(prompt):].tolist()
 
 
+def gemm_floor(model: Transformer, M: int) -> Timer:
+    """The three products per weight matrix of a training step on M tokens: y = x Wᵀ, dx = dy W, dW = dyᵀ x."""
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    act = {n: torch.randn(M, n) for w in weights for n in w.shape}  # inputs x [M, K] and gradients dy [M, N]
+    with Timer() as t:
+        for w in weights:
+            x, dy = act[w.shape[1]], act[w.shape[0]]
+            x @ w.T, dy @ w, dy.T @ x
+    return t
+
+
 def gemv_floor(model: Transformer, n: int) -> Timer:
     """n passes over every matrix the decoder multiplies by (not the embedding lookup) at batch 1."""
     weights = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
@@ -210,6 +222,8 @@ def main(argv=None) -> int:
                 model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
         for name, t in times.items():
             add(train, name, t, n_train, "loss: LeanCrossEntropy (proposal)" if "lean" in name else "")
+        add(train, "GEMM floor", [gemm_floor(model, n_train) for _ in range(args.repeats)], n_train,
+            "upper bound: the weight-matrix products of forward and backward only, float32")
         model.eval(), hf.eval()
 
     decode_ours(model, prompt, 8), decode_hf(hf, prompt, 8)  # warm-up
