@@ -116,11 +116,11 @@ def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return out
 
 
-_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+_TABLES: dict = {}
 
 
-def cached_on(device: torch.device, name: str, make) -> torch.Tensor:
-    """A small constant tensor (a code book) built once per device by `make(device)`."""
+def cached_on(device: torch.device, name: str, make):
+    """Small constant tensors (code books, lookup tables) built once per device by `make(device)`."""
     key = (str(device), name)
     if key not in _TABLES:
         _TABLES[key] = make(device)

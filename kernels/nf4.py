@@ -217,29 +217,32 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         raise ValueError(f"blocksize {blocksize} is not supported; use one of {BLOCKSIZES} (bitsandbytes' sizes)")
     if weight.numel() == 0:
         raise ValueError(f"weight of shape {tuple(weight.shape)} is empty; there is nothing to quantise")
-    check_finite(weight)
     flat = weight.detach().reshape(-1).float()  # [n]; float32 holds fp16/bf16 values exactly
     n = flat.numel()
     full = n - n % blocksize
 
-    # §2.3: per-block absmax, then w / absmax clamped to [-1, 1]. Full blocks multiply by the float32 reciprocal
-    # (a zero block gives 0 * 1e38 = 0 -> index 7), the partial block divides: both exactly as bitsandbytes.
+    # §2.3: per-block absmax, then w / absmax. Full blocks multiply by the float32 reciprocal (a zero block gives
+    # 0 * 1e38 = 0 -> index 7), the partial block divides: both exactly as bitsandbytes. (Its clamp to [-1, 1] is
+    # left out: every midpoint lies inside (-1, 1), so clamping never changes a code.)
     blocks = flat[:full].view(-1, blocksize)                                     # [nb_full, blocksize]
-    absmax = blocks.abs().amax(dim=1)                                            # [nb_full]
-    scaled = torch.clamp(blocks * (1.0 / absmax.clamp(min=1e-38))[:, None], -1, 1).reshape(-1)
+    absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg())         # = max |w|, without an |w| copy
     if full < n:
-        tail_absmax = flat[full:].abs().max().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_absmax[None]])
-        scaled = torch.cat([scaled, torch.clamp(flat[full:] / tail_absmax, -1, 1)])
+        absmax = torch.cat([absmax, flat[full:].abs().max().clamp(min=1e-38)[None]])
+    if not bool(torch.isfinite(absmax).all()):  # NaN and inf both reach some block's absmax
+        check_finite(weight)
+    inverse = 1.0 / absmax[: full // blocksize].clamp(min=1e-38)                 # [nb_full]
 
-    # Nearest NF4 value: count the midpoints strictly below the value (a value on a midpoint takes the lower code).
-    code = cached_on(flat.device, "nf4_code", nf4_code)
-    midpoints = (code[:-1] + code[1:]) / 2
+    q = torch.empty(n + n % 2, dtype=torch.uint8, device=flat.device)            # [n, +1 if odd]
+    for b0 in range(0, full // blocksize, _CHUNK // blocksize):                  # chunks keep temporaries in cache
+        b1 = min(b0 + _CHUNK // blocksize, full // blocksize)
+        scaled = (blocks[b0:b1] * inverse[b0:b1, None]).reshape(-1)
+        q[b0 * blocksize:b1 * blocksize] = _nearest_nf4_index(scaled)
+    if full < n:
+        q[full:n] = _nearest_nf4_index(flat[full:] / absmax[-1])
     if n % 2:
-        scaled = F.pad(scaled, (0, 1))  # padding value 0.0 -> index 7
-    q = torch.bucketize(scaled, midpoints, out_int32=True).to(torch.uint8)       # [n or n+1]
+        q[n] = NF4_ZERO_INDEX                                                    # padding value 0.0 -> index 7
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)                             # [(n+1)//2, 1]
-
+    code = cached_on(flat.device, "nf4_code", nf4_code)
     if not double_quant:
         return NF4Weight(packed, absmax, weight.shape, weight.dtype, blocksize, code)
     # §3 Double Quantization: centre the (all positive) absmax values, then 8-bit blockwise quantise them.
@@ -247,6 +250,34 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     codes, absmax2 = _quantize_dynamic_blockwise(absmax - offset, ABSMAX_BLOCKSIZE)
     return NF4Weight(packed, codes, weight.shape, weight.dtype, blocksize, code, absmax2,
                      cached_on(flat.device, "dynamic_code", dynamic_code), offset, ABSMAX_BLOCKSIZE)
+
+
+# Nearest NF4 code = the number of code-book midpoints strictly below the value (a value on a midpoint takes the
+# lower code), i.e. torch.bucketize(value, midpoints). Same answer, fewer passes: split [-1, 1] into 8192 cells.
+# Each cell, widened by 1e-6 on both sides (more than the rounding of the cell index), contains at most one
+# midpoint (neighbouring midpoints are >= 0.08 apart), so
+#     index = (midpoints below the widened cell) + (value > the midpoint inside it, or +inf if none).
+_CELLS = 8192
+_CHUNK = 1 << 20  # values per step of the quantiser and the reference dequantiser
+
+
+def _nf4_cell_tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    code = nf4_code(device)
+    midpoints = (code[:-1] + code[1:]) / 2                                                      # [15] float32
+    edges = torch.arange(_CELLS + 1, dtype=torch.float64, device=device) / (_CELLS / 2) - 1     # [cells + 1]
+    below = torch.searchsorted(midpoints.double(), edges[:-1] - 1e-6)                           # [cells]
+    inside = torch.searchsorted(midpoints.double(), edges[1:] + 1e-6) > below                   # [cells]
+    threshold = torch.where(inside, midpoints[below.clamp(max=14)], float("inf"))
+    return below.to(torch.uint8), threshold
+
+
+def _nearest_nf4_index(scaled: torch.Tensor) -> torch.Tensor:
+    """uint8 NF4 index of each value in `scaled` (float32 [n], roughly in [-1, 1])."""
+    below, threshold = cached_on(scaled.device, "nf4_cells", _nf4_cell_tables)
+    cell = (scaled * (_CELLS / 2)).add_(_CELLS / 2).to(torch.int32).clamp_(0, _CELLS - 1)     # [n]
+    index = below.index_select(0, cell)
+    index += scaled > threshold.index_select(0, cell)
+    return index
 
 
 # bitsandbytes' CPU 8-bit quantiser: values normalised to [-1, 1] fall into one of 65536 equal bins; each bin maps to

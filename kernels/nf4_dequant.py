@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ._triton import autotune, empty, launch, to_output, upcast
-from .nf4 import FLOAT_DTYPES, NF4Weight
+from .nf4 import _CHUNK, FLOAT_DTYPES, NF4Weight
 
 # Interpreter: one program per 64 absmax blocks (4096 values at blocksize 64); cost there is per program.
 INTERPRETER_META = dict(BLOCKS=64, TREE=False)
@@ -175,8 +175,9 @@ def absmax_float32(q: NF4Weight) -> torch.Tensor:
     """The float32 absmax of every block [nb]; double quantisation restored as code2[c] * absmax2[b // 256] + offset."""
     if not q.double_quant:
         return q.absmax
-    scale2 = q.absmax2.repeat_interleave(q.blocksize2)[: q.n_blocks]                # [nb]
-    return q.code2[q.absmax.long()] * scale2 + q.offset                            # multiply, round, add
+    values = q.code2[q.absmax.long()]                                              # [nb] float32
+    groups = torch.arange(q.n_blocks, device=q.device) // q.blocksize2             # [nb] second-level block
+    return values.mul_(q.absmax2[groups]).add_(q.offset)                           # multiply, round, add
 
 
 def nf4_dequantize_reference(q: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -190,7 +191,15 @@ def nf4_dequantize_reference(q: NF4Weight, dtype: torch.dtype | None = None) -> 
         raise TypeError(f"cannot dequantise to {dtype}; use one of {FLOAT_DTYPES + (torch.float64,)}")
     n, bs = q.numel, q.blocksize
     pairs = torch.stack([q.code.repeat_interleave(16), q.code.repeat(16)], dim=1)  # [256, 2]: byte -> (hi, lo)
-    values = pairs[q.packed.reshape(-1).long()].reshape(-1)                         # [2 * nbytes]
-    values = torch.nn.functional.pad(values, (0, q.n_blocks * bs - values.numel()))  # [nb * bs], tail zeros
-    values = values.view(q.n_blocks, bs) * absmax_float32(q)[:, None]               # [nb, bs] float32
-    return values.reshape(-1)[:n].to(dtype).reshape(q.shape)
+    absmax = absmax_float32(q)                                                     # [nb]
+    packed = q.packed.reshape(-1)
+    out = torch.empty(n, dtype=dtype, device=q.device)
+    step = max(1, _CHUNK // bs)                                                    # blocks per step (in cache)
+    for b0 in range(0, q.n_blocks, step):
+        b1 = min(b0 + step, q.n_blocks)
+        values = pairs.index_select(0, packed[b0 * bs // 2: b1 * bs // 2].to(torch.int32)).reshape(-1)
+        if values.numel() < (b1 - b0) * bs:                                        # last block partial
+            values = torch.nn.functional.pad(values, (0, (b1 - b0) * bs - values.numel()))
+        values = values.view(b1 - b0, bs).mul_(absmax[b0:b1, None]).reshape(-1)   # float32 products
+        out[b0 * bs: min(b1 * bs, n)] = values[: min(b1 * bs, n) - b0 * bs]      # one cast to dtype
+    return out.reshape(q.shape)
