@@ -25,7 +25,7 @@ import shutil
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,13 +41,16 @@ BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 # Each method's options and peak learning rate. LoRA and QLoRA share one config (the QLoRA recipe's "all block
 # linears"), so the pair isolates the effect of the NF4 base. Adapters/Excitor use every layer of the tiny base.
+# Learning rates: the best held-out loss of a small sweep on the default task and budget (1e-3 … 1e-1; full
+# fine-tuning was already at 100% exact match with 1e-3). Prompt-based methods want much larger rates, as in their
+# papers (LLaMA-Adapter: 9e-3 at batch 64 with far larger models).
 METHODS: dict[str, tuple[dict, float]] = {
     "full": ({}, 1e-3),
-    "lora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 3e-3),
-    "qlora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 3e-3),
-    "adapter_v1": ({"adapter_len": 10}, 1e-2),
-    "adapter_v2": ({"adapter_len": 10}, 1e-2),
-    "excitor": ({"adapter_len": 10, "rank": 8}, 1e-2),
+    "lora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 1e-2),
+    "qlora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 1e-2),
+    "adapter_v1": ({"adapter_len": 10}, 1e-1),
+    "adapter_v2": ({"adapter_len": 10}, 3e-2),
+    "excitor": ({"adapter_len": 10, "rank": 8}, 3e-2),
 }
 
 
@@ -245,7 +248,8 @@ def format_table(report: dict) -> str:
             "exact match |")
     lines = [head, "|" + " --- |" * 8]
     b = report["base"]
-    lines.append(f"| base (no fine-tuning) | 0 | 0 | – | – | – | {b['eval_loss']:.3f} | {100 * b['exact_match']:.1f}% |")
+    lines.append(f"| base (no fine-tuning) | 0 | 0 | – | – | – | {b['eval_loss']:.3f} | "
+                 f"{100 * b['exact_match']:.1f}% |")
     for r in report["rows"]:
         lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_memory_mb']:.1f} | "
                      f"{r['step_time_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['eval_loss']:.3f} | "

@@ -21,7 +21,6 @@ world size to keep the "sum / global N" normalisation. Only rank 0 writes files,
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -29,7 +28,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -37,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from . import checkpointing
 from .data import IGNORE_INDEX, Batch, Row, RowOrder, collate
@@ -108,7 +108,7 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Optimizer, LambdaLR]:
     """AdamW (arXiv 1711.05101) over the trainable parameters; weight decay on matrices only."""
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
@@ -119,8 +119,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> tuple[torch.optim.Opt
     groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
                           {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps,
-                                                                         cfg.min_lr_ratio))
+    schedule = LambdaLR(optimizer, WarmupCosine(cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio))
     return optimizer, schedule
 
 
@@ -262,7 +261,8 @@ class MetricsLog:
         self.jsonl, self.csv = out_dir / "metrics.jsonl", out_dir / "metrics.csv"
         if keep_up_to_step > 0 and self.jsonl.exists():
             # resuming: drop whatever a killed run logged after its last checkpoint, so every step appears once
-            self.records = [r for r in map(json.loads, self.jsonl.read_text().splitlines()) if r["step"] <= keep_up_to_step]
+            lines = self.jsonl.read_text().splitlines()
+            self.records = [r for r in map(json.loads, lines) if r["step"] <= keep_up_to_step]
         self._rewrite()
 
     def _rewrite(self) -> None:
@@ -411,7 +411,8 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if is_eval and (eval_rows or evaluators):
             if eval_rows:
-                record["eval_loss"] = evaluate_loss(model, list(eval_rows), cfg.micro_batch_size, pad_id, length, device)
+                record["eval_loss"] = evaluate_loss(model, list(eval_rows), cfg.micro_batch_size, pad_id, length,
+                                                    device)
             for fn in evaluators:
                 record.update(fn(model))
             model.train()
@@ -435,6 +436,3 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
-
-def config_dict(cfg) -> dict:
-    return asdict(cfg)

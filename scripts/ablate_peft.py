@@ -37,11 +37,11 @@ def main(argv=None) -> dict:
     p.add_argument("--base-steps", type=int, default=d.base_steps, help="pre-training steps (default %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="cap every step count (smoke tests)")
     p.add_argument("--n-eval", type=int, default=d.n_eval, help="held-out examples (default %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: PyTorch's choice)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny matrices gain little "
+                   "from more, a busy machine loses a lot, and one thread gives the same bits on every machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_args(argv)
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    torch.set_num_threads(a.threads)
     cfg = AblationConfig(task=a.task, methods=tuple(a.methods), seed=a.seed, out=a.out, cache_dir=a.cache_dir,
                          device=a.device, steps=a.steps, base_steps=a.base_steps, max_steps=a.max_steps,
                          n_eval=a.n_eval, progress=not a.no_progress)

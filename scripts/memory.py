@@ -28,7 +28,8 @@ def qlora_claims() -> list[dict]:
     qlora = estimate(args, "qlora", "bf16", batch=1, seq_len=512, grad_checkpointing=True)
     states = full.weights + full.gradients + full.optimizer
     return [{"claim": "16-bit full fine-tuning of LLaMA-65B needs more than 780 GB",
-             "computed_gb": states / 1e9, "what": "bf16 weights + bf16 gradients + fp32 Adam m, v", "holds": states > 780e9},
+             "computed_gb": states / 1e9, "what": "bf16 weights + bf16 gradients + fp32 Adam m, v",
+             "holds": states > 780e9},
             {"claim": "QLoRA fine-tunes LLaMA-65B on one 48 GB GPU", "computed_gb": qlora.total / 1e9,
              "what": "NF4+DQ base, LoRA r=64 on all block linears, bf16, batch 1 × 512, gradient checkpointing",
              "holds": qlora.total < 48e9}]

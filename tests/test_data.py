@@ -1,4 +1,4 @@
-"""Built-in data: corpus, cached tokenizer, synthetic tasks and their splits, user files, SFT masking, packing, order."""
+"""Built-in data: corpus, cached tokenizer, synthetic tasks and splits, user files, SFT masking, packing, order."""
 
 import json
 import re

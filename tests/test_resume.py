@@ -121,7 +121,8 @@ def test_resume_rejects_another_model_or_method(tmp_path, tokenizer_path):
     with pytest.raises(ValueError, match=r"different run(.|\n)*model: checkpoint"):
         run(load_config(None, args + ["--model.dim=64"]), quiet=True)
     with pytest.raises(ValueError, match=r"different run(.|\n)*batch_size"):
-        run(load_config(None, [a for a in args if not a.startswith("--train.batch_size")] + ["--train.batch_size=8"]), quiet=True)
+        other_batch = [a for a in args if not a.startswith("--train.batch_size")] + ["--train.batch_size=8"]
+        run(load_config(None, other_batch), quiet=True)
 
 
 def test_resume_without_checkpoint_and_overwrite_are_errors(tmp_path, tokenizer_path):
