@@ -26,6 +26,7 @@ Interpreter caveats the kernels work around (research notes kernels.md §5):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -52,7 +53,7 @@ def backend(*tensors: torch.Tensor) -> str:
 
 def interpreted(device: torch.device) -> bool:
     """True when a launch on `device` runs in Triton's interpreter rather than as a compiled CUDA kernel."""
-    return device.type != "cuda" or triton.knobs.runtime.interpret
+    return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0").strip() == "1"
 
 
 _TWINS: dict = {}
@@ -95,8 +96,10 @@ def autotune(configs: list, key: list[str], prune=None, **kwargs):
         kept = prune(configs, {**named_args, **meta}) if prune else configs
         return kept[:1] if os.environ.get(AUTOTUNE_ENV, "1").strip() == "0" else kept
 
-    return triton.autotune(configs=configs, key=key, do_bench=_bench_for_autotune,
-                           prune_configs_by={"early_config_prune": early_config_prune}, **kwargs)
+    if "do_bench" in inspect.signature(triton.autotune).parameters:  # Triton >= 3.2; older ones use their default
+        kwargs["do_bench"] = _bench_for_autotune
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": early_config_prune},
+                           **kwargs)
 
 
 def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **kwargs) -> None:

@@ -85,6 +85,9 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
     rank = p.shape[1] if has_lora else 1
     if M == 0 or N == 0:
         return
+    if K == 0:  # nothing to reduce over (and x may have no storage to point at): only the LoRA term remains
+        out.copy_(scale * (p.float() @ q.float()) if has_lora else torch.zeros_like(out))
+        return
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch(_tuned_gemm, grid,
            x, w, p, q, out, M, N, K, rank, scale,

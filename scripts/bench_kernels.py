@@ -145,6 +145,7 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
             row[col] = {"us": None if t is None else t * 1e6, "error": err,
                         "GBps": None if t is None else row["bytes"] / t / 1e9,
                         "frac_copy_bw": None if t is None else row["bytes"] / t / 1e9 / anchors["copy_GBps"]}
+        progress(row, ["triton", "eager", "torch.compile", "bitsandbytes"])
         rows.append(row)
         del q, reference, ours
         free(device)
@@ -187,17 +188,14 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
                    "eager": lambda: lora_eager(x, W, A, B, SCALE),
                    "bf16_gemm": lambda: x @ W.t(),
                    "triton_gemm_no_lora": lambda: lora_gemm(x, W, W.stride(0), W.stride(1), None, None, 1.0, out)}
-        if (name, M, r) in compile_for:
-            fn = compiled(lora_eager)
-            if fn is not None:
-                columns["torch.compile"] = lambda: fn(x, W, A, B, SCALE)
         for col, fn in columns.items():
             t, err = measure(timer, fn)
             flops = 2.0 * M * N * K if col in ("bf16_gemm", "triton_gemm_no_lora") else row["flops"]
             row[col] = {"us": None if t is None else t * 1e6, "error": err,
                         "TFLOPs": None if t is None else flops / t / 1e12,
                         "frac_gemm_peak": None if t is None else flops / t / 1e12 / anchors["bf16_gemm_TFLOPs"]}
-        row["triton_config"] = str(getattr(lora_mod._tuned_gemm, "best_config", ""))
+            if col == "triton":
+                row["triton_config"] = str(getattr(lora_mod._tuned_gemm, "best_config", ""))
         if backward:
             xg, Ag, Bg = (t.clone().requires_grad_() for t in (x, A, B))
             dy = torch.randn(M, N, device=device, dtype=DTYPE)
@@ -208,6 +206,12 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
                 t, err = measure(timer, fn, grad_to_none=grads)
                 row[col] = {"us": None if t is None else t * 1e6, "error": err}
             del xg, Ag, Bg, dy
+        if (name, M, r) in compile_for:  # last: compiling takes seconds and must not delay the columns above
+            fn = compiled(lora_eager)
+            t, err = measure(timer, lambda: fn(x, W, A, B, SCALE)) if fn is not None else (None, "unavailable")
+            row["torch.compile"] = {"us": None if t is None else t * 1e6, "error": err,
+                                    "TFLOPs": None if t is None else row["flops"] / t / 1e12}
+        progress(row, ["triton", "eager", "bf16_gemm", "triton_gemm_no_lora", "torch.compile"])
         rows.append(row)
         del x, W, A, B, out, y
         free(device)
@@ -245,21 +249,28 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                        "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
                        "eager_dequant_matmul": lambda: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE),
                        "bf16_lora_unquantised": lambda: lora_eager(x, W_dq, A, B, SCALE)}
-            if (name, M) in compile_for:
-                fn = compiled(lambda x, A, B: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE))
-                if fn is not None:
-                    columns["torch.compile"] = lambda: fn(x, A, B)
             if bnb is not None:
                 packed, state = q.to_bnb()
                 columns["bnb_dequant_matmul"] = lambda: lora_eager(x, bnb.dequantize_4bit(packed, state), A, B, SCALE)
+            if (name, M) in compile_for:  # last: compiling takes seconds
+                fn = compiled(lambda x, A, B: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE))
+                if fn is not None:
+                    columns["torch.compile"] = lambda: fn(x, A, B)
             for col, fn in columns.items():
                 t, err = measure(timer, fn)
                 row[col] = {"us": None if t is None else t * 1e6, "error": err,
                             "TFLOPs": None if t is None else row["flops"] / t / 1e12}
+        progress(row, ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "bnb_dequant_matmul"])
         rows.append(row)
         del x, A, B, W_dq, expected
         free(device)
     return rows
+
+
+def progress(row, cols):
+    """One line per measured case, so a log cut short still holds the numbers."""
+    label = " ".join(f"{k}={row[k]}" for k in ("shape", "tokens", "rank") if k in row)
+    print(f"  {label}: " + ", ".join(f"{c} {fmt_us(row, c)} us" for c in cols if c in row), flush=True)
 
 
 def free(device):
@@ -467,24 +478,38 @@ def cpu_only(args) -> dict:
 SIM_SHAPES = {"64x96": (64, 96), "48x128": (48, 128)}
 
 
-def sweep(args):
-    """(dequant shapes, lora cases, qlora cases, compile sets) for the chosen mode."""
+def stages(args):
+    """The sweep as ordered stages (kind, cases, torch.compile set); the issue's target cases come first, so that a
+    time budget cuts the extras rather than the targets."""
     if args.simulate:
-        shapes = dict(SIM_SHAPES)
-        lora = [("64x96", 40, 8, True), ("48x128", 5, 16, False)]
-        qlora = [("64x96", m, 8) for m in (1, 16, 40)]
-        return shapes, lora, qlora, set(), set(), set()
+        return [("dequant", dict(SIM_SHAPES), set()),
+                ("lora", [("64x96", 40, 8, True), ("48x128", 5, 16, False)], set()),
+                ("qlora", [("64x96", m, 8) for m in (1, 16, 40)], set())]
     if args.quick:
-        lora = [("4096x4096", 4096, r, r == 16) for r in (16, 8, 64)]
-        lora += [("4096x4096", m, 16, False) for m in (16, 256, 16384)]
-        lora += [(s, 4096, 16, s == "14336x4096") for s in ("11008x4096", "14336x4096", "28672x8192")]
-        qlora = [(s, m, 16) for s in ("4096x4096", "14336x4096") for m in (1, 16, 64, 256, 4096)]
-        qlora += [("28672x8192", m, 16) for m in (1, 16)]
-        return dict(SHAPES), lora, qlora, {"14336x4096"}, {("4096x4096", 4096, 16)}, {("4096x4096", 16)}
-    lora = [(s, m, r, m == 4096 and r == 16) for s in SHAPES for r in RANKS for m in TOKENS]
-    qlora = [(s, m, 16) for s in SHAPES for m in TOKENS]
-    return (dict(SHAPES), lora, qlora, set(SHAPES), {(s, 4096, 16) for s in SHAPES},
-            {(s, m) for s in SHAPES for m in (1, 16)})
+        return [
+            ("dequant", dict(SHAPES), set()),
+            ("lora", [("4096x4096", 4096, 16, True)], {("4096x4096", 4096, 16)}),
+            ("qlora", [(s, m, 16) for s in ("4096x4096", "14336x4096", "28672x8192") for m in (1, 16)],
+             {("4096x4096", 16)}),
+            ("lora", [("4096x4096", 4096, r, False) for r in (8, 64)]
+             + [("4096x4096", m, 16, False) for m in (16, 256, 16384)]
+             + [(s, 4096, 16, s == "14336x4096") for s in ("11008x4096", "14336x4096", "28672x8192")], set()),
+            ("qlora", [(s, m, 16) for s in ("4096x4096", "14336x4096") for m in (64, 256, 4096)], set()),
+        ]
+    return [
+        ("dequant", dict(SHAPES), set(SHAPES)),
+        ("lora", [(s, m, r, m == 4096 and r == 16) for s in SHAPES for r in RANKS for m in TOKENS],
+         {(s, 4096, 16) for s in SHAPES}),
+        ("qlora", [(s, m, 16) for s in SHAPES for m in TOKENS], {(s, m) for s in SHAPES for m in (1, 16)}),
+    ]
+
+
+def save(result, out):
+    with open(out + ".json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    if "anchors" in result:
+        with open(out + ".md", "w") as f:
+            f.write(markdown(result))
 
 
 def main(argv=None):
@@ -527,12 +552,20 @@ def main(argv=None):
         budget = Budget(args.budget_s)
         anchors = measure_anchors(device, timer, args.simulate)
         print(f"{name}: copy {anchors['copy_GBps']:.0f} GB/s, bf16 GEMM {anchors['bf16_gemm_TFLOPs']:.0f} TFLOP/s")
-        shapes, lora_cases, qlora_cases, compile_dq, compile_lora, compile_qlora = sweep(args)
-        dequant = bench_dequant(shapes, device, timer, anchors, budget, compile_dq, bnb)
-        lora = bench_lora(lora_cases, device, timer, anchors, budget, compile_lora)
-        qlora = bench_qlora(qlora_cases, device, timer, anchors, budget, compile_qlora, bnb)
-        result = {"device": name, "anchors": anchors, "dequant": dequant, "lora": lora, "qlora": qlora,
-                  "targets": evaluate_targets(dequant, lora, qlora)}
+        result = {"device": name, "anchors": anchors, "dequant": [], "lora": [], "qlora": [], "targets": [],
+                  "torch": torch.__version__, "triton": triton_version, "bitsandbytes": bnb_version,
+                  "seed": args.seed, "quick": args.quick, "elapsed_s": 0.0}
+        for kind, cases, compile_for in stages(args):
+            print(f"-- {kind}", flush=True)
+            if kind == "dequant":
+                result[kind] += bench_dequant(cases, device, timer, anchors, budget, compile_for, bnb)
+            elif kind == "lora":
+                result[kind] += bench_lora(cases, device, timer, anchors, budget, compile_for)
+            else:
+                result[kind] += bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb)
+            result["targets"] = evaluate_targets(result["dequant"], result["lora"], result["qlora"])
+            result["elapsed_s"] = time.perf_counter() - start
+            save(result, args.out)  # after every stage: a run stopped from outside keeps what it measured
     if bnb is None:
         try:
             import bitsandbytes
@@ -544,10 +577,7 @@ def main(argv=None):
     if "anchors" in result:
         for title, header, body in tables(result):
             print_table(title, header, body)
-        with open(args.out + ".md", "w") as f:
-            f.write(markdown(result))
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
+    save(result, args.out)
     print(f"\nwrote {args.out}.json" + (f" and {args.out}.md" if "anchors" in result else "")
           + f" ({result['elapsed_s']:.0f} s)")
     return result

@@ -13,8 +13,8 @@ import kernels.nf4_dequant as nf4_dequant
 from kernels import nf4_quantize
 from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 
 
 @pytest.fixture(autouse=True)

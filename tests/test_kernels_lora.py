@@ -15,9 +15,13 @@ import kernels
 from kernels.lora import (LoRAMatmul, lora_backward_triton, lora_forward_triton, lora_gemm, lora_grad_dS_dB,
                           lora_matmul_reference)
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Every dtype in the interpreter; on a GPU bfloat16 (the training dtype) and float32 (the IEEE-dot path): each
+# (dtype, shape) is a separate compilation there, and the GPU check has a few minutes.
+DEVICE_DTYPES = [("cpu", d) for d in DTYPES] + [pytest.param("cuda", d, marks=GPU)
+                                                for d in (torch.bfloat16, torch.float32)]
 
 # Tolerance table: max |kernel - reference| <= TOL[dtype] * max |reference|, where the reference is computed in
 # float64 from the same (already rounded) inputs. Roughly 10x the rounding error of one output in that dtype at
@@ -62,8 +66,7 @@ def reference64(x, W, A, B, scale, dy):
 SHAPES = [(37, 70, 100, 8), (1, 45, 33, 16), (65, 33, 130, 20), (3, 129, 64, 1)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 def test_forward_and_backward_match_float64_autograd(shape, dtype, device):
     M, N, K, r = shape

@@ -13,9 +13,13 @@ from kernels.lora import lora_matmul_reference
 from kernels.nf4_dequant import nf4_dequantize_reference
 from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
 
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA device")])]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Every dtype in the interpreter; on a GPU bfloat16 (the training dtype) and float32 (the IEEE-dot path): each
+# (dtype, shape) is a separate compilation there, and the GPU check has a few minutes.
+DEVICE_DTYPES = [("cpu", d) for d in DTYPES] + [pytest.param("cuda", d, marks=GPU)
+                                                for d in (torch.bfloat16, torch.float32)]
 # max |kernel - reference| <= TOL * max |reference| (reference: float64 LoRA on the weight dequantised to the
 # compute dtype, from the same rounded inputs); as in tests/test_kernels_lora.py.
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -56,8 +60,7 @@ def reference64(x, q, A, B, scale, dy):
 CASES = [(5, 70, 100, 8, True), (1, 33, 128, 16, True), (40, 64, 33, 4, False), (3, 50, 192, 24, True)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("device, dtype", DEVICE_DTYPES)
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "dequant_then_gemm"])
 @pytest.mark.parametrize("case", CASES)
 def test_forward_and_backward_match_lora_on_dequantised_weight(case, fused, dtype, device):

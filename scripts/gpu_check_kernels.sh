@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# One-shot GPU check of kernels/ on a lent CUDA machine (written for an H200; no network needed).
+#   1. finds a Python with torch (CUDA build) + triton, prints versions and the GPU;
+#   2. runs the CUDA-parametrised kernel tests (pytest -m gpu; KERNELS_AUTOTUNE=0: one config per kernel, so the
+#      step is mostly compilation), log in $OUT/gpu_tests.log;
+#   3. runs scripts/bench_kernels.py --quick with a time budget, tables printed and written to
+#      $OUT/bench_kernels.{json,md} (the autotuned kernels' outputs are checked against references there too).
+# Whole script: under 6 minutes (tests <= 130 s, bench budget 150 s + the case in flight, hard stop at 210 s).
+#
+#   OUT=/some/dir bash scripts/gpu_check_kernels.sh          # OUT defaults to ./gpu_check_out
+# Exit status: that of the tests (the benchmark runs either way).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_check_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_DEFAULT_FP_FUSION=1  # silences Triton 3.9's notice; every launch here sets fp fusion explicitly
+
+PY=""
+for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do
+  [ -n "$candidate" ] || continue
+  if command -v "$candidate" >/dev/null 2>&1 && "$candidate" -c "import torch, triton" >/dev/null 2>&1; then
+    PY="$candidate"; break
+  fi
+done
+if [ -z "$PY" ]; then
+  echo "no Python with both torch and triton found (tried \$PYTHON, .venv/bin/python, python3, python)"; exit 2
+fi
+echo "== python: $(command -v "$PY")"
+"$PY" - <<'EOF'
+import platform, torch, triton
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}")
+try:
+    import bitsandbytes
+    print(f"bitsandbytes {bitsandbytes.__version__}")
+except Exception as e:  # noqa: BLE001
+    print(f"bitsandbytes: not available ({type(e).__name__})")
+if not torch.cuda.is_available():
+    raise SystemExit("torch sees no CUDA device: nothing to check here")
+p = torch.cuda.get_device_properties(0)
+print(f"GPU: {p.name}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs, sm_{p.major}{p.minor}")
+EOF
+[ $? -eq 0 ] || exit 2
+
+echo "== 1/2 CUDA kernel tests (pytest -m gpu, KERNELS_AUTOTUNE=0)"
+start=$SECONDS
+if "$PY" -c "import pytest" >/dev/null 2>&1; then
+  KERNELS_AUTOTUNE=0 timeout 130 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+      tests/test_kernels_lora.py tests/test_kernels_qlora.py tests/test_kernels_dequant.py \
+      > "$OUT/gpu_tests.log" 2>&1
+  tests_rc=$?
+  tail -n 25 "$OUT/gpu_tests.log"
+  [ $tests_rc -eq 124 ] && echo "(tests stopped by the 130 s timeout)"
+else
+  echo "pytest is not installed here: skipping the test step; the benchmark still checks every output"
+  tests_rc=3
+fi
+echo "   tests: rc=$tests_rc, $((SECONDS - start)) s"
+
+echo "== 2/2 benchmark (quick sweep, 150 s budget)"
+start=$SECONDS
+timeout 210 "$PY" scripts/bench_kernels.py --quick --budget-s 150 --seed 0 --out "$OUT/bench_kernels" \
+    2>&1 | tee "$OUT/bench.log" | grep -v "^W[0-9]* " | tail -n 80
+echo "   bench: rc=${PIPESTATUS[0]}, $((SECONDS - start)) s; results in $OUT"
+exit $tests_rc
