@@ -102,3 +102,95 @@ def test_32k_forward_fits_in_a_few_hundred_mib():
     before, peak = peak_rss(32768)
     assert peak - before < 512 * 2**20  # a dense float32 32k×32k mask alone would add 4 GiB
     assert peak < 2 * 2**30
+
+
+# -- the context-extension ablation (llama.context_ablation, scripts/ablate_context.py) ---------------------------
+
+import importlib.util  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+
+import torch.nn.functional as F  # noqa: E402
+
+from llama.context_ablation import (VARIANTS, ContextAblationConfig, base_args, format_table,  # noqa: E402
+                                    passkey_document, plot, run, scaling_for)
+
+DOCS = [f"def f{i}(x):\n    '''Return x plus {i}, the {i}-th helper of this module.'''\n    return x + {i}\n" * 3
+        for i in range(300)]
+
+
+def adamw_loop(model, windows, spec, on_step=None):
+    """A plain training loop (independent of peft.train)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
+    losses = []
+    for step in range(spec.steps):
+        w = torch.tensor(windows[step * spec.batch_size:(step + 1) * spec.batch_size])
+        loss = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.mark.parametrize("length", [48, 64, 512])
+def test_passkey_document_layout(length):
+    ids, key = passkey_document(random.Random(length), length)
+    text = bytes(ids).decode("ascii")
+    assert len(ids) == length + 1 and text.endswith(f"What is the key? {key}")
+    assert text.count(f"The key is {key}. ") == 1 and len(key) == 5 and key.isdigit()
+
+
+def test_passkey_document_too_short():
+    with pytest.raises(ValueError, match="needs at least"):
+        passkey_document(random.Random(0), 30)
+
+
+def test_variants_and_base_layouts():
+    cfg = ContextAblationConfig()
+    assert scaling_for("none", cfg) is None and scaling_for("irope", cfg) is None
+    assert {scaling_for(v, cfg).rope_type for v in ("linear", "dynamic", "yarn", "llama3")} == \
+        {"linear", "dynamic", "yarn", "llama3"}
+    assert all(scaling_for(v, cfg).factor == 8 for v in ("linear", "dynamic", "yarn", "llama3"))
+    irope = base_args(cfg, irope=True)
+    specs = [irope.layer_spec(i) for i in range(irope.n_layers)]
+    assert [s.use_rope for s in specs] == [True, True, True, False]
+    assert specs[0].attention_chunk_size == cfg.train_len and specs[3].temperature_tuning
+    assert base_args(cfg, irope=False).layer_spec(3).use_rope
+
+
+def test_tiny_context_run_report_table_and_plot(tmp_path):
+    cfg = ContextAblationConfig(train_len=48, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
+                                base_steps=2, ft_steps=1, eval_tokens=192, n_passkey=2)
+    report = run(cfg, DOCS, adamw_loop, log=lambda *a: None)
+    assert list(report["results"]) == list(VARIANTS) and report["lengths"] == [48, 96]
+    for res in report["results"].values():
+        for stage in ("no_ft", "ft"):
+            assert set(res[stage]["ppl"]) == {48, 96} and all(p > 1 for p in res[stage]["ppl"].values())
+            assert all(0 <= a <= 1 for a in res[stage]["passkey"].values())
+    assert len(report["curves"]["ft-yarn"]) == 1 and len(report["curves"]["base-irope"]) == 2
+    assert all(v in format_table(report) for v in VARIANTS)
+    plot(report, tmp_path / "ctx.png")
+    assert (tmp_path / "ctx.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("kw, message", [(dict(variants=("none", "rerope")), "unknown context variants"),
+                                         (dict(train_len=32), "train_len must be >= 48"),
+                                         (dict(max_ratio=6), "max_ratio must be a power of two")])
+def test_bad_context_config(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ContextAblationConfig(**kw)
+
+
+def test_context_script_end_to_end_through_the_project_training_loop(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ablate_context", root / "scripts" / "ablate_context.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--train-len", "48", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
+                 "--base-steps", "2", "--ft-steps", "1", "--eval-tokens", "192", "--n-passkey", "2",
+                 "--variants", "none", "linear", "--corpus-chars", "100000", "--threads", "1", "--seed", "5",
+                 "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["seed"] == 5 and set(saved["results"]) == {"none", "linear"}
+    assert (tmp_path / "context_ablation.png").exists()

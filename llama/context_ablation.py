@@ -1,0 +1,241 @@
+"""Context extension on a tiny model: which RoPE treatment lets a model trained on windows of L bytes read 2L-8L?
+
+Run by `scripts/ablate_context.py`, which supplies the text and the project's one training loop (`peft.train`,
+passed in as `train_fn`, because llama/ never imports peft/).
+
+Protocol (Position Interpolation, arXiv 2306.15595 §3, scaled down to a CPU budget):
+  1. Data: the bytes (vocabulary 256) of the given documents, split into train / held-out by document. A fraction
+     of the training windows are passkey documents (below), so that retrieval can be learnt at length L.
+  2. Two base models pre-trained at L with the same budget:
+       rope  - RoPE in every layer;
+       irope - Llama 4's recipe scaled down: every 4th layer NoPE with global attention and attention-temperature
+               tuning (floor_scale = L), the others RoPE with chunked attention (chunk = L), so that no RoPE layer
+               ever sees a distance it was not trained on.
+  3. Variants: the rope base read with no scaling ("none": extrapolation), linear PI, dynamic NTK, YaRN and llama3 —
+     the static ones with factor s = the longest ratio, L0 = L — and the irope base.
+  4. Each variant without and with a short fine-tune at s·L (same data mix, its scaling switched on).
+  5. Metrics per length ℓ ∈ {L, 2L, 4L, 8L}: held-out perplexity per byte over windows of ℓ (the same text cut
+     differently), and passkey accuracy: a 5-digit key stated at a random depth of filler text and asked for at the
+     end; a hit needs all 5 digits right (arg-max of the teacher-forced predictions).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+
+from .config import ModelArgs, RopeScaling
+from .model import Transformer
+from .toy_data import TrainFn, TrainSpec, byte_stream, perplexity, split_documents
+
+VARIANTS = ("none", "linear", "dynamic", "yarn", "llama3", "irope")
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+
+
+@dataclass
+class ContextAblationConfig:
+    train_len: int = 64  # L, in bytes
+    max_ratio: int = 8  # evaluate at L, 2L, ... max_ratio·L; the static scalings use factor = max_ratio
+    dim: int = 64
+    n_layers: int = 4
+    n_heads: int = 4
+    rope_theta: float = 10000.0
+    batch_tokens: int = 2048  # tokens per optimizer step, at every length
+    base_steps: int = 1000
+    base_lr: float = 3e-3
+    ft_steps: int = 40
+    ft_lr: float = 1e-3
+    passkey_fraction: float = 0.25  # share of training windows that are passkey documents
+    eval_tokens: int = 8192  # held-out bytes per evaluation length
+    n_passkey: int = 32  # passkey prompts per length
+    seed: int = 0
+    variants: tuple = VARIANTS
+
+    def __post_init__(self):
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown context variants {unknown}; choose from {VARIANTS}")
+        if self.train_len < 48:
+            raise ValueError(f"train_len must be >= 48 bytes so a passkey prompt fits, got {self.train_len}")
+        if self.max_ratio < 2 or self.max_ratio & (self.max_ratio - 1):
+            raise ValueError(f"max_ratio must be a power of two >= 2, got {self.max_ratio}")
+        for key in ("base_steps", "ft_steps", "batch_tokens", "eval_tokens", "n_passkey"):
+            if getattr(self, key) < 0 or (key != "ft_steps" and getattr(self, key) == 0):
+                raise ValueError(f"{key} must be positive, got {getattr(self, key)}")
+
+    @property
+    def lengths(self) -> list[int]:
+        return [self.train_len * 2 ** k for k in range(int(math.log2(self.max_ratio)) + 1)]
+
+
+# -- data ------------------------------------------------------------------------------------------------------
+
+
+def passkey_document(rng: random.Random, length: int) -> tuple[list[int], str]:
+    """length+1 bytes: filler, "The key is K. " at a random depth, filler, "What is the key? K". Returns (ids, K)."""
+    key = f"{rng.randrange(10 ** 5):05d}"
+    statement, question = f"The key is {key}. ", f"What is the key? {key}"
+    budget = length + 1 - len(statement) - len(question)
+    if budget < 0:
+        raise ValueError(f"a passkey document needs at least {len(statement) + len(question) - 1} positions")
+    before = rng.randint(0, budget)
+    filler = (FILLER * (budget // len(FILLER) + 2))
+    start = rng.randrange(len(FILLER))
+    text = filler[start:start + before] + statement + filler[start + before:start + budget] + question
+    return list(text.encode("ascii")), key
+
+
+def training_windows(stream: list[int], length: int, n: int, passkey_fraction: float,
+                     rng: random.Random) -> list[list[int]]:
+    """n windows of length+1 ids: random text slices, a `passkey_fraction` of them passkey documents."""
+    out = []
+    for _ in range(n):
+        if rng.random() < passkey_fraction:
+            out.append(passkey_document(rng, length)[0])
+        else:
+            i = rng.randrange(len(stream) - length - 1)
+            out.append(stream[i:i + length + 1])
+    return out
+
+
+# -- models ------------------------------------------------------------------------------------------------------
+
+
+def base_args(cfg: ContextAblationConfig, irope: bool) -> ModelArgs:
+    """The tiny model; irope adds Llama 4's NoPE / chunked-attention / temperature layout at scale L."""
+    extra = dict(nope_layer_interval=4, attention_chunk_size=cfg.train_len, attn_temperature_tuning=True,
+                 floor_scale=float(cfg.train_len), attn_scale=0.1) if irope else {}
+    return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=256, multiple_of=32,
+                     rope_theta=cfg.rope_theta, max_seq_len=cfg.train_len * cfg.max_ratio, **extra)
+
+
+def scaling_for(variant: str, cfg: ContextAblationConfig) -> Optional[RopeScaling]:
+    s, L0 = float(cfg.max_ratio), cfg.train_len
+    return {"none": None, "irope": None,
+            "linear": RopeScaling("linear", factor=s),
+            "dynamic": RopeScaling("dynamic", factor=s, original_max_position_embeddings=L0),
+            "yarn": RopeScaling("yarn", factor=s, original_max_position_embeddings=L0),
+            "llama3": RopeScaling("llama3", factor=s, low_freq_factor=1.0, high_freq_factor=4.0,
+                                  original_max_position_embeddings=L0)}[variant]
+
+
+# -- metrics -------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def passkey_accuracy(model: Transformer, length: int, n: int, seed: int, batch_size: int = 8) -> float:
+    """Share of prompts whose 5 key digits are all the arg-max next-byte prediction (teacher-forced)."""
+    model.eval()
+    rng = random.Random(seed)
+    docs = torch.tensor([passkey_document(rng, length)[0] for _ in range(n)])  # [n, length+1]
+    hits = 0
+    for i in range(0, n, batch_size):
+        d = docs[i:i + batch_size]
+        predicted = model(d[:, :-1])[:, -5:].argmax(-1)  # predictions of the last 5 bytes (the key)
+        hits += int((predicted == d[:, -5:]).all(-1).sum())
+    return hits / n
+
+
+def evaluate(model: Transformer, cfg: ContextAblationConfig, stream: list[int]) -> dict:
+    return {"ppl": {ell: perplexity(model, stream, ell, cfg.eval_tokens) for ell in cfg.lengths},
+            "passkey": {ell: passkey_accuracy(model, ell, cfg.n_passkey, cfg.seed + 1) for ell in cfg.lengths}}
+
+
+# -- the experiment ----------------------------------------------------------------------------------------------
+
+
+def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log=print) -> dict:
+    t_start = time.perf_counter()
+    train_docs, heldout_docs = split_documents(documents)
+    train_stream, heldout = byte_stream(train_docs), byte_stream(heldout_docs)
+    if len(heldout) < cfg.eval_tokens + cfg.train_len * cfg.max_ratio:
+        raise ValueError(f"held-out text has {len(heldout)} bytes; need eval_tokens + longest window; give more "
+                         f"documents or lower eval_tokens")
+    L, long = cfg.train_len, cfg.train_len * cfg.max_ratio
+    rng = random.Random(cfg.seed)
+    base_rows = cfg.batch_tokens // L * cfg.base_steps
+    base_windows = training_windows(train_stream, L, base_rows, cfg.passkey_fraction, rng)
+    ft_windows = training_windows(train_stream, long, max(1, cfg.batch_tokens // long) * max(cfg.ft_steps, 1),
+                                  cfg.passkey_fraction, rng)
+    report = {"config": asdict(cfg), "lengths": cfg.lengths, "results": {}, "curves": {}, "wall_s": {}}
+
+    bases = {}
+    for kind in sorted({"irope" if v == "irope" else "rope" for v in cfg.variants}):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        model = Transformer(base_args(cfg, irope=kind == "irope"))
+        spec = TrainSpec(cfg.base_steps, cfg.base_lr, cfg.batch_tokens // L, cfg.seed)
+        report["curves"][f"base-{kind}"] = train_fn(model, base_windows, spec, None)
+        bases[kind] = model
+        report["wall_s"][f"base-{kind}"] = time.perf_counter() - t0
+        log(f"pre-trained {kind} base at L={L}: final loss {report['curves'][f'base-{kind}'][-1]:.3f} "
+            f"({report['wall_s'][f'base-{kind}']:.0f} s)")
+
+    for variant in cfg.variants:
+        t0 = time.perf_counter()
+        model = copy.deepcopy(bases["irope" if variant == "irope" else "rope"])
+        model.set_rope_scaling(scaling_for(variant, cfg))
+        results = {"no_ft": evaluate(model, cfg, heldout)}
+        if cfg.ft_steps:
+            spec = TrainSpec(cfg.ft_steps, cfg.ft_lr, max(1, cfg.batch_tokens // long), cfg.seed + 1)
+            report["curves"][f"ft-{variant}"] = train_fn(model, ft_windows, spec, None)
+            results["ft"] = evaluate(model, cfg, heldout)
+        report["results"][variant] = results
+        report["wall_s"][variant] = time.perf_counter() - t0
+        log(f"{variant}: " + format_row(results["no_ft"], cfg.lengths) + f" ({report['wall_s'][variant]:.0f} s)")
+    report["wall_s"]["total"] = time.perf_counter() - t_start
+    return report
+
+
+# -- presentation --------------------------------------------------------------------------------------------------
+
+
+def format_row(r: dict, lengths: list[int]) -> str:
+    return "  ".join(f"{r['ppl'][ell]:8.2f}" for ell in lengths) + f"  {r['passkey'][lengths[-1]]:6.2f}"
+
+
+def format_table(report: dict) -> str:
+    lengths = report["lengths"]
+    L = lengths[0]
+    head = f"{'variant':10s} {'fine-tune':9s}  " + "  ".join(f"{'ppl@' + str(ell // L) + 'L':>8s}" for ell in lengths)
+    head += f"  {'key@' + str(lengths[-1] // L) + 'L':>6s}"
+    lines = [head, "-" * len(head)]
+    for variant, res in report["results"].items():
+        for stage in ("no_ft", "ft"):
+            if stage in res:
+                lines.append(f"{variant:10s} {'yes' if stage == 'ft' else 'no':9s}  " + format_row(res[stage], lengths))
+    return "\n".join(lines)
+
+
+def plot(report: dict, path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths, L = report["lengths"], report["lengths"][0]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
+    for col, stage in enumerate(("no_ft", "ft")):
+        for variant, res in report["results"].items():
+            if stage not in res:
+                continue
+            ratio = [ell / L for ell in lengths]
+            axes[0, col].plot(ratio, [res[stage]["ppl"][ell] for ell in lengths], marker="o", label=variant)
+            axes[1, col].plot(ratio, [res[stage]["passkey"][ell] for ell in lengths], marker="o", label=variant)
+        title = "no fine-tune" if stage == "no_ft" else f"after {report['config']['ft_steps']} steps at " \
+                                                          f"{lengths[-1] // L}L"
+        axes[0, col].set(title=f"held-out perplexity, {title}", yscale="log", ylabel="perplexity per byte")
+        axes[1, col].set(title=f"passkey accuracy, {title}", xlabel="evaluation length / training length L",
+                         ylabel="accuracy", ylim=(-0.05, 1.05), xscale="log", xticks=[ell / L for ell in lengths])
+        axes[1, col].set_xticklabels([f"{ell // L}" for ell in lengths])
+        axes[0, col].legend(fontsize=8)
+    fig.suptitle(f"Context extension of a model trained at L = {L} bytes")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
