@@ -68,7 +68,7 @@ class AblationConfig:
     n_heads: int = 4
     n_kv_heads: int = 2
     vocab_size: int = 1024
-    base_steps: int = 400
+    base_steps: int = 300
     base_seq_len: int = 128
     base_batch_size: int = 16
     base_lr: float = 3e-3

@@ -1,4 +1,5 @@
-"""torchrun + FSDP2 on CPU (gloo): two processes train like one, save a non-empty adapter, and only rank 0 writes."""
+"""torchrun + FSDP2 on CPU (gloo): two processes train like one (QLoRA: NF4 base buffers replicated, LoRA factors
+sharded), save a non-empty adapter, and only rank 0 writes."""
 
 import json
 import os
@@ -27,7 +28,7 @@ def args(out_dir, tokenizer_path, *extra):
             "--data.n_train=200", "--data.n_eval=8", "--data.seq_len=48", "--eval.n_generate=4",
             "--model.dim=32", "--model.n_layers=2", "--model.max_seq_len=48", "--train.steps=4",
             "--train.batch_size=4", "--train.micro_batch_size=2", "--train.lr=3e-3", "--train.warmup_steps=1",
-            "--train.save_every=2", "--train.progress=false", "--method.name=lora", "--method.r=4",
+            "--train.save_every=2", "--train.progress=false", "--method.name=qlora", "--method.r=4",
             "--method.target_modules=['wq', 'wv', 'w2']", *extra]
 
 
