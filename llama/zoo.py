@@ -11,7 +11,7 @@ import json
 
 import torch
 
-from .config import PRESETS, count_parameters
+from .config import PRESETS, count_active_parameters, count_parameters
 from .model import Transformer
 
 
@@ -34,6 +34,8 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
                          vocab_size=a.vocab_size, rope_theta=a.rope_theta, norm_eps=a.norm_eps,
                          max_seq_len=a.max_seq_len, tied=a.tie_word_embeddings,
                          rope_scaling=a.rope_scaling.rope_type + f"x{a.rope_scaling.factor:g}" if a.rope_scaling else "-",
+                         experts=a.moe_args.num_experts if a.moe_args else "-",
+                         active=count_active_parameters(a),  # = computed for dense models; top-1 of E for Llama 4
                          computed=computed, formula=count_parameters(a), published=preset.published,
                          match=computed == preset.published if preset.published else None))
     return rows
@@ -41,8 +43,9 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["name", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
-            "rope_theta", "norm_eps", "max_seq_len", "tied", "rope_scaling", "computed", "published", "match"]
-    fmt = {"computed": "{:,}", "published": "{:,}", "rope_theta": "{:g}", "norm_eps": "{:g}"}
+            "rope_theta", "norm_eps", "max_seq_len", "tied", "rope_scaling", "experts", "active", "computed",
+            "published", "match"]
+    fmt = {"active": "{:,}", "computed": "{:,}", "published": "{:,}", "rope_theta": "{:g}", "norm_eps": "{:g}"}
     cells = [[fmt.get(c, "{}").format(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
