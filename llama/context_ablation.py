@@ -150,7 +150,9 @@ def evaluate(model: Transformer, cfg: ContextAblationConfig, stream: list[int]) 
 # -- the experiment ----------------------------------------------------------------------------------------------
 
 
-def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log=print) -> dict:
+def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log=print,
+        on_progress=None) -> dict:
+    """The whole protocol; on_progress(report) after each base model and variant (e.g. to save partial results)."""
     t_start = time.perf_counter()
     train_docs, heldout_docs = split_documents(documents)
     train_stream, heldout = byte_stream(train_docs), byte_stream(heldout_docs)
@@ -174,8 +176,11 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
         report["curves"][f"base-{kind}"] = train_fn(model, base_windows, spec, None)
         bases[kind] = model
         report["wall_s"][f"base-{kind}"] = time.perf_counter() - t0
-        log(f"pre-trained {kind} base at L={L}: final loss {report['curves'][f'base-{kind}'][-1]:.3f} "
-            f"({report['wall_s'][f'base-{kind}']:.0f} s)")
+        last = report["curves"][f"base-{kind}"][-50:]
+        log(f"pre-trained {kind} base at L={L}: loss {sum(last) / len(last):.3f} (mean of the last {len(last)} "
+            f"steps; {report['wall_s'][f'base-{kind}']:.0f} s)")
+        if on_progress:
+            on_progress(report)
 
     for variant in cfg.variants:
         t0 = time.perf_counter()
@@ -188,7 +193,11 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
             results["ft"] = evaluate(model, cfg, heldout)
         report["results"][variant] = results
         report["wall_s"][variant] = time.perf_counter() - t0
-        log(f"{variant}: " + format_row(results["no_ft"], cfg.lengths) + f" ({report['wall_s'][variant]:.0f} s)")
+        log(f"{variant:8s} no ft: " + format_row(results["no_ft"], cfg.lengths) +
+            (" | ft: " + format_row(results["ft"], cfg.lengths) if "ft" in results else "") +
+            f" ({report['wall_s'][variant]:.0f} s)")
+        if on_progress:
+            on_progress(report)
     report["wall_s"]["total"] = time.perf_counter() - t_start
     return report
 

@@ -86,7 +86,8 @@ def imbalance(shares: list[list[float]]) -> float:
     return sum(max(s) * len(s) for s in shares) / len(shares)
 
 
-def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=print) -> dict:
+def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=print, on_progress=None) -> dict:
+    """Every variant in turn; on_progress(report) after each (e.g. to save partial results)."""
     t_start = time.perf_counter()
     train_docs, heldout_docs = split_documents(documents)
     train_stream, heldout = byte_stream(train_docs), byte_stream(heldout_docs)
@@ -123,6 +124,8 @@ def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=pri
         report["results"][variant] = res
         log(f"{variant:22s} train {res['final_train_loss']:.3f}  eval {eval_loss:.3f}  "
             f"imbalance {res.get('eval_imbalance', float('nan')):.2f}  ({train_s:.0f} s)")
+        if on_progress:
+            on_progress(report)
     report["wall_s"] = time.perf_counter() - t_start
     return report
 

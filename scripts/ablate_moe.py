@@ -57,11 +57,15 @@ def main(argv=None) -> dict:
     cfg = MoEAblationConfig(**{f.name: (tuple(getattr(a, f.name)) if f.name == "variants" else getattr(a, f.name))
                                for f in dataclasses.fields(d)})
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    t0 = time.perf_counter()
-    report = run(cfg, list(stdlib_docstrings(a.corpus_chars)), train_fn)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(report))
+
+    def save(report):  # after every model: a run cut short keeps what it finished
+        (out / "results.json").write_text(json.dumps(report))
+
+    t0 = time.perf_counter()
+    report = run(cfg, list(stdlib_docstrings(a.corpus_chars)), train_fn, on_progress=save)
+    save(report)
     plot(report, out / "moe_ablation.png")
     print()
     print(format_table(report))
