@@ -128,7 +128,7 @@ def _fits(configs, args):
 
 def _gemm_configs():
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps); first = the default when autotuning is off
-        (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
+        (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
         (64, 256, 64, 4, 8), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)

@@ -174,10 +174,12 @@ def _fits(configs, args):
 
 def _qgemm_configs():
     # BLOCK_N, BLOCK_K <= 64 keep both orientations on the byte-wise decode at blocksize 64; narrow BLOCK_N gives
-    # more programs when M is tiny (N / BLOCK_N programs in all).
+    # more programs when M is tiny (N / BLOCK_N programs in all). BLOCK_M stays <= 32: with 64 (Hopper's warpgroup
+    # MMA) the byte-wise decode in the transposed orientation crashes Triton 3.9's sm_90 compiler
+    # (TritonGPUOptimizeDotOperands), and this kernel is meant for a few tokens anyway.
     shapes = [  # (BLOCK_M, BLOCK_N, BLOCK_K, stages, warps, TREE); first = the default when autotuning is off
         (16, 64, 64, 3, 4, False), (16, 64, 64, 3, 4, True), (16, 32, 64, 4, 4, False), (16, 32, 64, 4, 4, True),
-        (16, 16, 64, 4, 2, False), (16, 16, 64, 4, 2, True), (32, 64, 64, 3, 4, False), (64, 64, 64, 3, 4, True),
+        (16, 16, 64, 4, 2, False), (16, 16, 64, 4, 2, True), (32, 64, 64, 3, 4, False), (32, 32, 64, 4, 4, True),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TREE": tree},
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w, tree in shapes]

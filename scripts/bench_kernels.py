@@ -75,6 +75,14 @@ def measure(timer, fn, **kw):
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
 
 
+def checked(fn):
+    """fn()'s value, or its error as text: a failing correctness check is recorded, not fatal."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        return f"error: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
 def compiled(fn):
     """torch.compile(fn), or None when compilation is unavailable."""
     try:
@@ -126,8 +134,8 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
             continue
         q = nf4_quantize(torch.randn(N, K, device=device, dtype=DTYPE) * 0.02)
         reference = nf4_dequantize_reference(q, DTYPE)
-        ours = nf4_dequantize_triton(q, DTYPE)
-        row = {"shape": name, "params": N * K, "bytes": nf4_bytes(q), "bit_exact_vs_reference": torch.equal(ours, reference)}
+        row = {"shape": name, "params": N * K, "bytes": nf4_bytes(q),
+               "bit_exact_vs_reference": checked(lambda: torch.equal(nf4_dequantize_triton(q, DTYPE), reference))}
         columns = {"triton": lambda: nf4_dequantize_triton(q, DTYPE), "eager": lambda: nf4_dequantize_reference(q, DTYPE)}
         if name in compile_for:
             fn = compiled(nf4_dequantize_reference)
@@ -147,7 +155,7 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
                         "frac_copy_bw": None if t is None else row["bytes"] / t / 1e9 / anchors["copy_GBps"]}
         progress(row, ["triton", "eager", "torch.compile", "bitsandbytes"])
         rows.append(row)
-        del q, reference, ours
+        del q, reference
         free(device)
     return rows
 
@@ -181,9 +189,9 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
         A = torch.randn(r, K, device=device, dtype=DTYPE) / K**0.5
         B = torch.randn(N, r, device=device, dtype=DTYPE) / r**0.5
         out = torch.empty(M, N, device=device, dtype=DTYPE)
-        y, _ = lora_forward_triton(x, W, A, B, SCALE)
         row = {"shape": name, "tokens": M, "rank": r, "flops": lora_flops(M, N, K, r),
-               "rel_err_vs_eager": rel_err(y, lora_eager(x.float(), W.float(), A.float(), B.float(), SCALE))}
+               "rel_err_vs_float32": checked(lambda: rel_err(lora_forward_triton(x, W, A, B, SCALE)[0], lora_eager(
+                   x.float(), W.float(), A.float(), B.float(), SCALE)))}
         columns = {"triton": lambda: lora_forward_triton(x, W, A, B, SCALE),
                    "eager": lambda: lora_eager(x, W, A, B, SCALE),
                    "bf16_gemm": lambda: x @ W.t(),
@@ -213,7 +221,7 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
                                     "TFLOPs": None if t is None else row["flops"] / t / 1e12}
         progress(row, ["triton", "eager", "bf16_gemm", "triton_gemm_no_lora", "torch.compile"])
         rows.append(row)
-        del x, W, A, B, out, y
+        del x, W, A, B, out
         free(device)
     return rows
 
@@ -242,8 +250,9 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
             W_dq = nf4_dequantize_reference(q, DTYPE)
             expected = lora_eager(x.float(), W_dq.float(), A.float(), B.float(), SCALE)
             row = {"shape": name, "tokens": M, "rank": r, "flops": lora_flops(M, N, K, r),
-                   "rel_err_fused": rel_err(qlora_matmul(x, q, A, B, SCALE, fused=True), expected),
-                   "rel_err_dequant_gemm": rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False), expected)}
+                   "rel_err_fused": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=True), expected)),
+                   "rel_err_dequant_gemm": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False),
+                                                                   expected))}
             row["fused_config"] = str(getattr(qlora_mod._tuned_qgemm, "best_config", ""))
             columns = {"triton_fused": lambda: qlora_matmul(x, q, A, B, SCALE, fused=True),
                        "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
@@ -335,6 +344,10 @@ def fmt_us(row, col):
     return "err" if cell.get("us") is None else f"{cell['us']:.1f}"
 
 
+def fmt_err(value):
+    return f"{value:.1e}" if isinstance(value, float) else str(value)
+
+
 def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
     anchors = result["anchors"]
     out = [("Machine anchors", ["quantity", "value"],
@@ -349,9 +362,10 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
         t = row["triton"]
         body.append([row["shape"], f"{row['params'] / 1e6:.1f}M"] + [fmt_us(row, c) for c in cols]
                     + [f"{t['GBps']:.0f}" if t.get("GBps") else "-",
-                       f"{100 * t['frac_copy_bw']:.0f}%" if t.get("frac_copy_bw") else "-"])
+                       f"{100 * t['frac_copy_bw']:.0f}%" if t.get("frac_copy_bw") else "-",
+                       str(row.get("bit_exact_vs_reference")), str(row.get("bnb_bit_exact_vs_ours", "-"))])
     out.append(("NF4 dequantisation to bf16 (us; GB/s and % of copy bandwidth for Triton)",
-                ["shape", "params"] + cols + ["triton GB/s", "% copy BW"], body))
+                ["shape", "params"] + cols + ["triton GB/s", "% copy BW", "bit-exact vs ref", "bnb == ours"], body))
     cols = ["triton", "eager", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
     body = []
     for row in result["lora"]:
@@ -364,10 +378,11 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
         body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
                     + [f"{t['TFLOPs']:.0f}" if t.get("TFLOPs") else "-",
                        f"{100 * t['frac_gemm_peak']:.0f}%" if t.get("frac_gemm_peak") else "-", ratio,
-                       fmt_us(row, "triton_fwd_bwd") + " / " + fmt_us(row, "eager_fwd_bwd")])
-    out.append(("Fused LoRA linear, forward (us); fwd+bwd Triton / eager (us)",
-                ["shape", "M", "r"] + cols + ["triton TFLOP/s", "% GEMM peak", "triton / bf16 GEMM", "fwd+bwd"],
-                body))
+                       fmt_us(row, "triton_fwd_bwd") + " / " + fmt_us(row, "eager_fwd_bwd"),
+                       fmt_err(row.get("rel_err_vs_float32"))])
+    out.append(("Fused LoRA linear, forward (us); fwd+bwd Triton / eager (us); rel. error vs float32 eager",
+                ["shape", "M", "r"] + cols + ["triton TFLOP/s", "% GEMM peak", "triton / bf16 GEMM", "fwd+bwd",
+                                              "rel err"], body))
     cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
             "bf16_lora_unquantised"]
     body = []
@@ -377,8 +392,10 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
             continue
         faster = ("fused" if us(row, "triton_fused") and us(row, "triton_dequant_gemm")
                   and us(row, "triton_fused") < us(row, "triton_dequant_gemm") else "dequant+GEMM")
-        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols] + [faster])
-    out.append(("QLoRA linear, forward (us)", ["shape", "M", "r"] + cols + ["faster Triton path"], body))
+        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
+                    + [faster, fmt_err(row.get("rel_err_fused")) + " / " + fmt_err(row.get("rel_err_dequant_gemm"))])
+    out.append(("QLoRA linear, forward (us); rel. error fused / dequant+GEMM vs float32 LoRA on W_dq",
+                ["shape", "M", "r"] + cols + ["faster Triton path", "rel err"], body))
     out.append(("Targets", ["target", "value", "met"],
                 [[t["target"], t["value"], {True: "yes", False: "NO", None: ""}[t["met"]]] for t in result["targets"]]))
     return out
