@@ -16,7 +16,9 @@ Protocol (Position Interpolation, arXiv 2306.15595 §3, scaled down to a CPU bud
   4. Each variant without and with a short fine-tune at s·L (same data mix, its scaling switched on).
   5. Metrics per length ℓ ∈ {L, 2L, 4L, 8L}: held-out perplexity per byte over windows of ℓ (the same text cut
      differently), and passkey accuracy: a 5-digit key stated at a random depth of filler text and asked for at the
-     end; a hit needs all 5 digits right (arg-max of the teacher-forced predictions).
+     end ("... The key is 48213. ... What is the key? The key is 48213"); a hit needs all 5 digits right (arg-max of
+     the teacher-forced predictions). Retrieval is learnable at L (the training mix holds such documents of length
+     L); at 8L the key sits up to 8 times farther back than training ever showed.
 """
 
 from __future__ import annotations
@@ -44,13 +46,13 @@ class ContextAblationConfig:
     max_ratio: int = 8  # evaluate at L, 2L, ... max_ratio·L; the static scalings use factor = max_ratio
     dim: int = 64
     n_layers: int = 4
-    n_heads: int = 4
+    n_heads: int = 2  # head dim 32: 16 rotary frequencies
     rope_theta: float = 10000.0
     batch_tokens: int = 2048  # tokens per optimizer step, at every length
-    base_steps: int = 1000
+    base_steps: int = 1500
     base_lr: float = 3e-3
-    ft_steps: int = 40
-    ft_lr: float = 1e-3
+    ft_steps: int = 100
+    ft_lr: float = 3e-4  # the base run ends its cosine at 3e-4: no jump up for the fine-tune
     passkey_fraction: float = 0.25  # share of training windows that are passkey documents
     eval_tokens: int = 8192  # held-out bytes per evaluation length
     n_passkey: int = 32  # passkey prompts per length
@@ -61,8 +63,8 @@ class ContextAblationConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown context variants {unknown}; choose from {VARIANTS}")
-        if self.train_len < 48:
-            raise ValueError(f"train_len must be >= 48 bytes so a passkey prompt fits, got {self.train_len}")
+        if self.train_len < 56:
+            raise ValueError(f"train_len must be >= 56 bytes so a passkey prompt fits, got {self.train_len}")
         if self.max_ratio < 2 or self.max_ratio & (self.max_ratio - 1):
             raise ValueError(f"max_ratio must be a power of two >= 2, got {self.max_ratio}")
         for key in ("base_steps", "ft_steps", "batch_tokens", "eval_tokens", "n_passkey"):
@@ -78,9 +80,12 @@ class ContextAblationConfig:
 
 
 def passkey_document(rng: random.Random, length: int) -> tuple[list[int], str]:
-    """length+1 bytes: filler, "The key is K. " at a random depth, filler, "What is the key? K". Returns (ids, K)."""
+    """length+1 bytes: filler, "The key is K. " at a random depth, filler, "What is the key? The key is K".
+
+    The question repeats the statement's words, so retrieval is the copy ("induction") a small model can learn.
+    Returns (ids, K)."""
     key = f"{rng.randrange(10 ** 5):05d}"
-    statement, question = f"The key is {key}. ", f"What is the key? {key}"
+    statement, question = f"The key is {key}. ", f"What is the key? The key is {key}"
     budget = length + 1 - len(statement) - len(question)
     if budget < 0:
         raise ValueError(f"a passkey document needs at least {len(statement) + len(question) - 1} positions")
@@ -206,14 +211,15 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
 
 
 def format_row(r: dict, lengths: list[int]) -> str:
-    return "  ".join(f"{r['ppl'][ell]:8.2f}" for ell in lengths) + f"  {r['passkey'][lengths[-1]]:6.2f}"
+    return "  ".join(f"{r['ppl'][ell]:7.2f}" for ell in lengths) + "   " + \
+        "  ".join(f"{r['passkey'][ell]:6.2f}" for ell in lengths)
 
 
 def format_table(report: dict) -> str:
     lengths = report["lengths"]
     L = lengths[0]
-    head = f"{'variant':10s} {'fine-tune':9s}  " + "  ".join(f"{'ppl@' + str(ell // L) + 'L':>8s}" for ell in lengths)
-    head += f"  {'key@' + str(lengths[-1] // L) + 'L':>6s}"
+    head = f"{'variant':10s} {'fine-tune':9s}  " + "  ".join(f"{f'ppl@{ell // L}L':>7s}" for ell in lengths)
+    head += "   " + "  ".join(f"{f'key@{ell // L}L':>6s}" for ell in lengths)
     lines = [head, "-" * len(head)]
     for variant, res in report["results"].items():
         for stage in ("no_ft", "ft"):

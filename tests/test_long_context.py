@@ -133,17 +133,17 @@ def adamw_loop(model, windows, spec, on_step=None):
     return losses
 
 
-@pytest.mark.parametrize("length", [48, 64, 512])
+@pytest.mark.parametrize("length", [56, 64, 512])
 def test_passkey_document_layout(length):
     ids, key = passkey_document(random.Random(length), length)
     text = bytes(ids).decode("ascii")
-    assert len(ids) == length + 1 and text.endswith(f"What is the key? {key}")
+    assert len(ids) == length + 1 and text.endswith(f"What is the key? The key is {key}")
     assert text.count(f"The key is {key}. ") == 1 and len(key) == 5 and key.isdigit()
 
 
 def test_passkey_document_too_short():
     with pytest.raises(ValueError, match="needs at least"):
-        passkey_document(random.Random(0), 30)
+        passkey_document(random.Random(0), 40)
 
 
 def test_variants_and_base_layouts():
@@ -160,13 +160,13 @@ def test_variants_and_base_layouts():
 
 
 def test_tiny_context_run_report_table_and_plot(tmp_path):
-    cfg = ContextAblationConfig(train_len=48, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
+    cfg = ContextAblationConfig(train_len=56, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
                                 base_steps=2, ft_steps=1, eval_tokens=192, n_passkey=2)
     report = run(cfg, DOCS, adamw_loop, log=lambda *a: None)
-    assert list(report["results"]) == list(VARIANTS) and report["lengths"] == [48, 96]
+    assert list(report["results"]) == list(VARIANTS) and report["lengths"] == [56, 112]
     for res in report["results"].values():
         for stage in ("no_ft", "ft"):
-            assert set(res[stage]["ppl"]) == {48, 96} and all(p > 1 for p in res[stage]["ppl"].values())
+            assert set(res[stage]["ppl"]) == {56, 112} and all(p > 1 for p in res[stage]["ppl"].values())
             assert all(0 <= a <= 1 for a in res[stage]["passkey"].values())
     assert len(report["curves"]["ft-yarn"]) == 1 and len(report["curves"]["base-irope"]) == 2
     assert all(v in format_table(report) for v in VARIANTS)
@@ -175,7 +175,7 @@ def test_tiny_context_run_report_table_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [(dict(variants=("none", "rerope")), "unknown context variants"),
-                                         (dict(train_len=32), "train_len must be >= 48"),
+                                         (dict(train_len=32), "train_len must be >= 56"),
                                          (dict(max_ratio=6), "max_ratio must be a power of two")])
 def test_bad_context_config(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -187,7 +187,7 @@ def test_context_script_end_to_end_through_the_project_training_loop(tmp_path):
     spec = importlib.util.spec_from_file_location("ablate_context", root / "scripts" / "ablate_context.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    script.main(["--train-len", "48", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
+    script.main(["--train-len", "56", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
                  "--base-steps", "2", "--ft-steps", "1", "--eval-tokens", "192", "--n-passkey", "2",
                  "--variants", "none", "linear", "--corpus-chars", "100000", "--threads", "1", "--seed", "5",
                  "--out", str(tmp_path)])
