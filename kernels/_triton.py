@@ -116,7 +116,13 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
         with _jit_calls_interpreted():
             _twin(tuned.fn)[grid](*args, **interpreter_meta, **kwargs)
     else:
+        if hasattr(triton, "set_allocator"):      # Triton >= 3.3: scratch for in-kernel TMA descriptors
+            triton.set_allocator(_cuda_scratch)
         tuned[grid](*args, **kwargs)
+
+
+def _cuda_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks use the reference
-INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)  # the one config on CPU
+INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TMA=False)  # the one config on CPU
 INTERPRETER_GRAD_META = dict(BLOCK_M=32, BLOCK_N=32)
 
 
@@ -93,7 +93,7 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
            x, w, p, q, out, M, N, K, rank, scale,
            x.stride(0), x.stride(1), stride_wn, stride_wk, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
            out.stride(0), out.stride(1), triton.next_power_of_2(M),
-           HAS_LORA=has_lora, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
+           HAS_LORA=has_lora, W_K_MAJOR=stride_wk == 1, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
            interpreter_meta=INTERPRETER_GEMM_META, enable_fp_fusion=True)
 
@@ -117,13 +117,29 @@ def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _fits(configs, args):
-    """Drop tile shapes that cannot pay off or do not fit: M tiles far above the token count, and tiles whose
-    pipelined operand buffers exceed ~200 KB of shared memory (float32 inputs, 228 KB per SM on Hopper)."""
+    """Drop tile shapes that cannot pay off or do not fit: M tiles far above the token count, tiles whose pipelined
+    operand buffers exceed ~200 KB of shared memory (float32 inputs, 228 KB per SM on Hopper), and TMA tiles when
+    the operands cannot be described to the TMA unit (`tma_ok`)."""
     m, elem = args["M_BUCKET"], args["x_ptr"].element_size()
+    tma = tma_ok(args)
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, m) and (m < 128 or c.kwargs["BLOCK_M"] >= 64)
-            and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages <= 200_000]
-    return kept or configs[-1:]
+            and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages <= 200_000
+            and (tma or not c.kwargs["TMA"])]
+    return kept or [c for c in configs if not c.kwargs["TMA"]][-1:]
+
+
+def tma_ok(args) -> bool:
+    """Whether x and W can be read through Hopper's TMA: a CUDA device of compute capability >= 9, 16-byte aligned
+    base addresses and row strides, and a unit stride along each tensor's row (either orientation of W)."""
+    x, w, elem = args["x_ptr"], args["w_ptr"], args["x_ptr"].element_size()
+    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9 or not hasattr(tl, "make_tensor_descriptor"):
+        return False
+    aligned = lambda stride: stride > 0 and (stride * elem) % 16 == 0  # noqa: E731
+    x_ok = args["stride_xk"] == 1 and aligned(args["stride_xm"]) and x.data_ptr() % 16 == 0
+    w_ok = ((args["stride_wk"] == 1 and aligned(args["stride_wn"])) or
+            (args["stride_wn"] == 1 and aligned(args["stride_wk"]))) and w.data_ptr() % 16 == 0
+    return x_ok and w_ok
 
 
 def _gemm_configs():
@@ -131,8 +147,11 @@ def _gemm_configs():
         (128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 4),
         (64, 256, 64, 4, 8), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4),
     ]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
-            for bm, bn, bk, s, w in shapes]
+    tma_shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8)]
+    return ([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": False},
+                           num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
+            + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": True},
+                             num_stages=s, num_warps=w) for bm, bn, bk, s, w in tma_shapes])
 
 
 @triton.jit
@@ -141,8 +160,11 @@ def _lora_gemm_kernel(
     M, N, K, RANK, scale,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
     M_BUCKET,                    # autotuning key only (power of two >= M)
-    HAS_LORA: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_LORA: tl.constexpr,
+    W_K_MAJOR: tl.constexpr,     # stride_wk == 1 (W [N, K] row-major: the forward); else stride_wn == 1 (dX)
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,           # read x and W tiles through tensor descriptors (Hopper TMA) instead of pointers
 ):
     """C[M, N] = X[M, K] Wᵀ + scale · P[M, r] Q[r, N]   (W addressed as w[n * stride_wn + k * stride_wk])."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
@@ -168,11 +190,30 @@ def _lora_gemm_kernel(
         q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
         acc = mma(p.to(q.dtype), q, acc, UPCAST, IEEE) * scale
 
-    # Base term: acc += X_tile W_tileᵀ over K.
+    # Base term: acc += X_tile W_tileᵀ over K. With TMA the copy engine fetches the tiles (zero-filled past the
+    # edges, so no masks); W's descriptor follows its memory order and the [BN, BK] tile is transposed in place.
+    if TMA:
+        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                           block_shape=[BLOCK_M, BLOCK_K])
+        if W_K_MAJOR:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                               block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                               block_shape=[BLOCK_K, BLOCK_N])
     for k0 in range(0, K, BLOCK_K):
-        k = k0 + tl.arange(0, BLOCK_K)                                         # [BK]
-        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K, other=0.0)
-        w = tl.load(w_ptr + cols_in[None, :] * stride_wn + k[:, None] * stride_wk, mask=k[:, None] < K, other=0.0)
+        if TMA:
+            x = x_desc.load([pid_m * BLOCK_M, k0])                             # [BM, BK]
+            if W_K_MAJOR:
+                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))               # [BK, BN]
+            else:
+                w = w_desc.load([k0, pid_n * BLOCK_N])                         # [BK, BN]
+        else:
+            k = k0 + tl.arange(0, BLOCK_K)                                     # [BK]
+            x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K,
+                        other=0.0)
+            w = tl.load(w_ptr + cols_in[None, :] * stride_wn + k[:, None] * stride_wk, mask=k[:, None] < K,
+                        other=0.0)
         acc = mma(x, w, acc, UPCAST, IEEE)                                     # [BM, BK] @ [BK, BN]
 
     out = to_output(acc, c_ptr.dtype.element_ty, UPCAST)

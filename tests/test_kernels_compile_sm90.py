@@ -35,6 +35,7 @@ def record_launches(monkeypatch, dtype, tokens):
 
     for module in (lora, qlora, nf4_dequant):
         monkeypatch.setattr(module, "launch", recorder)
+    monkeypatch.setattr(lora, "tma_ok", lambda args: True)  # CPU tensors here; the sm_90 target has TMA
     N, K, r = 256, 512, 16
     x, W = torch.randn(tokens, K).to(dtype), torch.randn(N, K).to(dtype)
     A, B = torch.randn(r, K).to(dtype), torch.randn(N, r).to(dtype)
@@ -62,9 +63,14 @@ def compile_sm90(tuned, args, meta, config):
                           options=options.__dict__)
 
 
-def candidate_configs(tuned, args, meta):
+def candidate_configs(tuned, args, meta, quick=None):
     named = dict(zip(tuned.fn.arg_names, args))
-    return tuned.early_config_prune(tuned.configs, named, **{k: v for k, v in meta.items() if k != "enable_fp_fusion"})
+    meta = {k: v for k, v in meta.items() if k != "enable_fp_fusion"}
+    if quick is False:  # every candidate even under KERNELS_AUTOTUNE=0
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KERNELS_AUTOTUNE", "1")
+            return tuned.early_config_prune(tuned.configs, named, **meta)
+    return tuned.early_config_prune(tuned.configs, named, **meta)
 
 
 @pytest.mark.parametrize("dtype, tokens", [(torch.bfloat16, 4096), (torch.bfloat16, 8), (torch.float32, 40)])
@@ -76,6 +82,8 @@ def test_default_configs_compile_for_sm90(dtype, tokens, monkeypatch):
         assert kernel.metadata.shared <= SM90_SHARED_BYTES, f"{tuned.fn.__name__} {config}: too much shared memory"
         if tuned.fn.__name__ == "_lora_gemm_kernel" and dtype != torch.float32 and config.kwargs["BLOCK_M"] >= 64:
             assert "wgmma" in kernel.asm["ptx"], "the dense GEMM should use Hopper's warpgroup MMA"
+            tma = next(c for c in candidate_configs(tuned, args, meta, quick=False) if c.kwargs["TMA"])
+            assert "cp.async.bulk.tensor" in compile_sm90(tuned, args, meta, tma).asm["ptx"], "TMA variant"
 
 
 @pytest.mark.slow
