@@ -60,7 +60,8 @@ _TWINS: dict = {}
 
 
 def _twin(fn: JITFunction) -> InterpretedFunction:
-    """The interpreted twin of a jit function (keyed by its Python function: hashing a JITFunction computes its cache key)."""
+    """The interpreted twin of a jit function (keyed by its Python function; hashing a JITFunction would compute
+    its cache key)."""
     if fn.fn not in _TWINS:
         _TWINS[fn.fn] = InterpretedFunction(fn.fn)
     return _TWINS[fn.fn]

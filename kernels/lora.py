@@ -93,7 +93,8 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
            x, w, p, q, out, M, N, K, rank, scale,
            x.stride(0), x.stride(1), stride_wn, stride_wk, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
            out.stride(0), out.stride(1), triton.next_power_of_2(M),
-           HAS_LORA=has_lora, W_K_MAJOR=stride_wk == 1, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
+           HAS_LORA=has_lora, W_K_MAJOR=stride_wk == 1, TMA_OK=tma_ok(x, w, stride_wn, stride_wk),
+           BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
            interpreter_meta=INTERPRETER_GEMM_META, enable_fp_fusion=True)
 
@@ -120,8 +121,7 @@ def _fits(configs, args):
     """Drop tile shapes that cannot pay off or do not fit: M tiles far above the token count, tiles whose pipelined
     operand buffers exceed ~200 KB of shared memory (float32 inputs, 228 KB per SM on Hopper), and TMA tiles when
     the operands cannot be described to the TMA unit (`tma_ok`)."""
-    m, elem = args["M_BUCKET"], args["x_ptr"].element_size()
-    tma = tma_ok(args)
+    m, elem, tma = args["M_BUCKET"], args["x_ptr"].element_size(), args["TMA_OK"]
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= max(16, m) and (m < 128 or c.kwargs["BLOCK_M"] >= 64)
             and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages <= 200_000
@@ -129,16 +129,15 @@ def _fits(configs, args):
     return kept or [c for c in configs if not c.kwargs["TMA"]][-1:]
 
 
-def tma_ok(args) -> bool:
+def tma_ok(x, w, stride_wn: int, stride_wk: int) -> bool:
     """Whether x and W can be read through Hopper's TMA: a CUDA device of compute capability >= 9, 16-byte aligned
     base addresses and row strides, and a unit stride along each tensor's row (either orientation of W)."""
-    x, w, elem = args["x_ptr"], args["w_ptr"], args["x_ptr"].element_size()
     if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9 or not hasattr(tl, "make_tensor_descriptor"):
         return False
-    aligned = lambda stride: stride > 0 and (stride * elem) % 16 == 0  # noqa: E731
-    x_ok = args["stride_xk"] == 1 and aligned(args["stride_xm"]) and x.data_ptr() % 16 == 0
-    w_ok = ((args["stride_wk"] == 1 and aligned(args["stride_wn"])) or
-            (args["stride_wn"] == 1 and aligned(args["stride_wk"]))) and w.data_ptr() % 16 == 0
+    aligned = lambda stride: stride > 0 and (stride * x.element_size()) % 16 == 0  # noqa: E731
+    x_ok = x.stride(1) == 1 and aligned(x.stride(0)) and x.data_ptr() % 16 == 0
+    w_ok = (((stride_wk == 1 and aligned(stride_wn)) or (stride_wn == 1 and aligned(stride_wk)))
+            and w.data_ptr() % 16 == 0)
     return x_ok and w_ok
 
 
@@ -164,10 +163,12 @@ def _lora_gemm_kernel(
     W_K_MAJOR: tl.constexpr,     # stride_wk == 1 (W [N, K] row-major: the forward); else stride_wn == 1 (dX)
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA_OK: tl.constexpr,        # the operands allow TMA (`tma_ok`); part of the autotuning key
     TMA: tl.constexpr,           # read x and W tiles through tensor descriptors (Hopper TMA) instead of pointers
 ):
     """C[M, N] = X[M, K] Wᵀ + scale · P[M, r] Q[r, N]   (W addressed as w[n * stride_wn + k * stride_wk])."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
+    tl.static_assert(TMA_OK or not TMA)
     # Grouped tile order: GROUP_M row-tiles share each column of W tiles while it is hot in L2.
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(M, BLOCK_M)
@@ -254,7 +255,8 @@ def _lora_grad_kernel(
     tl.atomic_add(db_ptr + cols[:, None] * stride_dbn + r[None, :], db, mask=col_ok[:, None] & r_ok[None, :])
 
 
-_tuned_gemm = autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "HAS_LORA"], prune=_fits)(_lora_gemm_kernel)
+_tuned_gemm = autotune(_gemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "HAS_LORA", "W_K_MAJOR", "TMA_OK"],
+                       prune=_fits)(_lora_gemm_kernel)
 
 
 def _grad_fits(configs, args):

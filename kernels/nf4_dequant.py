@@ -4,7 +4,8 @@ Shapes: n values, nb = ceil(n / blocksize) absmax blocks, HB = blocksize // 2 pa
         G blocks per program.
 
 Reading order: launcher `nf4_dequantize_triton` -> kernel `_nf4_dequant_kernel` -> device helpers, also used by the
-fused QLoRA GEMM (`nf4_decode_rows`, `nf4_decode`, `restore_absmax`, `nf4_lookup`) -> reference `nf4_dequantize_reference`.
+fused QLoRA GEMM (`nf4_decode_rows`, `nf4_decode`, `restore_absmax`, `nf4_lookup`) -> reference
+`nf4_dequantize_reference`.
 
 Design. Each program owns G whole absmax blocks, viewed as a [G, HB] tile of packed bytes, so every absmax is
 fetched (and, with double quantisation, restored: code2[c] * absmax2[b // 256] + offset) once and broadcast over

@@ -136,7 +136,8 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
         reference = nf4_dequantize_reference(q, DTYPE)
         row = {"shape": name, "params": N * K, "bytes": nf4_bytes(q),
                "bit_exact_vs_reference": checked(lambda: torch.equal(nf4_dequantize_triton(q, DTYPE), reference))}
-        columns = {"triton": lambda: nf4_dequantize_triton(q, DTYPE), "eager": lambda: nf4_dequantize_reference(q, DTYPE)}
+        columns = {"triton": lambda: nf4_dequantize_triton(q, DTYPE),
+                   "eager": lambda: nf4_dequantize_reference(q, DTYPE)}
         if name in compile_for:
             fn = compiled(nf4_dequantize_reference)
             if fn is not None:
@@ -314,7 +315,8 @@ def evaluate_targets(dequant, lora, qlora) -> list[dict]:
                 targets.append({"target": f"NF4 dequant {row['shape']}: faster than bitsandbytes",
                                 "value": f"{speedup:.2f}x", "met": speedup > 1.0})
     for row in lora:
-        if row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16 and us(row, "triton"):
+        headline = row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16
+        if headline and us(row, "triton"):
             if us(row, "bf16_gemm"):
                 ratio = us(row, "triton") / us(row, "bf16_gemm")
                 targets.append({"target": "fused LoRA fwd 4096x4096 r16 M4096: <= 1.10x bare bf16 GEMM (cuBLAS)",

@@ -35,7 +35,7 @@ def record_launches(monkeypatch, dtype, tokens):
 
     for module in (lora, qlora, nf4_dequant):
         monkeypatch.setattr(module, "launch", recorder)
-    monkeypatch.setattr(lora, "tma_ok", lambda args: True)  # CPU tensors here; the sm_90 target has TMA
+    monkeypatch.setattr(lora, "tma_ok", lambda *args: True)  # CPU tensors here; the sm_90 target has TMA
     N, K, r = 256, 512, 16
     x, W = torch.randn(tokens, K).to(dtype), torch.randn(N, K).to(dtype)
     A, B = torch.randn(r, K).to(dtype), torch.randn(N, r).to(dtype)

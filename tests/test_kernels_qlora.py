@@ -84,7 +84,8 @@ def test_fused_kernel_other_blocksizes(blocksize, device):
     for transposed in (False, True):
         if transposed:  # dX = dY W + dS A
             inp, p, p_times = torch.randn(4, 40, device=device).half(), torch.randn(4, 8, device=device), A.detach()
-            expected = inp.double() @ nf4_dequantize_reference(q, torch.float16).double() + p.double() @ p_times.double()
+            W = nf4_dequantize_reference(q, torch.float16).double()
+            expected = inp.double() @ W + p.double() @ p_times.double()
             out = torch.full((4, 96), float("nan"), dtype=torch.float16, device=device)
             qlora_gemm(inp, q, True, p, p_times, 1.0, out)
         else:
