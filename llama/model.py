@@ -306,7 +306,9 @@ class Transformer(nn.Module):
         if end > self.args.max_seq_len:
             raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len="
                              f"{self.args.max_seq_len}; shorten the input or raise max_seq_len (with RoPE scaling)")
-        if tokens.numel() and tokens.device.type != "meta":
+        # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
+        # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
+        if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < 0 or hi >= self.args.vocab_size:
                 raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.args.vocab_size}); "
