@@ -347,7 +347,8 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         checkpointing.check_writable(out_dir)
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
     meta = dict(meta or {})
-    meta.update(n_rows=len(rows), batch_size=cfg.batch_size, seed=cfg.seed)
+    # what a resumed run must share with the checkpoint (steps too: the LR schedule's length is part of its state)
+    meta.update(n_rows=len(rows), batch_size=cfg.batch_size, seed=cfg.seed, steps=cfg.steps)
 
     if ctx.world_size > 1:
         shard_model(model)

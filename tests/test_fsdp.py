@@ -3,6 +3,7 @@ sharded), save a non-empty adapter, and only rank 0 writes."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,14 @@ def test_two_processes_match_one(tmp_path, tokenizer_path):
     names = sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir())
     assert names == ["latest", "step-00000002", "step-00000004"]
     assert json.loads((tmp_path / "two" / "summary.json").read_text())["world_size"] == 2
+
+    # crash after step 2 (drop checkpoint 4), resume under FSDP: the same losses, bit for bit
+    ckpts = tmp_path / "two" / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000004")
+    (ckpts / "latest").write_text("step-00000002")
+    resumed = torchrun(2, args(tmp_path / "two", tokenizer_path, "--train.resume=true"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r["loss"] for r in records(tmp_path / "two")] == [r["loss"] for r in two]
 
 
 def test_world_size_that_does_not_fit(tmp_path, tokenizer_path):
