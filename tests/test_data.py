@@ -4,7 +4,6 @@ import json
 import re
 
 import pytest
-import torch
 
 from peft import data as D
 
@@ -78,8 +77,7 @@ def test_stdlib_corpus_is_docstrings_and_cached(tmp_path):
     docs = D.builtin_corpus(tmp_path, max_chars=200_000)
     assert len(docs) > 50 and all(len(d) >= 40 for d in docs)
     assert sum(map(len, docs)) >= 200_000
-    import json as json_module
-    assert json_module.__doc__.strip().splitlines()[0] in "\n".join(D.builtin_corpus(tmp_path, 4_000_000))
+    assert json.__doc__.strip().splitlines()[0] in "\n".join(D.builtin_corpus(tmp_path, 4_000_000))
     cached = list(tmp_path.glob("corpus-stdlib-*-200000.json"))
     assert len(cached) == 1 and json.loads(cached[0].read_text()) == docs
 
