@@ -406,7 +406,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         from llama.checkpoint import save
 
         base = Transformer(model.args)
-        base.load_state_dict(sd, strict=False)
+        base.load_state_dict(sd)  # strict: every weight of the model must have been gathered
         save(base, final / "model", format="hf")
     else:
         names = trainable_names(model)
