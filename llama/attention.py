@@ -30,6 +30,10 @@ def attend(q, k, v, mask: Optional[torch.Tensor], is_causal: bool, implementatio
     as Meta's reference computes it. Tests check the two agree. is_causal without a mask is bottom-right aligned
     (query T-1 sees key S-1) in "math"; callers only pass it with T == S, where both conventions coincide.
     """
+    if implementation == "sdpa" and mask is not None and mask.requires_grad and q.is_cuda:
+        # A trainable additive bias (LLaMA-Excitor's gated logits): PyTorch's memory-efficient CUDA backward
+        # rejects bias gradients with "LSE is not correctly aligned" (torch 2.11, H200); the formula below is exact.
+        implementation = "math"
     if implementation == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
     if implementation != "math":
