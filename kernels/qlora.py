@@ -185,7 +185,7 @@ def _qgemm_configs():
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w, tree in shapes]
 
 
-_tuned_qgemm = autotune(_qgemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "TRANSPOSED"],
+_tuned_qgemm = autotune(_qgemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "TRANSPOSED", "ROW_ALIGNED"],
                         prune=_fits)(_qlora_gemm_kernel)
 
 

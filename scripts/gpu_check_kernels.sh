@@ -5,7 +5,7 @@
 #      step is mostly compilation), log in $OUT/gpu_tests.log;
 #   3. runs scripts/bench_kernels.py --quick with a time budget, tables printed and written to
 #      $OUT/bench_kernels.{json,md} (the autotuned kernels' outputs are checked against references there too).
-# Whole script: under 6 minutes (tests <= 120 s; bench: no new case after 150 s, hard stop at 200 s, results
+# Whole script: under 6 minutes (tests <= 150 s; bench: no new case after 140 s, hard stop at 190 s, results
 # saved after every stage, so a stopped run keeps what it measured).
 #
 #   OUT=/some/dir bash scripts/gpu_check_kernels.sh          # OUT defaults to ./gpu_check_out
@@ -48,21 +48,21 @@ start=$SECONDS
 if "$PY" -c "import pytest" >/dev/null 2>&1; then
   parallel=""   # pytest-xdist, when present: test processes compile their kernels side by side
   "$PY" -c "import xdist" >/dev/null 2>&1 && parallel="-n 6"
-  KERNELS_AUTOTUNE=0 timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" $parallel \
+  KERNELS_AUTOTUNE=0 timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" $parallel \
       tests/test_kernels_lora.py tests/test_kernels_qlora.py tests/test_kernels_dequant.py \
       > "$OUT/gpu_tests.log" 2>&1
   tests_rc=$?
   if [ $tests_rc -eq 0 ]; then tail -n 3 "$OUT/gpu_tests.log"; else tail -n 60 "$OUT/gpu_tests.log"; fi
-  [ $tests_rc -eq 124 ] && echo "(tests stopped by the 120 s timeout; see $OUT/gpu_tests.log)"
+  [ $tests_rc -eq 124 ] && echo "(tests stopped by the 150 s timeout; see $OUT/gpu_tests.log)"
 else
   echo "pytest is not installed here: skipping the test step; the benchmark still checks every output"
   tests_rc=3
 fi
 echo "   tests: rc=$tests_rc, $((SECONDS - start)) s"
 
-echo "== 2/2 benchmark (quick sweep, 150 s budget)"
+echo "== 2/2 benchmark (quick sweep, 140 s budget)"
 start=$SECONDS
-timeout 200 "$PY" scripts/bench_kernels.py --quick --budget-s 150 --seed 0 --out "$OUT/bench_kernels" \
+timeout 190 "$PY" scripts/bench_kernels.py --quick --budget-s 140 --seed 0 --out "$OUT/bench_kernels" \
     2>&1 | tee "$OUT/bench.log" | grep -v "^W[0-9]* " | tail -n 80
 echo "   bench: rc=${PIPESTATUS[0]}, $((SECONDS - start)) s; results in $OUT"
 exit $tests_rc
