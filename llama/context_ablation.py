@@ -5,7 +5,9 @@ passed in as `train_fn`, because llama/ never imports peft/).
 
 Protocol (Position Interpolation, arXiv 2306.15595 §3, scaled down to a CPU budget):
   1. Data: the bytes (vocabulary 256) of the given documents, split into train / held-out by document. A fraction
-     of the training windows are passkey documents (below), so that retrieval can be learnt at length L.
+     of the training windows are passkey documents (below), so that retrieval can be learnt at length L; they carry
+     loss on the answer digits only (with loss on the fixed filler text as well, the copying signal drowns: a
+     4-layer model stayed at chance after 2000 steps, and learnt the copy in a few hundred with answer-only loss).
   2. Two base models pre-trained at L with the same budget:
        rope  - RoPE in every layer;
        irope - Llama 4's recipe scaled down: every 4th layer NoPE with global attention and attention-temperature
@@ -16,7 +18,7 @@ Protocol (Position Interpolation, arXiv 2306.15595 §3, scaled down to a CPU bud
   4. Each variant without and with a short fine-tune at s·L (same data mix, its scaling switched on).
   5. Metrics per length ℓ ∈ {L, 2L, 4L, 8L}: held-out perplexity per byte over windows of ℓ (the same text cut
      differently), and passkey accuracy: a 5-digit key stated at a random depth of filler text and asked for at the
-     end ("... The key is 48213. ... What is the key? The key is 48213"); a hit needs all 5 digits right (arg-max of
+     end ("... The key is #48213. ... What is the key? #48213"); a hit needs all 5 digits right (arg-max of
      the teacher-forced predictions). Retrieval is learnable at L (the training mix holds such documents of length
      L); at 8L the key sits up to 8 times farther back than training ever showed.
 """
@@ -34,7 +36,7 @@ import torch
 
 from .config import ModelArgs, RopeScaling
 from .model import Transformer
-from .toy_data import TrainFn, TrainSpec, byte_stream, perplexity, split_documents
+from .toy_data import IGNORE, TrainFn, TrainSpec, byte_stream, next_token_example, perplexity, split_documents
 
 VARIANTS = ("none", "linear", "dynamic", "yarn", "llama3", "irope")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -80,12 +82,12 @@ class ContextAblationConfig:
 
 
 def passkey_document(rng: random.Random, length: int) -> tuple[list[int], str]:
-    """length+1 bytes: filler, "The key is K. " at a random depth, filler, "What is the key? The key is K".
+    """length+1 bytes: filler, "The key is #K. " at a random depth, filler, "What is the key? #K".
 
-    The question repeats the statement's words, so retrieval is the copy ("induction") a small model can learn.
-    Returns (ids, K)."""
+    '#' occurs nowhere else, so retrieval is the one-token copy ("induction head": attend to what followed the
+    earlier '#') a small byte-level model can learn. Returns (ids, K)."""
     key = f"{rng.randrange(10 ** 5):05d}"
-    statement, question = f"The key is {key}. ", f"What is the key? The key is {key}"
+    statement, question = f"The key is #{key}. ", f"What is the key? #{key}"
     budget = length + 1 - len(statement) - len(question)
     if budget < 0:
         raise ValueError(f"a passkey document needs at least {len(statement) + len(question) - 1} positions")
@@ -96,16 +98,22 @@ def passkey_document(rng: random.Random, length: int) -> tuple[list[int], str]:
     return list(text.encode("ascii")), key
 
 
-def training_windows(stream: list[int], length: int, n: int, passkey_fraction: float,
-                     rng: random.Random) -> list[list[int]]:
-    """n windows of length+1 ids: random text slices, a `passkey_fraction` of them passkey documents."""
+def passkey_example(rng: random.Random, length: int) -> tuple[list[int], list[int]]:
+    """A passkey document as a training example with loss on the 5 answer digits only."""
+    ids, _ = passkey_document(rng, length)
+    return ids[:-1], [IGNORE] * (length - 5) + ids[-5:]
+
+
+def training_examples(stream: list[int], length: int, n: int, passkey_fraction: float,
+                      rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """n examples of `length` positions: random text slices, a `passkey_fraction` of them passkey documents."""
     out = []
     for _ in range(n):
         if rng.random() < passkey_fraction:
-            out.append(passkey_document(rng, length)[0])
+            out.append(passkey_example(rng, length))
         else:
             i = rng.randrange(len(stream) - length - 1)
-            out.append(stream[i:i + length + 1])
+            out.append(next_token_example(stream[i:i + length + 1]))
     return out
 
 
@@ -167,9 +175,9 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
     L, long = cfg.train_len, cfg.train_len * cfg.max_ratio
     rng = random.Random(cfg.seed)
     base_rows = cfg.batch_tokens // L * cfg.base_steps
-    base_windows = training_windows(train_stream, L, base_rows, cfg.passkey_fraction, rng)
-    ft_windows = training_windows(train_stream, long, max(1, cfg.batch_tokens // long) * max(cfg.ft_steps, 1),
-                                  cfg.passkey_fraction, rng)
+    base_examples = training_examples(train_stream, L, base_rows, cfg.passkey_fraction, rng)
+    ft_examples = training_examples(train_stream, long, max(1, cfg.batch_tokens // long) * max(cfg.ft_steps, 1),
+                                    cfg.passkey_fraction, rng)
     report = {"config": asdict(cfg), "lengths": cfg.lengths, "results": {}, "curves": {}, "wall_s": {}}
 
     bases = {}
@@ -178,7 +186,7 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
         torch.manual_seed(cfg.seed)
         model = Transformer(base_args(cfg, irope=kind == "irope"))
         spec = TrainSpec(cfg.base_steps, cfg.base_lr, cfg.batch_tokens // L, cfg.seed)
-        report["curves"][f"base-{kind}"] = train_fn(model, base_windows, spec, None)
+        report["curves"][f"base-{kind}"] = train_fn(model, base_examples, spec, None)
         bases[kind] = model
         report["wall_s"][f"base-{kind}"] = time.perf_counter() - t0
         last = report["curves"][f"base-{kind}"][-50:]
@@ -194,7 +202,7 @@ def run(cfg: ContextAblationConfig, documents: list[str], train_fn: TrainFn, log
         results = {"no_ft": evaluate(model, cfg, heldout)}
         if cfg.ft_steps:
             spec = TrainSpec(cfg.ft_steps, cfg.ft_lr, max(1, cfg.batch_tokens // long), cfg.seed + 1)
-            report["curves"][f"ft-{variant}"] = train_fn(model, ft_windows, spec, None)
+            report["curves"][f"ft-{variant}"] = train_fn(model, ft_examples, spec, None)
             results["ft"] = evaluate(model, cfg, heldout)
         report["results"][variant] = results
         report["wall_s"][variant] = time.perf_counter() - t0

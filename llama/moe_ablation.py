@@ -91,7 +91,7 @@ def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=pri
     t_start = time.perf_counter()
     train_docs, heldout_docs = split_documents(documents)
     train_stream, heldout = byte_stream(train_docs), byte_stream(heldout_docs)
-    windows = random_windows(train_stream, cfg.seq_len, cfg.batch_size * cfg.steps, random.Random(cfg.seed))
+    examples = random_windows(train_stream, cfg.seq_len, cfg.batch_size * cfg.steps, random.Random(cfg.seed))
     report = {"config": asdict(cfg), "results": {}}
     for variant in cfg.variants:
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=pri
                 history["load_balance"].append(float(model.aux_losses()["load_balance"]))
                 history["router_z"].append(float(model.aux_losses()["router_z"]))
 
-        losses = train_fn(model, windows, TrainSpec(cfg.steps, cfg.lr, cfg.batch_size, cfg.seed), on_step)
+        losses = train_fn(model, examples, TrainSpec(cfg.steps, cfg.lr, cfg.batch_size, cfg.seed), on_step)
         train_s = time.perf_counter() - t0
         eval_loss = mean_nll(model, heldout, cfg.seq_len, cfg.eval_tokens)
         res = {"parameters": count_parameters(args), "active_parameters": count_active_parameters(args),

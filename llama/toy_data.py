@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from .model import Transformer
 
 BYTE_VOCAB = 256
+IGNORE = -100  # target id that carries no loss (PyTorch's cross-entropy default, peft.data.IGNORE_INDEX)
 
 
 @dataclass
@@ -30,8 +31,14 @@ class TrainSpec:
     seed: int
 
 
-# train_fn(model, windows of length+1 ids, spec, on_step) -> loss of every step; on_step(step) runs after each step
+# An example is (input ids, target ids) of equal length; targets are the next ids, IGNORE where no loss is taken.
+# train_fn(model, examples, spec, on_step) -> loss of every step; on_step(step) runs after each optimizer step.
 TrainFn = Callable[[Transformer, list, TrainSpec, Optional[Callable[[int], None]]], list]
+
+
+def next_token_example(ids: list[int]) -> tuple[list[int], list[int]]:
+    """Plain language modelling on length+1 ids: every position predicts the next one."""
+    return ids[:-1], ids[1:]
 
 
 def byte_stream(documents: list[str]) -> list[int]:
@@ -45,10 +52,10 @@ def split_documents(documents: list[str], every: int = 20) -> tuple[list[str], l
             [d for i, d in enumerate(documents) if i % every == 0])
 
 
-def random_windows(stream: list[int], length: int, n: int, rng: random.Random) -> list[list[int]]:
-    """n random slices of length+1 ids (inputs and next-byte targets)."""
+def random_windows(stream: list[int], length: int, n: int, rng: random.Random) -> list[tuple[list[int], list[int]]]:
+    """n next-token examples on random slices of length+1 bytes."""
     starts = [rng.randrange(len(stream) - length - 1) for _ in range(n)]
-    return [stream[i:i + length + 1] for i in starts]
+    return [next_token_example(stream[i:i + length + 1]) for i in starts]
 
 
 @torch.no_grad()

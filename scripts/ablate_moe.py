@@ -29,9 +29,9 @@ from peft.data import Row, stdlib_docstrings  # noqa: E402
 from peft.train import TrainConfig, train  # noqa: E402
 
 
-def train_fn(model, windows, spec: TrainSpec, on_step=None) -> list:
-    """The project's training loop on next-byte windows (ids of length+1); returns the loss of every step."""
-    rows = [Row(w[:-1], w[1:]) for w in windows]
+def train_fn(model, examples, spec: TrainSpec, on_step=None) -> list:
+    """The project's training loop on (inputs, targets) examples; returns the loss of every step."""
+    rows = [Row(list(x), list(y)) for x, y in examples]
     cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, micro_batch_size=spec.batch_size, lr=spec.lr,
                       warmup_steps=max(1, spec.steps // 10), seed=spec.seed, progress=False)
     callbacks = [lambda step, record: on_step(step)] if on_step else []

@@ -113,23 +113,26 @@ import random  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from llama.context_ablation import (VARIANTS, ContextAblationConfig, base_args, format_table,  # noqa: E402
-                                    passkey_document, plot, run, scaling_for)
+                                    passkey_document, passkey_example, plot, run, scaling_for)
 
 DOCS = [f"def f{i}(x):\n    '''Return x plus {i}, the {i}-th helper of this module.'''\n    return x + {i}\n" * 3
         for i in range(300)]
 
 
-def adamw_loop(model, windows, spec, on_step=None):
-    """A plain training loop (independent of peft.train)."""
+def adamw_loop(model, examples, spec, on_step=None):
+    """A plain training loop (independent of peft.train): masked next-byte CE + the model's weighted aux loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     losses = []
     for step in range(spec.steps):
-        w = torch.tensor(windows[step * spec.batch_size:(step + 1) * spec.batch_size])
-        loss = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
-        loss.backward()
+        batch = examples[step * spec.batch_size:(step + 1) * spec.batch_size]
+        x, y = torch.tensor([e[0] for e in batch]), torch.tensor([e[1] for e in batch])
+        ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
+        (ce + model.aux_loss()).backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(ce))
+        if on_step:
+            on_step(step + 1)
     return losses
 
 
@@ -137,8 +140,14 @@ def adamw_loop(model, windows, spec, on_step=None):
 def test_passkey_document_layout(length):
     ids, key = passkey_document(random.Random(length), length)
     text = bytes(ids).decode("ascii")
-    assert len(ids) == length + 1 and text.endswith(f"What is the key? The key is {key}")
-    assert text.count(f"The key is {key}. ") == 1 and len(key) == 5 and key.isdigit()
+    assert len(ids) == length + 1 and text.endswith(f"What is the key? #{key}")
+    assert text.count(f"The key is #{key}. ") == 1 and text.count("#") == 2 and len(key) == 5 and key.isdigit()
+
+
+def test_passkey_training_example_has_loss_on_the_answer_only():
+    x, y = passkey_example(random.Random(0), 64)
+    assert len(x) == len(y) == 64 and y[:-5] == [-100] * 59
+    assert bytes(y[-5:]).decode().isdigit() and y[-5:-1] == x[-4:]  # targets are the next ids
 
 
 def test_passkey_document_too_short():

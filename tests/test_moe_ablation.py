@@ -16,13 +16,14 @@ DOCS = [f"def f{i}(x):\n    '''Return x plus {i}, the {i}-th helper of this modu
         for i in range(200)]
 
 
-def adamw_loop(model, windows, spec, on_step=None):
-    """A plain training loop (independent of peft.train): next-byte CE + the model's weighted aux loss."""
+def adamw_loop(model, examples, spec, on_step=None):
+    """A plain training loop (independent of peft.train): masked next-byte CE + the model's weighted aux loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
     losses = []
     for step in range(spec.steps):
-        w = torch.tensor(windows[step * spec.batch_size:(step + 1) * spec.batch_size])
-        ce = F.cross_entropy(model(w[:, :-1]).flatten(0, 1), w[:, 1:].flatten())
+        batch = examples[step * spec.batch_size:(step + 1) * spec.batch_size]
+        x, y = torch.tensor([e[0] for e in batch]), torch.tensor([e[1] for e in batch])
+        ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
         (ce + model.aux_loss()).backward()
         opt.step()
         opt.zero_grad()
