@@ -7,8 +7,18 @@ Measures, side by side in one run (alternating the models so that noise from oth
     next to the float32 GEMV floor: the time one pass over every weight matrix takes at batch 1, the bound that
     no implementation of this model can beat at this precision on this machine;
   * "ours, lean CE": the same step with a cross-entropy that allocates one [N, V] buffer instead of three;
-  * optionally (--compile) the same with `torch.compile(model)`.
+  * the training step under bfloat16 autocast (both models: a different precision, compared with each other);
+  * decode with weight-only int8 (`llama.quantize`): ours, and HF with the *same* `Int8Linear` swapped into its
+    linear layers (so the int8 rows compare like with like too), next to the int8 GEMV floor; plus the accuracy
+    cost of int8 against float32 (logit differences, top-1 agreement, whether 128 greedy tokens match);
+  * optionally (--compile) the same with `torch.compile` (training: ours and HF, model and loss compiled together;
+    decode: ours, float32 and int8; HF's `generate` is not compiled).
 Before timing, it checks that both models give the same logits and the same greedy tokens.
+
+Which rows compare like with like: every row carries its numerics (fp32, bf16-autocast, int8 weights). The column
+"vs like" divides by the HF row of the same workload, numerics and compilation (the decode compile rows by HF
+eager, marked *); "vs hf fp32" divides by HF in float32, eager: the baseline the targets in the issue refer to.
+int8 rows are a different (approximate) model: their speed-up over HF float32 is real but not like for like.
 
 Each run is timed twice: wall clock, and the CPU time of this process. On a machine shared with other jobs the
 CPU time of a single-threaded run (the default, --threads 1) is the robust measure, since time spent descheduled
@@ -21,17 +31,20 @@ alternating runs of CPU time; the JSON keeps every run, wall and CPU.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
 from llama.generate import generate
+from llama.quantize import Int8Linear, int8_weight_bytes, quantize_int8
 
 
 def bench_args(vocab_size: int = 32000) -> ModelArgs:
@@ -114,12 +127,22 @@ class Timer:
         self.wall, self.cpu = time.perf_counter() - self.wall0, time.process_time() - self.cpu0
 
 
-def train_step(forward, tokens: torch.Tensor, loss_fn=F.cross_entropy) -> Timer:
-    """One forward + next-token cross-entropy + backward. `forward(tokens) -> logits`."""
-    with Timer() as t:
+def next_token_loss(forward, loss_fn=F.cross_entropy):
+    """tokens [B, T+1] -> mean cross-entropy of forward(tokens[:, :-1]) [B, T, V] against tokens[:, 1:]."""
+
+    def loss(tokens: torch.Tensor) -> torch.Tensor:
         logits = forward(tokens[:, :-1])  # [B, T, V]
-        loss = loss_fn(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        loss.backward()
+        return loss_fn(logits.flatten(0, 1).float(), tokens[:, 1:].flatten())  # float: bf16 under autocast
+
+    return loss
+
+
+def train_step(loss, tokens: torch.Tensor, autocast: bool = False) -> Timer:
+    """One forward + loss + backward; autocast: matrix products in bfloat16 (torch.autocast), the rest float32."""
+    with Timer() as t:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            value = loss(tokens)
+        value.backward()
     return t
 
 
@@ -159,6 +182,39 @@ def gemv_floor(model: Transformer, n: int) -> Timer:
     return t
 
 
+def int8_gemv_floor(qmodel: Transformer, n: int) -> Timer:
+    """The same n passes over the int8 weights of a quantised model (bfloat16 vectors: no casts, just the kernel)."""
+    layers = [m for m in qmodel.modules() if isinstance(m, Int8Linear)]
+    x = {m.in_features: torch.randn(1, m.in_features, dtype=torch.bfloat16) for m in layers}
+    with Timer() as t, torch.inference_mode():
+        for _ in range(n):
+            for m in layers:
+                m(x[m.in_features])
+    return t
+
+
+def int8_accuracy(model: Transformer, qmodel: Transformer, prompt: list[int], reference: list[int]) -> dict:
+    """Accuracy cost of int8 weights, measured along the float32 greedy continuation `reference` of `prompt`.
+
+    Teacher-forced (both models read prompt + reference): logit differences and how often the int8 model's top
+    token is float32's. Free-running: whether its own greedy continuation equals `reference`, and where it first
+    departs (one flipped near-tie changes everything after it).
+    """
+    seq = torch.tensor([prompt + reference])
+    with torch.inference_mode():
+        ref = model(seq)[0, len(prompt) - 1:-1]  # [n, V]: the logits that picked each reference token
+        out = qmodel(seq)[0, len(prompt) - 1:-1]  # [n, V]
+    top2 = ref.topk(2, dim=-1).values  # [n, 2]
+    greedy = generate(qmodel, [prompt], len(reference))[0]
+    first = next((i for i, (a, b) in enumerate(zip(greedy, reference)) if a != b), None)
+    return dict(max_abs_logit_diff=float((out - ref).abs().max()),
+                rel_logit_err=float((out - ref).norm() / ref.norm()),
+                float32_logit_std=float(ref.std()),
+                float32_median_top2_margin=float((top2[:, 0] - top2[:, 1]).median()),
+                top1_agreement=float((out.argmax(-1) == torch.tensor(reference)).float().mean()),
+                greedy_equal=greedy == reference, first_divergence=first)
+
+
 # -- driver -------------------------------------------------------------------------------------------------------
 
 
@@ -172,7 +228,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile(model) (minutes to compile)")
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
     parser.add_argument("--skip-train", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -195,13 +251,15 @@ def main(argv=None) -> int:
                    torch=torch.__version__, machine=platform.machine(), cpu_count=os.cpu_count(),
                    parity=dict(logits_rel_err=rel_err, greedy_16_equal=same_tokens), rows=[])
 
-    def add(workload: str, impl: str, timers: list[Timer], n_tokens: int, note: str = ""):
+    def add(workload: str, impl: str, numerics: str, timers: list[Timer], n_tokens: int, note: str = "",
+            like: Optional[str] = None):
+        """like: the HF row (impl name) of the same workload this row is compared with like for like."""
         cpu, wall = [t.cpu for t in timers], [t.wall for t in timers]
         best = min(cpu)
-        results["rows"].append(dict(workload=workload, impl=impl, cpu_s=cpu, wall_s=wall, best_cpu_s=best,
-                                    median_wall_s=statistics.median(wall), tokens_per_s=n_tokens / best,
-                                    tokens_per_s_wall=n_tokens / min(wall), note=note))
-        print(f"  {workload:<16} {impl:<16} {n_tokens / best:9.1f} tok/s  (best CPU {best:.3f} s, "
+        results["rows"].append(dict(workload=workload, impl=impl, numerics=numerics, like=like, cpu_s=cpu,
+                                    wall_s=wall, best_cpu_s=best, median_wall_s=statistics.median(wall),
+                                    tokens_per_s=n_tokens / best, tokens_per_s_wall=n_tokens / min(wall), note=note))
+        print(f"  {workload:<16} {impl:<20} {numerics:<12} {n_tokens / best:9.1f} tok/s  (best CPU {best:.3f} s, "
               f"best wall {min(wall):.3f} s)", flush=True)
 
     train = f"train {args.batch}x{args.seq}"
@@ -210,38 +268,66 @@ def main(argv=None) -> int:
     hf_forward = lambda t: hf(t).logits  # noqa: E731
     if not args.skip_train:
         model.train(), hf.train()
-        variants = {"ours": (model, F.cross_entropy), "hf": (hf_forward, F.cross_entropy),
-                    "ours, lean CE": (model, LeanCrossEntropy.apply)}
-        times = {name: [] for name in variants}
-        for forward, loss_fn in variants.values():  # warm-up
-            train_step(forward, tokens, loss_fn)
+        # (name, loss, autocast, numerics, like-for-like HF row)
+        variants = [("ours", next_token_loss(model), False, "fp32", "hf"),
+                    ("hf", next_token_loss(hf_forward), False, "fp32", "hf"),
+                    ("ours, lean CE", next_token_loss(model, LeanCrossEntropy.apply), False, "fp32", "hf"),
+                    ("ours", next_token_loss(model), True, "bf16-autocast", "hf"),
+                    ("hf", next_token_loss(hf_forward), True, "bf16-autocast", "hf")]
+        times = {i: [] for i in range(len(variants))}
+        for _, loss, autocast, _, _ in variants:  # warm-up
+            train_step(loss, tokens, autocast)
         model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
         for _ in range(args.repeats):  # alternate so that noise from other processes hits every variant
-            for name, (forward, loss_fn) in variants.items():
-                times[name].append(train_step(forward, tokens, loss_fn))
+            for i, (_, loss, autocast, _, _) in enumerate(variants):
+                times[i].append(train_step(loss, tokens, autocast))
                 model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
-        for name, t in times.items():
-            add(train, name, t, n_train, "loss: LeanCrossEntropy (proposal)" if "lean" in name else "")
-        add(train, "GEMM floor", [gemm_floor(model, n_train) for _ in range(args.repeats)], n_train,
-            "upper bound: the weight-matrix products of forward and backward only, float32")
+        for i, (name, _, _, numerics, like) in enumerate(variants):
+            add(train, name, numerics, times[i], n_train,
+                "loss: LeanCrossEntropy (proposal)" if "lean" in name else "", like)
+        add(train, "GEMM floor", "fp32", [gemm_floor(model, n_train) for _ in range(args.repeats)], n_train,
+            "upper bound: the weight-matrix products of forward and backward only, float32", "hf")
         model.eval(), hf.eval()
 
+    # weight-only int8 (llama/quantize.py): ours, and HF with the same Int8Linear in place of its nn.Linear layers
+    qmodel, qhf = quantize_int8(copy.deepcopy(model)), quantize_int8(copy.deepcopy(hf))
+    results["int8_weight_bytes"] = int8_weight_bytes(qmodel)
+    results["fp32_weight_bytes"] = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    decoders = [("ours", lambda: decode_ours(model, prompt, args.new_tokens)[0], "fp32", "hf", ""),
+                ("hf", lambda: decode_hf(hf, prompt, args.new_tokens)[0], "fp32", "hf", ""),
+                ("GEMV floor", lambda: gemv_floor(model, args.new_tokens), "fp32", "hf",
+                 "upper bound: weight matrices x vector only, float32"),
+                ("ours int8", lambda: decode_ours(qmodel, prompt, args.new_tokens)[0], "int8-weights", "hf int8",
+                 "weight-only int8 (llama.quantize), bf16 matmul inputs"),
+                ("hf int8", lambda: decode_hf(qhf, prompt, args.new_tokens)[0], "int8-weights", "hf int8",
+                 "HF with our Int8Linear swapped in"),
+                ("int8 GEMV floor", lambda: int8_gemv_floor(qmodel, args.new_tokens), "int8-weights", "hf int8",
+                 "upper bound: _weight_int8pack_mm over the int8 weights only")]
     decode_ours(model, prompt, 8), decode_hf(hf, prompt, 8)  # warm-up
-    ours_t, hf_t, floor_t = [], [], []
+    decode_ours(qmodel, prompt, 8), decode_hf(qhf, prompt, 8)
+    times = {name: [] for name, *_ in decoders}
     for _ in range(args.repeats):
-        ours_t.append(decode_ours(model, prompt, args.new_tokens)[0])
-        hf_t.append(decode_hf(hf, prompt, args.new_tokens)[0])
-        floor_t.append(gemv_floor(model, args.new_tokens))
-    add(decode, "ours", ours_t, args.new_tokens)
-    add(decode, "hf", hf_t, args.new_tokens)
-    add(decode, "GEMV floor", floor_t, args.new_tokens, "upper bound: weight matrices x vector only, float32")
+        for name, run, *_ in decoders:
+            times[name].append(run())
+    for name, _, numerics, like, note in decoders:
+        add(decode, name, numerics, times[name], args.new_tokens, note, like)
+
+    reference = decode_ours(model, prompt, args.new_tokens)[1]
+    results["int8_accuracy"] = {
+        "int8 (kernel: bf16 inputs)": int8_accuracy(model, qmodel, prompt, reference),
+        "int8 (dequant reference: weight rounding only)": int8_accuracy(
+            model, quantize_int8(copy.deepcopy(model), implementation="dequant"), prompt, reference)}
 
     if args.compile:
-        compile_rows(model, tokens, prompt, args, add, results, train, decode)
+        compile_rows(model, hf, qmodel, tokens, prompt, args, add, results, train, decode)
 
-    best = {(r["workload"], r["impl"]): r["tokens_per_s"] for r in results["rows"]}
-    results["ratios_over_hf"] = {f"{w} | {impl}": tps / best[(w, "hf")] for (w, impl), tps in best.items()
-                                 if impl != "hf" and (w, "hf") in best}
+    hf_best = {(r["workload"], r["impl"], r["numerics"]): r["tokens_per_s"] for r in results["rows"]
+               if r["impl"].startswith("hf")}
+    for r in results["rows"]:
+        like = hf_best.get((r["workload"], r["like"], r["numerics"]))
+        base = hf_best.get((r["workload"], "hf", "fp32"))
+        r["vs_like"] = r["tokens_per_s"] / like if like else None
+        r["vs_hf_fp32"] = r["tokens_per_s"] / base if base else None
     print_table(results)
     tmp = args.out + ".tmp"
     with open(tmp, "w") as f:
@@ -252,40 +338,64 @@ def main(argv=None) -> int:
     return 0
 
 
-def compile_rows(model, tokens, prompt, args, add, results, train, decode):
-    """torch.compile(model): compile time, then steady-state speed with the shapes it was compiled for."""
-    compiled = torch.compile(model, dynamic=True)
+def compile_rows(model, hf, qmodel, tokens, prompt, args, add, results, train, decode):
+    """torch.compile: compile time, then steady-state speed with the shapes it was compiled for.
+
+    Training compiles model *and* loss in one graph (so the cross-entropy fuses with the logits), for ours and for
+    HF alike. Decode compiles our model (dynamic shapes: one graph for every cache length); HF stays eager.
+    """
     info = {}
     if not args.skip_train:
-        model.train()
+        model.train(), hf.train()
+        losses = [("ours+compile", torch.compile(next_token_loss(model))),
+                  ("hf+compile", torch.compile(next_token_loss(lambda t: hf(t).logits)))]
+        for autocast, numerics in ((False, "fp32"), (True, "bf16-autocast")):
+            for name, loss in losses:
+                t0 = time.perf_counter()
+                train_step(loss, tokens, autocast), model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+                info[f"train {name} {numerics} compile_and_first_step_wall_s"] = time.perf_counter() - t0
+            times = {name: [] for name, _ in losses}
+            for _ in range(args.repeats):
+                for name, loss in losses:
+                    times[name].append(train_step(loss, tokens, autocast))
+                    model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+            for name, _ in losses:
+                add(train, name, numerics, times[name], args.batch * args.seq, like="hf+compile")
+        model.eval(), hf.eval()
+    for name, m, numerics, like in (("ours+compile", model, "fp32", "hf"),
+                                    ("ours int8+compile", qmodel, "int8-weights", "hf int8")):
+        compiled = torch.compile(m, dynamic=True)
         t0 = time.perf_counter()
-        train_step(compiled, tokens), model.zero_grad(set_to_none=True)
-        info["train_compile_and_first_step_wall_s"] = time.perf_counter() - t0
-        times = []
-        for _ in range(args.repeats):
-            times.append(train_step(compiled, tokens)), model.zero_grad(set_to_none=True)
-        add(train, "ours+compile", times, args.batch * args.seq)
-        model.eval()
-    t0 = time.perf_counter()
-    decode_ours(compiled, prompt, args.new_tokens)  # same cache size as the timed calls: no recompilation
-    info["decode_compile_and_first_call_wall_s"] = time.perf_counter() - t0
-    times = [decode_ours(compiled, prompt, args.new_tokens)[0] for _ in range(args.repeats)]
-    add(decode, "ours+compile", times, args.new_tokens)
+        decode_ours(compiled, prompt, args.new_tokens)  # same cache size as the timed calls: no recompilation
+        info[f"decode {name} compile_and_first_call_wall_s"] = time.perf_counter() - t0
+        times = [decode_ours(compiled, prompt, args.new_tokens)[0] for _ in range(args.repeats)]
+        add(decode, name, numerics, times, args.new_tokens, "compared with HF eager (HF generate not compiled)",
+            like)
     results["compile"] = info
     print(f"  compile: {info}")
 
 
 def print_table(results):
-    print(f"\n{'workload':<16} {'impl':<16} {'tokens/s':>9} {'CPU s':>7} {'wall s':>7} {'vs hf':>6}")
-    print("-" * 66)
-    ratios = results["ratios_over_hf"]
+    print(f"\n{'workload':<16} {'impl':<20} {'numerics':<14} {'tokens/s':>9} {'CPU s':>7} {'wall s':>7} "
+          f"{'vs like':>8} {'vs hf fp32':>10}")
+    print("-" * 98)
     for r in results["rows"]:
-        ratio = ratios.get(f"{r['workload']} | {r['impl']}")
-        ratio = f"{ratio:.2f}x" if ratio is not None else ("1.00x" if r["impl"] == "hf" else "")
-        print(f"{r['workload']:<16} {r['impl']:<16} {r['tokens_per_s']:>9.1f} {r['best_cpu_s']:>7.3f} "
-              f"{min(r['wall_s']):>7.3f} {ratio:>6}")
+        star = "*" if "HF eager" in r["note"] else " "
+        like = f"{r['vs_like']:.2f}x{star}" if r["vs_like"] is not None else ""
+        base = f"{r['vs_hf_fp32']:.2f}x" if r["vs_hf_fp32"] is not None else ""
+        print(f"{r['workload']:<16} {r['impl']:<20} {r['numerics']:<14} {r['tokens_per_s']:>9.1f} "
+              f"{r['best_cpu_s']:>7.3f} {min(r['wall_s']):>7.3f} {like:>8} {base:>10}")
+    print("vs like: over the HF row with the same numerics (and compilation; * = over HF eager). "
+          "vs hf fp32: over HF float32 eager.")
     print(f"threads={results['threads']}  parity: logits rel. err {results['parity']['logits_rel_err']:.1e}, "
           f"greedy tokens equal: {results['parity']['greedy_16_equal']}")
+    print(f"int8 weights: {results['int8_weight_bytes'] / 1e6:.1f} MB vs {results['fp32_weight_bytes'] / 1e6:.1f} MB "
+          f"float32 (the bytes a decoding step reads)")
+    for name, acc in results["int8_accuracy"].items():
+        print(f"accuracy {name}: max |Δlogit| {acc['max_abs_logit_diff']:.3f} (float32 logit std "
+              f"{acc['float32_logit_std']:.2f}, median top-2 margin {acc['float32_median_top2_margin']:.3f}), "
+              f"rel. err {acc['rel_logit_err']:.3f}, teacher-forced top-1 agreement {acc['top1_agreement']:.3f}, "
+              f"greedy tokens equal: {acc['greedy_equal']} (first divergence at {acc['first_divergence']})")
 
 
 if __name__ == "__main__":
