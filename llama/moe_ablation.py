@@ -44,7 +44,7 @@ class MoEAblationConfig:
     capacity_factor: Optional[float] = None  # Switch expert capacity during training (None: no dropping)
     seq_len: int = 64
     batch_size: int = 32
-    steps: int = 400
+    steps: int = 600
     lr: float = 3e-3
     load_balance_coef: float = 0.01
     router_z_loss_coef: float = 1e-3
