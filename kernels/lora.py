@@ -23,14 +23,20 @@ W's two strides. S and A/B ranks below 16 are zero-padded inside the kernel (mas
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
+from ._triton import autotune, backend_forced, empty, launch, mma, pow2, rank_block, to_output, upcast
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks use the reference
+# Dispatch rule of the public op (docs/kernels.md, "Dispatch rules"): below this many tokens cuBLAS's GEMM plus two
+# skinny LoRA GEMMs (eager) beat the fused Triton GEMM on the H200 (M = 16 and 256 on 4096x4096: eager 83 us, fused
+# 174-179 us); from 4096 tokens on the fused kernel wins or ties. KERNELS_BACKEND=triton forces the kernel at any M.
+FUSED_MIN_TOKENS = 1024
 INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TMA=False)  # the one config on CPU
 INTERPRETER_GRAD_META = dict(BLOCK_M=32, BLOCK_N=32)
 
@@ -50,6 +56,11 @@ class LoRAMatmul(torch.autograd.Function):
         x, W, A, B, S = ctx.saved_tensors
         dx, dA, dB = lora_backward_triton(dy, x, W, A, B, S, ctx.scale, need_dx=ctx.needs_input_grad[0])
         return dx, None, dA, dB, None
+
+
+def use_fused_lora(tokens: int) -> bool:
+    """The dispatch rule: the fused kernel from FUSED_MIN_TOKENS tokens on, or always under KERNELS_BACKEND=triton."""
+    return tokens >= FUSED_MIN_TOKENS or backend_forced() == "triton"
 
 
 def lora_forward_triton(x, W, A, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +103,7 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
     launch(_tuned_gemm, grid,
            x, w, p, q, out, M, N, K, rank, scale,
            x.stride(0), x.stride(1), stride_wn, stride_wk, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
-           out.stride(0), out.stride(1), triton.next_power_of_2(M),
+           out.stride(0), out.stride(1), pow2(M),
            HAS_LORA=has_lora, W_K_MAJOR=stride_wk == 1, TMA_OK=tma_ok(x, w, stride_wn, stride_wk),
            BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
@@ -111,7 +122,7 @@ def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]
     launch(_tuned_grad, grid,
            dy, B, S, dS, dB, M, N, rank, scale,
            dy.stride(0), dy.stride(1), B.stride(0), B.stride(1), S.stride(0), S.stride(1),
-           dS.stride(0), dB.stride(0), triton.next_power_of_2(M),
+           dS.stride(0), dB.stride(0), pow2(M),
            BLOCK_R=rank_block(rank), UPCAST=upcast(dy.dtype, dy.device), IEEE=dy.dtype == torch.float32,
            device=dy.device, interpreter_meta=INTERPRETER_GRAD_META, enable_fp_fusion=True)
     return dS, dB
@@ -132,13 +143,19 @@ def _fits(configs, args):
 def tma_ok(x, w, stride_wn: int, stride_wk: int) -> bool:
     """Whether x and W can be read through Hopper's TMA: a CUDA device of compute capability >= 9, 16-byte aligned
     base addresses and row strides, and a unit stride along each tensor's row (either orientation of W)."""
-    if not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9 or not hasattr(tl, "make_tensor_descriptor"):
+    if not x.is_cuda or not _has_tma(x.device.index):
         return False
     aligned = lambda stride: stride > 0 and (stride * x.element_size()) % 16 == 0  # noqa: E731
     x_ok = x.stride(1) == 1 and aligned(x.stride(0)) and x.data_ptr() % 16 == 0
     w_ok = (((stride_wk == 1 and aligned(stride_wn)) or (stride_wn == 1 and aligned(stride_wk)))
             and w.data_ptr() % 16 == 0)
     return x_ok and w_ok
+
+
+@functools.lru_cache(maxsize=None)
+def _has_tma(device_index) -> bool:
+    """Compute capability >= 9 and a Triton with in-kernel tensor descriptors (asked once per device)."""
+    return torch.cuda.get_device_capability(device_index)[0] >= 9 and hasattr(tl, "make_tensor_descriptor")
 
 
 def _gemm_configs():

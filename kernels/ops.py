@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 
 from ._triton import backend
-from .lora import MAX_RANK, LoRAMatmul, check_lora_args, lora_matmul_reference
+from .lora import MAX_RANK, LoRAMatmul, check_lora_args, lora_forward_triton, lora_matmul_reference, use_fused_lora
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
-from .qlora import QLoRAMatmul, qlora_matmul_reference, use_fused
+from .qlora import QLoRAMatmul, qlora_forward_triton, qlora_matmul_reference, use_fused
 
 
 def nf4_dequantize(qweight: NF4Weight, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -35,7 +35,13 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     if backend(x, W, A, B) == "reference":
         return lora_matmul_reference(x, W, A, B, scale)
     _check_rank(A.shape[0])
-    y = LoRAMatmul.apply(x.reshape(-1, x.shape[-1]), W, A, B, float(scale))   # [M, N]
+    x2d = x.reshape(-1, x.shape[-1])                                              # [M, K]
+    if not use_fused_lora(x2d.shape[0]):
+        return lora_matmul_reference(x, W, A, B, scale)                           # cuBLAS wins at few tokens
+    if _needs_grad(x, A, B):
+        y = LoRAMatmul.apply(x2d, W, A, B, float(scale))                          # [M, N]
+    else:                                   # inference: no autograd node, no saved S (less host time)
+        y = lora_forward_triton(x2d, W, A, B, float(scale))[0]
     return y.reshape(*x.shape[:-1], W.shape[0])
 
 
@@ -55,9 +61,16 @@ def qlora_matmul(x: torch.Tensor, qweight: NF4Weight, A: torch.Tensor, B: torch.
         return qlora_matmul_reference(x, qweight, A, B, scale)
     _check_rank(A.shape[0])
     x2d = x.reshape(-1, x.shape[-1])                                              # [M, K]
-    fused = use_fused(x2d.shape[0]) if fused is None else bool(fused)
-    y = QLoRAMatmul.apply(x2d, qweight, A, B, float(scale), fused)                 # [M, N]
+    fused = use_fused(x2d.shape[0], *qweight.shape) if fused is None else bool(fused)
+    if _needs_grad(x, A, B):
+        y = QLoRAMatmul.apply(x2d, qweight, A, B, float(scale), fused)             # [M, N]
+    else:                                   # inference: no autograd node
+        y = qlora_forward_triton(x2d, qweight, A, B, float(scale), fused)[0]
     return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+def _needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _check_rank(rank: int) -> None:

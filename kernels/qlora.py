@@ -9,15 +9,16 @@ Shapes: M tokens, N out features, K in features, r rank, R = r padded to a power
 Reading order: `QLoRAMatmul` (autograd) -> dispatch rule `use_fused` -> launcher `qlora_gemm` -> kernel
 `_qlora_gemm_kernel` -> reference `qlora_matmul_reference`.
 
-Two paths, chosen per call by the token count M (`use_fused`, the documented rule):
-  * fused (M <= FUSED_MAX_TOKENS): one GEMM kernel reads the packed 4-bit weight and decodes each [BK, BN] tile
-    in registers (byte -> nibble -> NF4 table -> times the restored absmax), then feeds it to `tl.dot`. At a few
-    tokens the GEMM is memory-bound and this reads 0.52 bytes per weight instead of 2 (bf16) + the decode pass.
-  * dequantise-then-GEMM (larger M): decode W once into a bf16 buffer with the one-launch NF4 kernel, run the
+Two paths, chosen per call by the token count M and the weight size N·K (`use_fused`, the documented rule):
+  * fused (few tokens, weights up to 14336x4096): one GEMM kernel reads the packed 4-bit weight and decodes each
+    [BK, BN] tile in registers (byte -> nibble -> NF4 table -> times the restored absmax), then feeds it to
+    `tl.dot`. At a few tokens the GEMM is memory-bound and this reads 0.52 bytes per weight instead of 2 (bf16) +
+    the decode pass.
+  * dequantise-then-GEMM (otherwise): decode W once into a bf16 buffer with the one-launch NF4 kernel, run the
     fused LoRA GEMM, drop the buffer. At training-size M the GEMM is compute-bound and the in-kernel decode,
     repeated for every M tile, would cost more than one 2.5 bytes-per-weight pass (research kernels.md §3.5).
-The threshold comes from the H200 benchmark (`scripts/bench_kernels.py`, docs/kernels.md): below it the fused
-kernel wins; it is a module constant so it can be re-measured on other GPUs.
+The thresholds come from the H200 benchmark (`scripts/bench_kernels.py`, docs/kernels.md); they are module
+constants so they can be re-measured on other GPUs.
 """
 
 from __future__ import annotations
@@ -26,18 +27,27 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, empty, launch, mma, rank_block, to_output, upcast
+from ._triton import autotune, empty, launch, mma, pow2, rank_block, to_output, upcast
 from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, nf4_dequantize_triton
 
-FUSED_MAX_TOKENS = 16  # M at or below this: fused decode-in-GEMM; above: dequantise once, then the dense GEMM
+# The dispatch rule, from the H200 benchmark (docs/kernels.md, "Dispatch rules"): the fused kernel won at up to 64
+# tokens on 4096x4096 and 14336x4096 and at 256 tokens on 4096x4096, lost at 256 tokens on 14336x4096 and at every
+# token count on 28672x8192 (K = 8192: the in-register decode, not the memory traffic, limits it there).
+FUSED_MAX_TOKENS = 64                # fused decode-in-GEMM up to this many tokens...
+FUSED_MAX_TOKENS_SMALL_W = 256       # ...or up to this many when the weight has at most SMALL_W_PARAMS values
+SMALL_W_PARAMS = 4096 * 4096
+FUSED_MAX_PARAMS = 14336 * 4096      # never fused for larger weights
 INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False)  # the one config on CPU
 
 
-def use_fused(tokens: int) -> bool:
-    """The dispatch rule: the fused NF4 GEMM for at most FUSED_MAX_TOKENS tokens, dequantise-then-GEMM above."""
-    return tokens <= FUSED_MAX_TOKENS
+def use_fused(tokens: int, n: int, k: int) -> bool:
+    """The dispatch rule for M tokens and an [N, K] NF4 weight: fused decode-in-GEMM, else dequantise-then-GEMM."""
+    params = n * k
+    if params > FUSED_MAX_PARAMS:
+        return False
+    return tokens <= (FUSED_MAX_TOKENS_SMALL_W if params <= SMALL_W_PARAMS else FUSED_MAX_TOKENS)
 
 
 class QLoRAMatmul(torch.autograd.Function):
@@ -45,13 +55,7 @@ class QLoRAMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, qweight: NF4Weight, A, B, scale: float, fused: bool):
-        S = x @ A.t()                                                           # [M, r]
-        y = empty((x.shape[0], qweight.shape[0]), x.dtype, x.device)
-        if fused:
-            qlora_gemm(x, qweight, False, S, B.t(), scale, y)                  # y = x Wᵀ + s S Bᵀ
-        else:
-            W = nf4_dequantize_triton(qweight, x.dtype)                         # [N, K], freed on return
-            lora_gemm(x, W, W.stride(0), W.stride(1), S, B.t(), scale, y)
+        y, S = qlora_forward_triton(x, qweight, A, B, scale, fused)
         ctx.save_for_backward(x, A, B, S)
         ctx.qweight, ctx.scale, ctx.fused = qweight, scale, fused
         return y
@@ -72,6 +76,18 @@ class QLoRAMatmul(torch.autograd.Function):
         return dx, None, dA.to(A.dtype), dB.to(B.dtype), None, None
 
 
+def qlora_forward_triton(x, qweight: NF4Weight, A, B, scale: float, fused: bool):
+    """(y [M, N], S [M, r]) for 2-D x [M, K], by the fused kernel or dequantise-then-GEMM."""
+    S = x @ A.t()                                                               # [M, r]
+    y = empty((x.shape[0], qweight.shape[0]), x.dtype, x.device)
+    if fused:
+        qlora_gemm(x, qweight, False, S, B.t(), scale, y)                      # y = x Wᵀ + s S Bᵀ
+    else:
+        W = nf4_dequantize_triton(qweight, x.dtype)                             # [N, K], freed on return
+        lora_gemm(x, W, W.stride(0), W.stride(1), S, B.t(), scale, y)
+    return y, S
+
+
 def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out) -> None:
     """out = x · Wᵀ + scale · p · p_times (transposed=False: x [M, K], out [M, N]) or
     out = x · W + scale · p · p_times (transposed=True: x [M, N], out [M, K]), W [N, K] decoded from `q`."""
@@ -88,7 +104,7 @@ def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out)
            x, q.packed, q.absmax, code2, absmax2, offset, q.code, p, p_times, out,
            M, cols, red, w_k, rank, scale,
            x.stride(0), x.stride(1), p.stride(0), p.stride(1), p_times.stride(0), p_times.stride(1),
-           out.stride(0), out.stride(1), triton.next_power_of_2(M),
+           out.stride(0), out.stride(1), pow2(M),
            TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, BLOCKSIZE=q.blocksize,
            LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
            BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),

@@ -92,7 +92,7 @@ def test_public_op_leading_dims_and_backend_switch(device, monkeypatch):
     y = kernels.lora_matmul(x3, W, A, B, 2.0)
     assert y.shape == (2, 3, 5, 24)
     y.sum().backward()
-    y_ref, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 2.0, torch.ones(30, 24, dtype=torch.float64))
+    y_ref, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 2.0, torch.ones(30, 24, dtype=torch.float64, device=device))
     assert_close(y.reshape(30, 24), y_ref, torch.float32, "y")
     assert_close(x3.grad.reshape(30, 40), dx_ref, torch.float32, "dx")  # dy has stride 0 here (sum's backward)
     assert_close(A.grad, dA_ref, torch.float32, "dA")

@@ -11,7 +11,9 @@ import kernels
 from kernels import nf4_quantize
 from kernels.lora import lora_matmul_reference
 from kernels.nf4_dequant import nf4_dequantize_reference
-from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
+import kernels.ops as ops_mod
+import kernels.qlora as qlora_mod
+from kernels.qlora import FUSED_MAX_TOKENS_SMALL_W, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
@@ -97,21 +99,31 @@ def test_fused_kernel_other_blocksizes(blocksize, device):
         assert_close(out, expected, torch.float16, f"transposed={transposed}")
 
 
+def test_dispatch_rule_thresholds():
+    """The measured rule (docs/kernels.md): fused up to 64 tokens (256 for weights up to 4096x4096), never above
+    14336x4096."""
+    assert use_fused(64, 14336, 4096) and not use_fused(65, 14336, 4096) and not use_fused(256, 14336, 4096)
+    assert use_fused(256, 4096, 4096) and not use_fused(257, 4096, 4096)
+    assert not use_fused(1, 28672, 8192) and not use_fused(16, 28672, 8192)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_public_op_dispatches_on_token_count(device, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     seen = []
-    original = QLoRAMatmul.apply
-    monkeypatch.setattr(QLoRAMatmul, "apply", lambda *a: seen.append(a[-1]) or original(*a))
-    x, q, A, B = make(FUSED_MAX_TOKENS + 1, 24, 64, 4, torch.float32, device)
-    small = x.detach()[:FUSED_MAX_TOKENS].reshape(2, FUSED_MAX_TOKENS // 2, 64)
+    original = qlora_mod.qlora_forward_triton
+    monkeypatch.setattr(qlora_mod, "qlora_forward_triton", lambda *a: seen.append(a[-1]) or original(*a))
+    monkeypatch.setattr(ops_mod, "qlora_forward_triton", qlora_mod.qlora_forward_triton)
+    limit = FUSED_MAX_TOKENS_SMALL_W                                  # a small weight: fused up to 256 tokens
+    x, q, A, B = make(limit + 1, 24, 64, 4, torch.float32, device)
+    small = x.detach()[:limit].reshape(2, limit // 2, 64)
     y_small = kernels.qlora_matmul(small, q, A, B, 1.0)
-    y_large = kernels.qlora_matmul(x, q, A, B, 1.0)
-    assert seen == [True, False] and use_fused(FUSED_MAX_TOKENS) and not use_fused(FUSED_MAX_TOKENS + 1)
-    assert y_small.shape == (2, FUSED_MAX_TOKENS // 2, 24)
+    y_large = kernels.qlora_matmul(x, q, A, B, 1.0)                   # grads on: through the autograd Function
+    assert seen == [True, False]
+    assert y_small.shape == (2, limit // 2, 24)
     expected = qlora_matmul_reference(x.detach().double(), q, A.detach().double(), B.detach().double(), 1.0)
     assert_close(y_large, expected, torch.float32, "dequantise-then-GEMM path")
-    assert_close(y_small.reshape(-1, 24), expected[:FUSED_MAX_TOKENS], torch.float32, "fused path")
+    assert_close(y_small.reshape(-1, 24), expected[:limit], torch.float32, "fused path")
 
 
 @pytest.mark.parametrize("device", DEVICES)
