@@ -11,8 +11,12 @@ On a CUDA device:
   * QLoRA linear: fused NF4 GEMM / Triton dequantise-then-GEMM / eager dequantise-then-matmul / torch.compile /
     bitsandbytes dequantise + eager LoRA;
   * the issue's targets, each marked met / missed.
-Times are medians of `triton.testing.do_bench` (L2 flushed before every call). Outputs are checked against the
-references before timing. Prints tables; writes <out>.json and <out>.md.
+Every time is given twice (LEGEND): the median of `triton.testing.do_bench` on the plain Python call (L2 flushed
+before every call; includes the host's launch path whenever the GPU waits for it) and the median of `do_bench` on
+the replay of a CUDA graph holding one call (device time without host overhead; captured after a warm-up, so
+compilation and autotuning happen outside the capture; autograd ops captured forward-only under no_grad).
+Bandwidth / TFLOP/s fractions and the targets are computed from both. Outputs are checked against the references
+before timing. Prints tables; writes <out>.json and <out>.md.
 
 Without a CUDA device it says so and runs a small correctness smoke of every kernel (Triton interpreter) and the
 CPU ratio "pure-PyTorch NF4 quantise + dequantise vs bitsandbytes on CPU" instead.
@@ -66,12 +70,56 @@ class Timer:
         return statistics.median(times)
 
 
+    def graph(self, fn):
+        """Median seconds per replay of a CUDA graph that holds one call of fn (None off CUDA)."""
+        if self.device.type != "cuda":
+            return None
+        from triton.testing import do_bench
+        with torch.no_grad():
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):             # warm-up on a side stream (compile, autotune, caches)
+                for _ in range(2):
+                    fn()
+            torch.cuda.current_stream().wait_stream(side)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        warmup, rep = (5, 25) if self.quick else (25, 100)
+        t = do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e-3
+        del graph
+        return t
+
+
+LEGEND = ("Each time cell: do_bench us / CUDA-graph us. do_bench = median of the plain Python call with L2 flushed "
+          "(includes host launch overhead when the GPU waits for the host); graph = median replay of a CUDA graph "
+          "holding one call (device time only). Rates and fractions: 'plain' from do_bench, 'graph' from the graph.")
+
+
 def measure(timer, fn, **kw):
     """(seconds, None) or (None, error text): one failing column never stops the benchmark."""
     try:
         return timer(fn, **kw), None
     except Exception as e:  # noqa: BLE001 - report and go on
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def measure_graph(timer, fn):
+    """(seconds or None, error text or None) for the CUDA-graph replay of fn."""
+    try:
+        return timer.graph(fn), None
+    except Exception as e:  # noqa: BLE001 - e.g. an op that synchronises cannot be captured
+        torch.cuda.synchronize() if torch.cuda.is_available() else None
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+
+
+def cell(t, err, g, gerr) -> dict:
+    """One timing cell: plain and graph microseconds with their errors."""
+    return {"us": None if t is None else t * 1e6, "error": err,
+            "graph_us": None if g is None else g * 1e6, "graph_error": gerr}
 
 
 def checked(fn):
@@ -149,9 +197,12 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
                 row["bitsandbytes_error"] = f"{type(e).__name__}: {e}"[:160]
         for col, fn in columns.items():
             t, err = measure(timer, fn)
-            row[col] = {"us": None if t is None else t * 1e6, "error": err,
-                        "GBps": None if t is None else row["bytes"] / t / 1e9,
-                        "frac_copy_bw": None if t is None else row["bytes"] / t / 1e9 / anchors["copy_GBps"]}
+            g, gerr = measure_graph(timer, fn) if col != "eager" else (None, "not measured")
+            row[col] = cell(t, err, g, gerr)
+            for prefix, sec in (("", t), ("graph_", g)):
+                row[col][prefix + "GBps"] = None if sec is None else row["bytes"] / sec / 1e9
+                row[col][prefix + "frac_copy_bw"] = (None if sec is None
+                                                     else row["bytes"] / sec / 1e9 / anchors["copy_GBps"])
         progress(row, ["triton", "eager", "torch.compile", "bitsandbytes"])
         rows.append(row)
         free(device)
@@ -196,10 +247,13 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
                    "triton_gemm_no_lora": lambda: lora_gemm(x, W, W.stride(0), W.stride(1), None, None, 1.0, out)}
         for col, fn in columns.items():
             t, err = measure(timer, fn)
+            g, gerr = measure_graph(timer, fn)
             flops = 2.0 * M * N * K if col in ("bf16_gemm", "triton_gemm_no_lora") else row["flops"]
-            row[col] = {"us": None if t is None else t * 1e6, "error": err,
-                        "TFLOPs": None if t is None else flops / t / 1e12,
-                        "frac_gemm_peak": None if t is None else flops / t / 1e12 / anchors["bf16_gemm_TFLOPs"]}
+            row[col] = cell(t, err, g, gerr)
+            for prefix, sec in (("", t), ("graph_", g)):
+                row[col][prefix + "TFLOPs"] = None if sec is None else flops / sec / 1e12
+                row[col][prefix + "frac_gemm_peak"] = (None if sec is None
+                                                       else flops / sec / 1e12 / anchors["bf16_gemm_TFLOPs"])
             if col == "triton":
                 row["triton_config"] = str(getattr(lora_mod._tuned_gemm, "best_config", ""))
         if backward:
@@ -214,8 +268,8 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
         if (name, M, r) in compile_for:  # last: compiling takes seconds and must not delay the columns above
             fn = compiled(lora_eager)
             t, err = measure(timer, lambda: fn(x, W, A, B, SCALE)) if fn is not None else (None, "unavailable")
-            row["torch.compile"] = {"us": None if t is None else t * 1e6, "error": err,
-                                    "TFLOPs": None if t is None else row["flops"] / t / 1e12}
+            row["torch.compile"] = cell(t, err, None, "not measured")
+            row["torch.compile"]["TFLOPs"] = None if t is None else row["flops"] / t / 1e12
         progress(row, ["triton", "eager", "bf16_gemm", "triton_gemm_no_lora", "torch.compile"])
         rows.append(row)
         free(device)
@@ -263,8 +317,10 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                     columns["torch.compile"] = lambda: fn(x, A, B)
             for col, fn in columns.items():
                 t, err = measure(timer, fn)
-                row[col] = {"us": None if t is None else t * 1e6, "error": err,
-                            "TFLOPs": None if t is None else row["flops"] / t / 1e12}
+                g, gerr = (measure_graph(timer, fn) if col not in ("eager_dequant_matmul", "torch.compile")
+                           else (None, "not measured"))
+                row[col] = cell(t, err, g, gerr)
+                row[col]["TFLOPs"] = None if t is None else row["flops"] / t / 1e12
         progress(row, ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "bnb_dequant_matmul"])
         rows.append(row)
         free(device)
@@ -292,52 +348,69 @@ class Budget:
 
 # ---- targets ----------------------------------------------------------------------------------------------
 
-def us(row, col):
-    cell = row.get(col) or {}
-    return cell.get("us") if isinstance(cell, dict) else None
+def us(row, col, key="us"):
+    cell_ = row.get(col) or {}
+    return cell_.get(key) if isinstance(cell_, dict) else None
 
 
 def evaluate_targets(dequant, lora, qlora) -> list[dict]:
+    """Each target evaluated on the do_bench times ('value', 'met') and on the CUDA-graph times ('graph_value',
+    'graph_met')."""
     targets = []
+
+    def add(name, compute, fmt, ok):
+        entry = {"target": name, "value": "-", "met": None, "graph_value": "-", "graph_met": None}
+        for prefix, key in (("", "us"), ("graph_", "graph_us")):
+            value = compute(key)
+            if value is not None:
+                entry[prefix + "value"], entry[prefix + "met"] = fmt(value), (ok(value) if ok else None)
+        if entry["value"] != "-" or entry["graph_value"] != "-":
+            targets.append(entry)
+
+    def ratio(row, num, den):
+        return lambda key: (us(row, num, key) / us(row, den, key) if us(row, num, key) and us(row, den, key)
+                            else None)
+
     for row in dequant:
         if row.get("params", 0) >= 45_000_000 and us(row, "triton"):
-            frac = row["triton"]["frac_copy_bw"]
-            targets.append({"target": f"NF4 dequant {row['shape']}: >= 80% of copy bandwidth",
-                            "value": f"{100 * frac:.1f}%", "met": frac >= 0.80})
-            if us(row, "bitsandbytes"):
-                speedup = us(row, "bitsandbytes") / us(row, "triton")
-                targets.append({"target": f"NF4 dequant {row['shape']}: faster than bitsandbytes",
-                                "value": f"{speedup:.2f}x", "met": speedup > 1.0})
+            add(f"NF4 dequant {row['shape']}: >= 80% of copy bandwidth",
+                lambda key, row=row: row["triton"].get("frac_copy_bw" if key == "us" else "graph_frac_copy_bw"),
+                lambda v: f"{100 * v:.1f}%", lambda v: v >= 0.80)
+            add(f"NF4 dequant {row['shape']}: faster than bitsandbytes", ratio(row, "bitsandbytes", "triton"),
+                lambda v: f"{v:.2f}x", lambda v: v > 1.0)
     for row in lora:
-        headline = row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16
-        if headline and us(row, "triton"):
-            if us(row, "bf16_gemm"):
-                ratio = us(row, "triton") / us(row, "bf16_gemm")
-                targets.append({"target": "fused LoRA fwd 4096x4096 r16 M4096: <= 1.10x bare bf16 GEMM (cuBLAS)",
-                                "value": f"{ratio:.3f}x", "met": ratio <= 1.10})
-            if us(row, "triton_gemm_no_lora"):
-                ratio = us(row, "triton") / us(row, "triton_gemm_no_lora")
-                targets.append({"target": "  (for reference) vs the same Triton GEMM without LoRA",
-                                "value": f"{ratio:.3f}x", "met": None})
-            if us(row, "eager"):
-                speedup = us(row, "eager") / us(row, "triton")
-                targets.append({"target": "fused LoRA fwd 4096x4096 r16 M4096: >= 1.3x faster than eager",
-                                "value": f"{speedup:.2f}x", "met": speedup >= 1.3})
+        if row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16:
+            add("fused LoRA fwd 4096x4096 r16 M4096: <= 1.10x bare bf16 GEMM (cuBLAS)",
+                ratio(row, "triton", "bf16_gemm"), lambda v: f"{v:.3f}x", lambda v: v <= 1.10)
+            add("  (for reference) vs the same Triton GEMM without LoRA", ratio(row, "triton", "triton_gemm_no_lora"),
+                lambda v: f"{v:.3f}x", None)
+            add("fused LoRA fwd 4096x4096 r16 M4096: >= 1.3x faster than eager", ratio(row, "eager", "triton"),
+                lambda v: f"{v:.2f}x", lambda v: v >= 1.3)
     for row in qlora:
         if row.get("tokens", 1 << 30) <= 16 and us(row, "triton_fused") and us(row, "eager_dequant_matmul"):
-            speedup = us(row, "eager_dequant_matmul") / us(row, "triton_fused")
-            targets.append({"target": f"fused NF4+LoRA {row['shape']} M{row['tokens']}: >= 2x eager dequant+matmul",
-                            "value": f"{speedup:.1f}x", "met": speedup >= 2.0})
+            # eager dequant+matmul is timed plainly only (it is the slow side); the graph column uses that time
+            add(f"fused NF4+LoRA {row['shape']} M{row['tokens']}: >= 2x eager dequant+matmul",
+                lambda key, row=row: (us(row, "eager_dequant_matmul") / us(row, "triton_fused", key)
+                                      if us(row, "triton_fused", key) else None),
+                lambda v: f"{v:.1f}x", lambda v: v >= 2.0)
     return targets
 
 
 # ---- output -----------------------------------------------------------------------------------------------
 
 def fmt_us(row, col):
-    cell = row.get(col)
-    if not isinstance(cell, dict):
+    """'plain / graph' microseconds (LEGEND); '-' for a column not run."""
+    cell_ = row.get(col)
+    if not isinstance(cell_, dict):
         return "-"
-    return "err" if cell.get("us") is None else f"{cell['us']:.1f}"
+    plain = "err" if cell_.get("us") is None else f"{cell_['us']:.1f}"
+    if cell_.get("graph_us") is not None:
+        return f"{plain} / {cell_['graph_us']:.1f}"
+    return plain if cell_.get("graph_error") in (None, "not measured") else f"{plain} / err"
+
+
+def fmt_pct(cell_, key):
+    return f"{100 * cell_[key]:.0f}%" if cell_.get(key) else "-"
 
 
 def fmt_err(value):
@@ -353,31 +426,36 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
     body = []
     for row in result["dequant"]:
         if "skipped" in row:
-            body.append([row["shape"], "skipped"] + [""] * 6)
+            body.append([row["shape"], "skipped"] + [""] * 8)
             continue
         t = row["triton"]
         body.append([row["shape"], f"{row['params'] / 1e6:.1f}M"] + [fmt_us(row, c) for c in cols]
-                    + [f"{t['GBps']:.0f}" if t.get("GBps") else "-",
-                       f"{100 * t['frac_copy_bw']:.0f}%" if t.get("frac_copy_bw") else "-",
+                    + [f"{t['GBps']:.0f}" if t.get("GBps") else "-", fmt_pct(t, "frac_copy_bw"),
+                       f"{t['graph_GBps']:.0f}" if t.get("graph_GBps") else "-", fmt_pct(t, "graph_frac_copy_bw"),
                        str(row.get("bit_exact_vs_reference")), str(row.get("bnb_bit_exact_vs_ours", "-"))])
-    out.append(("NF4 dequantisation to bf16 (us; GB/s and % of copy bandwidth for Triton)",
-                ["shape", "params"] + cols + ["triton GB/s", "% copy BW", "bit-exact vs ref", "bnb == ours"], body))
+    out.append(("NF4 dequantisation to bf16 (us, do_bench / graph; GB/s and % of copy bandwidth for Triton, plain "
+                "and graph)",
+                ["shape", "params"] + cols + ["GB/s plain", "% copy BW plain", "GB/s graph", "% copy BW graph",
+                                              "bit-exact vs ref", "bnb == ours"], body))
     cols = ["triton", "eager", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
     body = []
     for row in result["lora"]:
         if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 7)
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 9)
             continue
         t = row["triton"]
-        ratio = (f"{us(row, 'triton') / us(row, 'bf16_gemm'):.3f}" if us(row, "triton") and us(row, "bf16_gemm")
-                 else "-")
+        ratio = " / ".join(f"{us(row, 'triton', k) / us(row, 'bf16_gemm', k):.3f}"
+                           if us(row, "triton", k) and us(row, "bf16_gemm", k) else "-" for k in ("us", "graph_us"))
         body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
-                    + [f"{t['TFLOPs']:.0f}" if t.get("TFLOPs") else "-",
-                       f"{100 * t['frac_gemm_peak']:.0f}%" if t.get("frac_gemm_peak") else "-", ratio,
+                    + [f"{t['TFLOPs']:.0f}" if t.get("TFLOPs") else "-", fmt_pct(t, "frac_gemm_peak"),
+                       f"{t['graph_TFLOPs']:.0f}" if t.get("graph_TFLOPs") else "-", fmt_pct(t, "graph_frac_gemm_peak"),
+                       ratio,
                        fmt_us(row, "triton_fwd_bwd") + " / " + fmt_us(row, "eager_fwd_bwd"),
                        fmt_err(row.get("rel_err_vs_float32"))])
-    out.append(("Fused LoRA linear, forward (us); fwd+bwd Triton / eager (us); rel. error vs float32 eager",
-                ["shape", "M", "r"] + cols + ["triton TFLOP/s", "% GEMM peak", "triton / bf16 GEMM", "fwd+bwd",
+    out.append(("Fused LoRA linear, forward (us, do_bench / graph); fwd+bwd Triton / eager (us, do_bench); rel. "
+                "error vs float32 eager",
+                ["shape", "M", "r"] + cols + ["TFLOP/s plain", "% GEMM peak plain", "TFLOP/s graph",
+                                              "% GEMM peak graph", "triton / bf16 GEMM (plain / graph)", "fwd+bwd",
                                               "rel err"], body))
     cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
             "bf16_lora_unquantised"]
@@ -386,18 +464,24 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
         if "skipped" in row:
             body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 6)
             continue
-        faster = ("fused" if us(row, "triton_fused") and us(row, "triton_dequant_gemm")
-                  and us(row, "triton_fused") < us(row, "triton_dequant_gemm") else "dequant+GEMM")
+        faster = " / ".join(
+            ("-" if not (us(row, "triton_fused", k) and us(row, "triton_dequant_gemm", k))
+             else "fused" if us(row, "triton_fused", k) < us(row, "triton_dequant_gemm", k) else "dequant+GEMM")
+            for k in ("us", "graph_us"))
         body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
                     + [faster, fmt_err(row.get("rel_err_fused")) + " / " + fmt_err(row.get("rel_err_dequant_gemm"))])
-    out.append(("QLoRA linear, forward (us); rel. error fused / dequant+GEMM vs float32 LoRA on W_dq",
-                ["shape", "M", "r"] + cols + ["faster Triton path", "rel err"], body))
-    out.append(("Targets", ["target", "value", "met"],
-                [[t["target"], t["value"], {True: "yes", False: "NO", None: ""}[t["met"]]] for t in result["targets"]]))
+    out.append(("QLoRA linear, forward (us, do_bench / graph); rel. error fused / dequant+GEMM vs float32 LoRA on W_dq",
+                ["shape", "M", "r"] + cols + ["faster Triton path (plain / graph)", "rel err"], body))
+    met = {True: "yes", False: "NO", None: ""}
+    out.append(("Targets (do_bench: plain Python call; graph: CUDA-graph replay, device time only)",
+                ["target", "do_bench value", "met", "graph value", "met (graph)"],
+                [[t["target"], t["value"], met[t["met"]], t.get("graph_value", "-"), met[t.get("graph_met")]]
+                 for t in result["targets"]]))
     return out
 
 
 def print_table(title, header, body):
+    """Aligned plain-text table."""
     widths = [max(len(str(c)) for c in col) for col in zip(header, *body)] if body else [len(h) for h in header]
     print(f"\n{title}")
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -409,7 +493,7 @@ def markdown(result) -> str:
     lines = [f"# Kernel benchmark ({result['device']})", "",
              f"torch {result['torch']}, triton {result['triton']}, bitsandbytes {result['bitsandbytes']}; "
              f"seed {result['seed']}; {'quick' if result['quick'] else 'full'} sweep; "
-             f"{result['elapsed_s']:.0f} s.", ""]
+             f"{result['elapsed_s']:.0f} s.", "", LEGEND, ""]
     for title, header, body in tables(result):
         lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
@@ -621,7 +705,8 @@ def main(argv=None):
     result.update(torch=torch.__version__, triton=triton_version, bitsandbytes=bnb_version, seed=args.seed,
                   quick=args.quick, python=platform.python_version(), elapsed_s=time.perf_counter() - start)
     if "anchors" in result:
-        for title, header, body in tables(result):
+        print("\n" + LEGEND)
+        for title, header, body in tables(result):   # the targets table is the last one printed
             print_table(title, header, body)
     save(result, args.out)
     print(f"\nwrote {args.out}.json" + (f" and {args.out}.md" if "anchors" in result else "")
