@@ -104,8 +104,9 @@ def run(cfg: MoEAblationConfig, documents: list[str], train_fn: TrainFn, log=pri
         def on_step(step: int) -> None:  # the last micro-batch's routing, after each optimizer step
             if is_moe:
                 history["shares"].append(load_shares(model))
-                history["load_balance"].append(float(model.aux_losses()["load_balance"]))
-                history["router_z"].append(float(model.aux_losses()["router_z"]))
+                aux = model.aux_losses()
+                history["load_balance"].append(aux["load_balance"].item())
+                history["router_z"].append(aux["router_z"].item())
 
         losses = train_fn(model, examples, TrainSpec(cfg.steps, cfg.lr, cfg.batch_size, cfg.seed), on_step)
         train_s = time.perf_counter() - t0
@@ -163,7 +164,10 @@ def plot(report: dict, path) -> None:
         axes[0].plot(range(1, len(curve) + 1), smooth, label=variant)
         if r["shares"]:
             axes[1].plot([sum(max(s) for s in step) / len(step) * E for step in r["shares"]], label=variant)
-    axes[0].set(title="training loss (EMA 0.95)", xlabel="step", ylabel="nats / byte")
+    tails = [v for line in axes[0].get_lines() for v in line.get_ydata()[len(line.get_ydata()) // 4:]]
+    if tails:  # the curves differ by a few hundredths of a nat: zoom on the last three quarters
+        axes[0].set_ylim(min(tails) - 0.02, max(tails) + 0.02)
+    axes[0].set(title="training loss (EMA 0.95), last 3/4 of the run", xlabel="step", ylabel="nats / byte")
     axes[1].set(title="imbalance during training (E · largest share)", xlabel="step", ylim=(0.9, E + 0.1))
     moe = [v for v, r in report["results"].items() if "eval_shares" in r]
     width = 0.8 / max(1, len(moe))
