@@ -282,11 +282,13 @@ def main(argv=None) -> int:
             for i, (_, loss, autocast, _, _) in enumerate(variants):
                 times[i].append(train_step(loss, tokens, autocast))
                 model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
+        floor = [gemm_floor(model, n_train) for _ in range(args.repeats)]
         for i, (name, _, _, numerics, like) in enumerate(variants):
             add(train, name, numerics, times[i], n_train,
                 "loss: LeanCrossEntropy (proposal)" if "lean" in name else "", like)
-        add(train, "GEMM floor", "fp32", [gemm_floor(model, n_train) for _ in range(args.repeats)], n_train,
-            "upper bound: the weight-matrix products of forward and backward only, float32", "hf")
+            if i == 2:  # after the float32 rows
+                add(train, "GEMM floor", "fp32", floor, n_train,
+                    "upper bound: the weight-matrix products of forward and backward only, float32", "hf")
         model.eval(), hf.eval()
 
     # weight-only int8 (llama/quantize.py): ours, and HF with the same Int8Linear in place of its nn.Linear layers
@@ -316,7 +318,9 @@ def main(argv=None) -> int:
     results["int8_accuracy"] = {
         "int8 (kernel: bf16 inputs)": int8_accuracy(model, qmodel, prompt, reference),
         "int8 (dequant reference: weight rounding only)": int8_accuracy(
-            model, quantize_int8(copy.deepcopy(model), implementation="dequant"), prompt, reference)}
+            model, quantize_int8(copy.deepcopy(model), implementation="dequant"), prompt, reference),
+        "for scale, not int8: the whole model in bfloat16": int8_accuracy(
+            model, copy.deepcopy(model).to(torch.bfloat16), prompt, reference)}
 
     if args.compile:
         compile_rows(model, hf, qmodel, tokens, prompt, args, add, results, train, decode)
