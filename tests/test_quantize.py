@@ -246,3 +246,18 @@ def test_bad_input_raises_with_the_fix_in_the_message():
     model = quantize_int8(tiny_model("tiny-llama-1"))
     with pytest.raises(ValueError, match="no nn.Linear"):
         quantize_int8(model)  # already quantised
+
+
+def test_quantised_decode_step_traces_into_one_graph():
+    """torch.compile sees one graph (no breaks) for a KV-cache step: Int8Linear and the model's checks are traceable."""
+    model = quantize_int8(tiny_model("tiny-llama-3.2"))
+    model.setup_cache(1, 16)
+    try:
+        with torch.no_grad():
+            model(torch.tensor([[1, 2, 3]]), start_pos=0)
+            explanation = torch._dynamo.explain(model)(torch.tensor([[4]]), start_pos=3)
+    finally:
+        model.clear_cache()
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
