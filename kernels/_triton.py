@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import threading
 
 import torch
 import triton
@@ -130,11 +131,13 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
         with _jit_calls_interpreted():
             _twin(tuned.fn)[grid](*args, **interpreter_meta, **kwargs)
         return
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:                       # Triton >= 3.3: scratch for in-kernel TMA descriptors (once)
+    thread = threading.get_ident()
+    if thread not in _ALLOCATOR_THREADS:         # Triton >= 3.3: scratch for in-kernel TMA descriptors
+        # Triton keeps the allocator in a ContextVar, i.e. per thread: autograd runs CUDA backwards on its own
+        # device thread, so set it once in every thread that launches (not once per process).
         if hasattr(triton, "set_allocator"):
             triton.set_allocator(_cuda_scratch)
-        _ALLOCATOR_SET = True
+        _ALLOCATOR_THREADS.add(thread)
     key = _tuning_key(tuned, args, kwargs)
     meta = _CHOSEN.get(key)
     if meta is None:
@@ -144,7 +147,7 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
         tuned.fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
 
 
-_ALLOCATOR_SET = False
+_ALLOCATOR_THREADS: set = set()  # threads whose Triton allocator is set
 _CHOSEN: dict = {}       # (autotuner id, key values, tensor dtypes, KERNELS_AUTOTUNE) -> config meta-parameters
 _KEY_SLOTS: dict = {}    # autotuner id -> ((position or name) of each key argument, ...)
 
