@@ -54,6 +54,10 @@ def export_hf(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
                          f"equivalent (use peft.save_adapter)")
     if state.merged:
         raise ValueError("the LoRA adapter is merged; call peft.unmerge(model) before export_hf")
+    if "experts" in config.target_modules:
+        raise ValueError("export_hf maps the dense LlamaForCausalLM layout only; LoRA on Llama 4's routed experts "
+                         "(target 'experts') has no entry in it: use peft.save_adapter, or drop 'experts' from "
+                         "target_modules")
     args = model.args
     heads = {"wq": args.n_heads, "wk": args.n_kv_heads}
     tensors = {}

@@ -20,8 +20,9 @@ Differences from the papers, and the choices made where they are silent:
     the round trip is exact to ~1e-16; in bf16 it is not (peft.md §1.5). A weight tied to the embeddings
     (Llama 3.2 1B/3B `output`) is untied on merge rather than modifying the embedding, and re-tied on unmerge.
   * Llama 4 MoE layers: the names w1 w2 w3 match the shared expert's linears (`feed_forward.shared_expert.w1`);
-    the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children, and stay
-    frozen. Expert LoRA would be a module of the same form as `LoRALinear` with a leading expert axis (not built).
+    the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children. The extra
+    target name `experts` gives each routed expert its own update of w1, w2 and w3 (`peft.lora_experts`); without
+    it they stay frozen. DoRA and QLoRA do not cover the routed experts (a clear error says so).
 """
 
 from __future__ import annotations
@@ -34,7 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora_experts import EXPERT_TARGET, LoRAExperts, iter_experts
 from .targets import LINEAR_NAMES, check_layer_indices, check_target_names, iter_linears, shared_parameter_ids
+
+# Everything LoRA can target: the linear layers by Meta name, plus a Llama 4 MoE layer's routed experts.
+TARGET_NAMES = LINEAR_NAMES + (EXPERT_TARGET,)
 
 try:  # the fused Triton kernel (with its own plain-PyTorch reference off-GPU), when the `kernels` package has it
     from kernels import lora_matmul as _fused_lora_matmul
@@ -54,7 +59,7 @@ class LoraConfig:
     r: int = 8
     alpha: float = 8.0
     dropout: float = 0.0  # on the LoRA branch's input only; 0 keeps the fused kernel path
-    target_modules: Sequence[str] = ("wq", "wv")  # any of wq wk wv wo w1 w2 w3 output
+    target_modules: Sequence[str] = ("wq", "wv")  # any of wq wk wv wo w1 w2 w3 output experts (Llama 4 MoE)
     layers: Optional[Sequence[int]] = None  # decoder layers to adapt (None: all); `output` is outside any layer
     use_rslora: bool = False  # scale alpha/√r (rsLoRA) instead of alpha/r
     use_dora: bool = False  # weight-decomposed LoRA: a trainable magnitude per output feature
@@ -65,7 +70,7 @@ class LoraConfig:
     method = "lora"
 
     def __post_init__(self):
-        self.target_modules = check_target_names(self.target_modules, LINEAR_NAMES)
+        self.target_modules = check_target_names(self.target_modules, TARGET_NAMES)
         if self.layers is not None:
             self.layers = tuple(self.layers)
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -217,16 +222,33 @@ class LoRALinear(nn.Module):
 
 # -- attaching to a model -------------------------------------------------------------------------------------------
 def validate(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, str, nn.Module]]:
-    """All targeted linears, checked (exists, is a plain nn.Linear, rank fits) before anything is changed."""
+    """All targeted linears and routed experts, checked (exist, not yet adapted, rank fits) before any change."""
     layers = check_layer_indices(model, config.layers)
-    found = list(iter_linears(model, config.target_modules, layers))
+    linear_names = [n for n in config.target_modules if n != EXPERT_TARGET]
+    found = list(iter_linears(model, linear_names, layers))
+    if EXPERT_TARGET in config.target_modules:
+        found += [(name, parent, EXPERT_TARGET, child) for name, parent, child in iter_experts(model, layers)]
     present = {name.rsplit(".", 1)[-1] for name, *_ in found}
     missing = [n for n in config.target_modules if n not in present]
     if missing:
-        available = sorted({n.rsplit(".", 1)[-1] for n, *_ in iter_linears(model, LINEAR_NAMES, layers)})
+        available = sorted({n.rsplit(".", 1)[-1] for n, *_ in iter_linears(model, LINEAR_NAMES, layers)}
+                           | ({EXPERT_TARGET} if any(True for _ in iter_experts(model, layers)) else set()))
         raise ValueError(f"target module(s) {missing} not found in the selected layers of this model; "
-                         f"the linear layers there are {', '.join(available) or 'none'}")
-    for name, _, _, child in found:
+                         f"the adaptable modules there are {', '.join(available) or 'none'}"
+                         + (" (`experts` exists only in Llama 4 MoE layers)" if EXPERT_TARGET in missing else ""))
+    if EXPERT_TARGET in config.target_modules and (config.use_dora or config.quantize_base):
+        raise ValueError("LoRA on the routed experts supports plain LoRA and rsLoRA only, not "
+                         + ("DoRA" if config.use_dora else "an NF4 base (quantize_base)")
+                         + "; drop 'experts' from target_modules or set "
+                         + ("use_dora=False" if config.use_dora else "quantize_base=False"))
+    for name, _, attr, child in found:
+        if attr == EXPERT_TARGET:
+            if isinstance(child, LoRAExperts):
+                raise ValueError(f"{name} already carries LoRA experts; build a fresh model to apply LoRA")
+            C, Fh = child.w1.shape[1:]
+            if config.r > min(C, Fh):
+                raise ValueError(f"LoRA rank r={config.r} exceeds {name}'s size {C}->{Fh}; use r <= {min(C, Fh)}")
+            continue
         if type(child) is not nn.Linear:
             raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
                              f"attached there; build a fresh model to apply LoRA")
@@ -246,8 +268,11 @@ def attach(model: nn.Module, config: LoraConfig) -> list[str]:
     shared = shared_parameter_ids(model)
     names = []
     for name, parent, attr, child in found:
-        layer = LoRALinear(child, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora,
-                           config.init, shares_weight=id(child.weight) in shared)
+        if attr == EXPERT_TARGET:  # routed experts of a Llama 4 MoE layer (peft.lora_experts)
+            layer = LoRAExperts(child, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+        else:
+            layer = LoRALinear(child, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora,
+                               config.init, shares_weight=id(child.weight) in shared)
         setattr(parent, attr, layer)
         names += [f"{name}.{p}" for p in layer.adapter_parameter_names()]
     return names

@@ -1,0 +1,134 @@
+"""LoRA on the routed experts of a Llama 4 mixture-of-experts layer: one low-rank update per expert and matrix.
+
+Shapes: E experts, C model dim, F expert hidden size, M tokens, N tokens given to one expert, r rank.
+
+The routed experts are not `nn.Linear` layers but three stacked parameters in Meta's layout, applied as x @ W
+(`llama.moe.Experts`): w1, w3 [E, C, F] (gate, up) and w2 [E, F, C] (down). LoRA §4.1 eq. (3) carries over per
+expert e and matrix W ∈ {w1, w2, w3}, written in the same x @ W orientation:
+
+    x @ (W_e + s · A_e B_e) = x @ W_e + s · (drop(x) @ A_e) @ B_e
+    A_e [K, r]: U(-1/√K, 1/√K) (the nn.Linear / Kaiming(a=√5) bound of LoRALinear) or N(0, 1/r²);  B_e [r, N]: zero
+    K, N = C, F for w1 and w3;  F, C for w2;   s = alpha/r (LoRA) or alpha/√r (rsLoRA)
+
+so each expert starts exactly at its pretrained SwiGLU and learns its own update (E·r·(K+N) parameters per matrix;
+HF PEFT's `target_parameters` adapts the same stacked tensors). The router, and therefore the routing, is untouched.
+
+`LoRAExperts` replaces `MoE.experts` and keeps the two methods `llama.moe.MoE` calls: `one(e, x)` (sorted dispatch)
+and `all(x)` (dense reference). It keeps the wrapped module's w1 w2 w3 Parameters under the same names, so the base
+state-dict keys (`layers.0.feed_forward.experts.w1`) are unchanged; the adapter adds `lora_A.{w1,w2,w3}` and
+`lora_B.{w1,w2,w3}`. Not supported here (a clear error from `peft.lora.validate`): DoRA (a magnitude per expert
+and output feature, not built) and an NF4 base (QLoRA quantises `nn.Linear` layers only).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EXPERT_TARGET = "experts"  # the `LoraConfig.target_modules` name that selects every MoE layer's routed experts
+MATRICES = ("w1", "w2", "w3")  # gate, down, up: all three are adapted
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)  # as peft.lora.master_dtype: adapters in >= float32
+
+
+class LoRAExperts(nn.Module):
+    """Frozen stacked experts W (w1 w2 w3) plus a trainable per-expert low-rank update s·A_e B_e for each."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming"):
+        super().__init__()
+        E, C, Fh = base.w1.shape  # [E, C, F]
+        if not 0 < r <= min(C, Fh):
+            raise ValueError(f"LoRA rank r={r} must be in 1 … {min(C, Fh)} for experts of size {C}->{Fh}->{C}")
+        self.n_experts, self.dim, self.hidden_dim, self.r = E, C, Fh, r
+        self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3  # frozen W0, the same Parameter objects
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dtype, device = _master_dtype(base.w1.dtype), base.w1.device
+        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
+        for name in MATRICES:
+            _, K, N = getattr(self, name).shape  # [E, K, N]
+            A = torch.empty(E, K, r, dtype=dtype, device=device)  # [E, K, r]
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r)
+            else:  # the bound Kaiming-uniform(a=√5) gives an nn.Linear with K inputs: 1/√K
+                nn.init.uniform_(A, -1.0 / math.sqrt(K), 1.0 / math.sqrt(K))
+            self.lora_A[name] = nn.Parameter(A)
+            self.lora_B[name] = nn.Parameter(torch.zeros(E, r, N, dtype=dtype, device=device))  # [E, r, N]
+        self.merged = False
+
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
+        """x @ (W + s·A B) for expert e (x [N, K]) or for all experts at once (e None, x [E, M, K])."""
+        W, A, B = getattr(self, name), self.lora_A[name], self.lora_B[name]
+        if e is not None:
+            W, A, B = W[e], A[e], B[e]  # [K, N], [K, r], [r, N]
+        y = x @ W
+        if self.merged:
+            return y
+        # LoRA eq. (3) in x @ W form: h = x W0 + s · (drop(x) A) B
+        return y + self.scaling * ((self.lora_dropout(x) @ A.to(x.dtype)) @ B.to(x.dtype))
+
+    def _swiglu(self, x: torch.Tensor, e: Optional[int]) -> torch.Tensor:
+        # Expert_e(x) = (silu(x W1_e) ⊙ (x W3_e)) W2_e, each W with its own update
+        h = F.silu(self._matmul("w1", x, e)) * self._matmul("w3", x, e)  # [N, F] or [E, M, F]
+        return self._matmul("w2", h, e)
+
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e on its own tokens: x [N, C] -> [N, C] (`MoE` sorted dispatch)."""
+        return self._swiglu(x, e)
+
+    def all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every expert on its own copy of the tokens: x [E, M, C] -> [E, M, C] (`MoE` dense reference)."""
+        return self._swiglu(x, None)
+
+    def delta_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """ΔW = s·A_e B_e for every expert: [E, K, N] in `dtype`."""
+        return self.scaling * torch.bmm(self.lora_A[name].to(dtype), self.lora_B[name].to(dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W_e ← W_e + s·A_e B_e for every expert and matrix, computed in at least float32 and cast back."""
+        if self.merged:
+            raise RuntimeError("these LoRA experts are already merged; merging twice would add ΔW twice")
+        for name in MATRICES:
+            W = getattr(self, name)
+            compute = _master_dtype(W.dtype)
+            W.copy_((W.to(compute) + self.delta_weight(name, compute)).to(W.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo `merge`: W_e ← W_e − s·A_e B_e."""
+        if not self.merged:
+            raise RuntimeError("these LoRA experts are not merged; nothing to unmerge")
+        for name in MATRICES:
+            W = getattr(self, name)
+            compute = _master_dtype(W.dtype)
+            W.copy_((W.to(compute) - self.delta_weight(name, compute)).to(W.dtype))
+        self.merged = False
+
+    def adapter_parameter_names(self) -> list[str]:
+        return [f"lora_{side}.{name}" for side in ("A", "B") for name in MATRICES]
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, r={self.r}, "
+                f"scaling={self.scaling:g}, merged={self.merged}")
+
+
+def iter_experts(model: nn.Module, layers: Optional[Sequence[int]] = None
+                 ) -> Iterator[tuple[str, nn.Module, nn.Module]]:
+    """Yield (qualified name, MoE parent, experts module) for every MoE layer's routed experts in `layers`."""
+    keep = None if layers is None else set(layers)
+    for index, layer in enumerate(model.layers):
+        if keep is not None and index not in keep:
+            continue
+        parent = layer.feed_forward
+        child = getattr(parent, EXPERT_TARGET, None)
+        if child is not None and all(isinstance(getattr(child, w, None), torch.Tensor) for w in MATRICES):
+            yield f"layers.{index}.feed_forward.{EXPERT_TARGET}", parent, child
