@@ -10,8 +10,9 @@ expert e and matrix W ∈ {w1, w2, w3}, written in the same x @ W orientation:
     A_e [K, r]: U(-1/√K, 1/√K) (the nn.Linear / Kaiming(a=√5) bound of LoRALinear) or N(0, 1/r²);  B_e [r, N]: zero
     K, N = C, F for w1 and w3;  F, C for w2;   s = alpha/r (LoRA) or alpha/√r (rsLoRA)
 
-so each expert starts exactly at its pretrained SwiGLU and learns its own update (E·r·(K+N) parameters per matrix;
-HF PEFT's `target_parameters` adapts the same stacked tensors). The router, and therefore the routing, is untouched.
+so each expert starts exactly at its pretrained SwiGLU and learns its own update (E·r·(K+N) parameters per matrix,
+3·E·r·(C+F) per MoE layer). The router is not adapted; routing changes only through the adapted layers before it.
+`peft.export_hf` refuses these adapters (the dense LlamaForCausalLM layout has no place for them).
 
 `LoRAExperts` replaces `MoE.experts` and keeps the two methods `llama.moe.MoE` calls: `one(e, x)` (sorted dispatch)
 and `all(x)` (dense reference). It keeps the wrapped module's w1 w2 w3 Parameters under the same names, so the base
