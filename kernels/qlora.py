@@ -32,22 +32,18 @@ from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, nf4_dequantize_triton
 
-# The dispatch rule, from the H200 benchmark (docs/kernels.md, "Dispatch rules"): the fused kernel won at up to 64
-# tokens on 4096x4096 and 14336x4096 and at 256 tokens on 4096x4096, lost at 256 tokens on 14336x4096 and at every
-# token count on 28672x8192 (K = 8192: the in-register decode, not the memory traffic, limits it there).
+# The dispatch rule, from the H200 benchmark run 2 (docs/kernels.md, "Measured on H200"; times include the Python
+# launch path, as real calls do): fused won on 4096x4096 at 1, 16 and 64 tokens (71/113/80 us vs 111/167/123 us for
+# dequantise-then-GEMM) and lost at 256 tokens there, and at every token count on 14336x4096 and 28672x8192 (K and N
+# large: the in-register decode, not the memory traffic, limits it; there is no split-K).
 FUSED_MAX_TOKENS = 64                # fused decode-in-GEMM up to this many tokens...
-FUSED_MAX_TOKENS_SMALL_W = 256       # ...or up to this many when the weight has at most SMALL_W_PARAMS values
-SMALL_W_PARAMS = 4096 * 4096
-FUSED_MAX_PARAMS = 14336 * 4096      # never fused for larger weights
+FUSED_MAX_PARAMS = 4096 * 4096       # ...and only for weights up to this many values
 INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False)  # the one config on CPU
 
 
 def use_fused(tokens: int, n: int, k: int) -> bool:
     """The dispatch rule for M tokens and an [N, K] NF4 weight: fused decode-in-GEMM, else dequantise-then-GEMM."""
-    params = n * k
-    if params > FUSED_MAX_PARAMS:
-        return False
-    return tokens <= (FUSED_MAX_TOKENS_SMALL_W if params <= SMALL_W_PARAMS else FUSED_MAX_TOKENS)
+    return n * k <= FUSED_MAX_PARAMS and tokens <= FUSED_MAX_TOKENS
 
 
 class QLoRAMatmul(torch.autograd.Function):

@@ -13,7 +13,7 @@ from kernels.lora import lora_matmul_reference
 from kernels.nf4_dequant import nf4_dequantize_reference
 import kernels.ops as ops_mod
 import kernels.qlora as qlora_mod
-from kernels.qlora import FUSED_MAX_TOKENS_SMALL_W, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
+from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
 
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
@@ -100,10 +100,10 @@ def test_fused_kernel_other_blocksizes(blocksize, device):
 
 
 def test_dispatch_rule_thresholds():
-    """The measured rule (docs/kernels.md): fused up to 64 tokens (256 for weights up to 4096x4096), never above
-    14336x4096."""
-    assert use_fused(64, 14336, 4096) and not use_fused(65, 14336, 4096) and not use_fused(256, 14336, 4096)
-    assert use_fused(256, 4096, 4096) and not use_fused(257, 4096, 4096)
+    """The measured rule (docs/kernels.md, H200 run 2): fused up to 64 tokens, for weights up to 4096x4096 only."""
+    assert use_fused(1, 4096, 4096) and use_fused(64, 4096, 4096) and not use_fused(65, 4096, 4096)
+    assert not use_fused(256, 4096, 4096)
+    assert not use_fused(1, 14336, 4096) and not use_fused(16, 14336, 4096)
     assert not use_fused(1, 28672, 8192) and not use_fused(16, 28672, 8192)
 
 
@@ -114,7 +114,7 @@ def test_public_op_dispatches_on_token_count(device, monkeypatch):
     original = qlora_mod.qlora_forward_triton
     monkeypatch.setattr(qlora_mod, "qlora_forward_triton", lambda *a: seen.append(a[-1]) or original(*a))
     monkeypatch.setattr(ops_mod, "qlora_forward_triton", qlora_mod.qlora_forward_triton)
-    limit = FUSED_MAX_TOKENS_SMALL_W                                  # a small weight: fused up to 256 tokens
+    limit = FUSED_MAX_TOKENS                                          # a small weight: fused up to 64 tokens
     x, q, A, B = make(limit + 1, 24, 64, 4, torch.float32, device)
     small = x.detach()[:limit].reshape(2, limit // 2, 64)
     y_small = kernels.qlora_matmul(small, q, A, B, 1.0)
