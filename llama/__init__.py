@@ -6,9 +6,10 @@ from .checkpoint_io import CheckpointError
 from .config import ModelArgs, RopeScaling, list_models
 from .generate import generate
 from .model import AttentionExtension, Transformer
+from .quantize import quantize_int8
 from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
 __all__ = ["ModelArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
-           "load", "save", "detect_format", "CheckpointError", "generate",
+           "quantize_int8", "load", "save", "detect_format", "CheckpointError", "generate",
            "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer",
            "Llama2ChatFormat", "Llama3ChatFormat", "chat_format_for"]
