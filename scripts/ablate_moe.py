@@ -69,7 +69,8 @@ def main(argv=None) -> dict:
     plot(report, out / "moe_ablation.png")
     print()
     print(format_table(report))
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out / 'results.json'}, {out / 'moe_ablation.png'}")
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out / 'results.json'}, "
+          f"{out / 'moe_ablation.png'}")
     return report
 
 

@@ -17,7 +17,6 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-import llama
 from llama.checkpoint import load, save
 from llama import ModelArgs, Transformer
 from llama.checkpoint_io import CheckpointError
