@@ -3,13 +3,13 @@
 from .chat_format import Llama2ChatFormat, Llama3ChatFormat, chat_format_for
 from .checkpoint import detect_format, load, save
 from .checkpoint_io import CheckpointError
-from .config import ModelArgs, RopeScaling, list_models
+from .config import ModelArgs, MoEArgs, RopeScaling, list_models
 from .generate import generate
 from .model import AttentionExtension, Transformer
 from .quantize import quantize_int8
 from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 
-__all__ = ["ModelArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
+__all__ = ["ModelArgs", "MoEArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
            "quantize_int8", "load", "save", "detect_format", "CheckpointError", "generate",
            "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer",
            "Llama2ChatFormat", "Llama3ChatFormat", "chat_format_for"]
