@@ -16,7 +16,7 @@ device helpers, and Triton's own library functions such as `tl.interleave` or `t
 too) to their interpreted twins as well. Nothing needs to be set before import; `TRITON_INTERPRET=1` is still
 honoured (it makes `launch` interpret CUDA tensors too, copied to the host).
 
-Interpreter caveats the kernels work around (research notes kernels.md §5):
+Interpreter caveats the kernels work around (triton-lang/triton issues #4972, #11584):
   * bfloat16 arithmetic and bfloat16 `tl.dot` are silently wrong (bf16 is held as raw uint16 bits), so kernels
     take an `UPCAST` constexpr: interpreted bf16 tiles are converted to float32 right after loading;
   * float32 -> bfloat16 casts truncate instead of rounding to nearest even, so `to_output` rounds by hand;

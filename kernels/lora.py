@@ -10,7 +10,7 @@ Shapes: M tokens, N out features, K in features, r rank, R = r padded to a power
 Reading order: `LoRAMatmul` (autograd) -> launchers `lora_forward_triton`, `lora_backward_triton`, `lora_gemm` ->
 kernels `_lora_gemm_kernel`, `_lora_grad_kernel` -> reference `lora_matmul_reference` (+ argument checks).
 
-Design (LoRAFusion's split around the small tensor S, research kernels.md §3.2-3.4):
+Design (LoRAFusion arXiv 2510.00206, `CentML/lorafusion`: a split around the small tensor S):
   * forward: S = x Aᵀ by torch (a skinny GEMM that cuBLAS does well and that backward reuses), then ONE GEMM
     kernel whose float32 accumulator starts at s · S_tile B_tileᵀ before the loop over K adds x_tile W_tileᵀ.
     The expand and the add cost no extra pass over y (PEFT's eager form writes and re-reads y three times).

@@ -2,8 +2,8 @@
 
 Shapes: n = numel of the weight, nb = ceil(n / blocksize) first-level blocks, nb2 = ceil(nb / 256).
 
-The format (bitsandbytes `quantize_4bit(..., quant_type="nf4", compress_statistics=True)`; research notes
-kernels.md §1, peft.md §2.2-2.5):
+The format (bitsandbytes `quantize_4bit(..., quant_type="nf4", compress_statistics=True)`; bitsandbytes
+`functional.py`, `csrc/kernels.cu`; QLoRA arXiv 2305.14314 §2-3, App. E):
   1. Flatten the weight row-major and cut it into blocks of `blocksize` (64) consecutive values. Blocks run across
      rows when the row length is not a multiple of the block size. A final partial block is NOT padded in
      storage: its absmax covers only the real values.
@@ -221,9 +221,10 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     n = flat.numel()
     full = n - n % blocksize
 
-    # §2.3: per-block absmax, then w / absmax. Full blocks multiply by the float32 reciprocal (a zero block gives
-    # 0 * 1e38 = 0 -> index 7), the partial block divides: both exactly as bitsandbytes. (Its clamp to [-1, 1] is
-    # left out: every midpoint lies inside (-1, 1), so clamping never changes a code.)
+    # QLoRA §2, block-wise quantisation: per-block absmax, then w / absmax. Full blocks multiply by the float32
+    # reciprocal (a zero block gives 0 * 1e38 = 0 -> index 7), the partial block divides: both exactly as
+    # bitsandbytes. (Its clamp to [-1, 1] is left out: every midpoint lies inside (-1, 1), so clamping never
+    # changes a code.)
     blocks = flat[:full].view(-1, blocksize)                                     # [nb_full, blocksize]
     absmax = torch.maximum(blocks.amax(dim=1), blocks.amin(dim=1).neg())         # = max |w|, without an |w| copy
     if full < n:

@@ -1,4 +1,4 @@
-"""NF4 dequantisation in one launch, double-quantised absmax restored inside the kernel (research kernels.md §2).
+"""NF4 dequantisation in one launch, double-quantised absmax restored inside the kernel (as LoRAFusion does).
 
 Shapes: n values, nb = ceil(n / blocksize) absmax blocks, HB = blocksize // 2 packed bytes per block,
         G blocks per program.

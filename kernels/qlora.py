@@ -16,7 +16,7 @@ Two paths, chosen per call by the token count M and the weight size N·K (`use_f
     the decode pass.
   * dequantise-then-GEMM (otherwise): decode W once into a bf16 buffer with the one-launch NF4 kernel, run the
     fused LoRA GEMM, drop the buffer. At training-size M the GEMM is compute-bound and the in-kernel decode,
-    repeated for every M tile, would cost more than one 2.5 bytes-per-weight pass (research kernels.md §3.5).
+    repeated for every M tile, would cost more than one 2.5 bytes-per-weight pass (our own cost estimate).
 The thresholds come from the H200 benchmark (`scripts/bench_kernels.py`, docs/kernels.md); they are module
 constants so they can be re-measured on other GPUs.
 """

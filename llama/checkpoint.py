@@ -1,6 +1,6 @@
 """Load and save real checkpoints: `llama.load(folder)` and `llama.save(model, folder, format="hf" | "meta")`.
 
-Two folder layouts exist for every dense LLaMA release (research notes §7):
+Two folder layouts exist for every dense LLaMA release (HF `convert_llama_weights_to_hf.py`):
   * Meta ("original"):  params.json + consolidated.00.pth … consolidated.NN.pth (one per model-parallel rank);
                         see `llama.meta_format` for the per-weight shard merging.
   * Hugging Face:       config.json + model.safetensors, or model-0000k-of-0000n.safetensors + an index;

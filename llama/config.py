@@ -2,8 +2,8 @@
 
 The field names follow Meta's `params.json` (`dim`, `n_layers`, `n_heads`, `n_kv_heads`, `multiple_of`,
 `ffn_dim_multiplier`, `norm_eps`, `rope_theta`), so a Meta checkpoint's params map onto this class one to one.
-Generations differ only by rows of the preset table at the bottom of this file (sources: Meta's papers and
-reference code; the table and its checks are in the project's research notes on the model family).
+Generations differ only by rows of the preset table at the bottom of this file (sources: Meta's papers,
+reference code and `params.json` files, and HF `config.json` files; parameter counts computed from those shapes).
 """
 
 from __future__ import annotations
@@ -307,15 +307,16 @@ def _ffn_parameters(args: ModelArgs, layer_id: int, active: bool) -> int:
 
 
 def count_parameters(args: ModelArgs) -> int:
-    """Closed-form parameter count (research notes §3.1, §3.3), independent of the module code."""
+    """Closed-form parameter count summed over the released shapes, independent of the module code."""
     return _count(args, active=False)
 
 
 def count_active_parameters(args: ModelArgs, include_embedding: bool = True) -> int:
     """Parameters one token touches in a forward pass: the top_k routed experts of each MoE layer instead of all.
 
-    include_embedding=True counts the whole input embedding table like Meta's "17B active" (research notes §3.3:
-    Scout 17,172,894,720, Maverick 17,184,691,200); False leaves it out (16,138,408,960 / 16,150,205,440).
+    include_embedding=True counts the whole input embedding table like Meta's "17B active" (Llama 4 model card;
+    ours from the released shapes: Scout 17,172,894,720, Maverick 17,184,691,200); False leaves it out
+    (16,138,408,960 / 16,150,205,440).
     For a dense model this is the total count (minus the embedding table when excluded).
     """
     total = _count(args, active=True)
@@ -333,7 +334,7 @@ def _count(args: ModelArgs, active: bool) -> int:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Presets. `published` is the exact count the notes reproduce from Meta/HF releases (see `llama.zoo`).
+# Presets. `published` is the exact count we compute from the Meta/HF releases' shapes (see `llama.zoo`).
 
 
 @dataclass(frozen=True)
@@ -415,9 +416,9 @@ _add("llama-3.3-70b", 70_553_706_496, "HF safetensors total", "Llama 3.3",
      dim=8192, n_layers=80, n_heads=64, multiple_of=4096, ffn_dim_multiplier=1.3, max_seq_len=131072,
      rope_scaling=_L3_SCALING, **_L3)
 
-# Llama 4 text trunks (research notes §6.1; Meta llama-models `models/llama4`, HF `Llama4TextConfig`): iRoPE with a
+# Llama 4 text trunks (Meta llama-models `models/llama4/args.py`, HF `Llama4TextConfig`): iRoPE with a
 # NoPE layer every 4th layer, chunked local attention (8192) on the RoPE layers, temperature tuning on NoPE layers,
-# 1 shared + E routed experts with a sigmoid top-1 router. Counts are the text part of the HF totals (§3.3).
+# 1 shared + E routed experts with a sigmoid top-1 router. Counts are the text part of the HF safetensors totals.
 _L4 = dict(dim=5120, n_layers=48, n_heads=40, n_kv_heads=8, vocab_size=202048, multiple_of=2048,
            ffn_dim_multiplier=1.2, ffn_exp=4.0, norm_eps=1e-5, rope_theta=500000.0, nope_layer_interval=4,
            attention_chunk_size=8192, attn_temperature_tuning=True, floor_scale=8192.0, attn_scale=0.1,

@@ -7,7 +7,7 @@ Two things differ from Meta's layout besides the names:
      (x_j, x_{j+D/2}). HF's converter therefore reorders the output rows of wq and wk inside every head:
          HF_row[j] = Meta_row[2j],   HF_row[D/2 + j] = Meta_row[2j + 1]      (j < D/2)
      with n = H heads for wq and n = Hkv for wk; wv and wo are untouched. q and k of a head get the same
-     reordering, so every q·k score is unchanged (research notes §4.4).
+     reordering, so every q·k score is unchanged (HF `convert_llama_weights_to_hf.py`, `permute`).
   2. Tied embeddings (Llama 3.2 1B/3B): HF stores the shared matrix once, as `model.embed_tokens.weight`, and
      omits `lm_head.weight`; Meta stores it twice.
 """
@@ -65,7 +65,7 @@ def meta_name(hf_key: str) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The q/k row permutation (§4.4)
+# The q/k row permutation (HF `convert_llama_weights_to_hf.py`, `permute`)
 
 
 def permute_to_hf(w: torch.Tensor, n_heads: int) -> torch.Tensor:

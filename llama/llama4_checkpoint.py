@@ -6,22 +6,22 @@ files) stays in the shared code.
 
 Shapes: V vocab, C model dim, H / Hkv heads, D head dim, E experts, F expert hidden size, P model-parallel ranks.
 
-In memory (= `Transformer.state_dict()`): Meta's module names with unfused tensors (research notes §7):
+In memory (= `Transformer.state_dict()`): Meta's module names with unfused tensors:
     layers.i.attention.{wq,wk,wv,wo}.weight, layers.i.attention_norm.weight, layers.i.ffn_norm.weight
     dense layers: layers.i.feed_forward.{w1,w2,w3}.weight
     MoE layers:   layers.i.feed_forward.router.weight [E, C]
                   layers.i.feed_forward.experts.{w1,w3} [E, C, F], .experts.w2 [E, F, C]
                   layers.i.feed_forward.shared_expert.{w1,w2,w3}.weight
-Hugging Face (§7.2, transformers 5.24 `modeling_llama4.py`): the same tensors under HF names, with the experts' gate
+Hugging Face (transformers 5.24 `modeling_llama4.py`): the same tensors under HF names, with the experts' gate
     and up matrices fused into `experts.gate_up_proj` [E, C, 2F] = [w1 | w3] on the last axis. q/k rows are NOT
     permuted: HF Llama 4 keeps Meta's interleaved (complex) RoPE. Multimodal folders (`Llama4ForConditionalGeneration`,
     model_type "llama4") keep the text model under `language_model.`; their vision tensors are skipped.
-Meta (§7.1, taken from llama-models' load hooks and HF's converter, not checked against a real download because
+Meta (taken from llama-models' load hooks and HF's converter, not checked against a real download because
     none is available offline): per rank, `attention.wqkv.weight` = [wq_r; wk_r; wv_r] and dense
     `feed_forward.mlp.fc1_weight` = [w1_r; w3_r]; experts flattened, `moe_w_in_eD_F` [E·C, F/P] (w1),
     `moe_w_swiglu_eD_F` (w3), `moe_w_out_eF_D` [E·F/P, C] (w2); router transposed (`router_DE` [C, E]); norms renamed
     (`attention.wqkv.layer_norm_weight`, `feed_forward.norm.weight` in MoE layers,
-    `feed_forward.mlp.layer_norm_weight` in dense layers). What the notes do not pin down, and this module therefore
+    `feed_forward.mlp.layer_norm_weight` in dense layers). What those sources do not pin down, and this module therefore
     does not handle: the vision encoder (dropped with a warning), KV heads repeated across ranks when P > Hkv (refused),
     and quantized (fp8 / int4) Meta checkpoints.
 """

@@ -8,7 +8,7 @@ Architecture (LLaMA arXiv 2302.13971 §2.2; Llama 2 arXiv 2307.09288 §2.2; Llam
     out = h + SwiGLU(RMSNorm(h))
     logits = output(RMSNorm(h_L))            no absolute positions: RoPE inside attention
 
-Llama 4 (research notes §6; Meta llama-models `models/llama4`) changes single layers through per-layer flags
+Llama 4 (Meta llama-models `models/llama4/model.py`) changes single layers through per-layer flags
 (`ModelArgs.layer_spec`, all off for LLaMA 1-3): every 4th layer has no RoPE and attends globally, with a query
 temperature τ(m) for long contexts; the other layers attend causally inside chunks of 8192 positions and may
 RMS-normalise q and k; SwiGLU is replaced by a mixture of experts (`llama.moe`) in every (Scout) or every other

@@ -3,7 +3,7 @@
 Shapes: B batch, T sequence, M = B·T tokens, C model dim, F expert hidden size, E routed experts, K experts per
 token (top-k; 1 in Llama 4), N tokens given to one expert.
 
-Forward (Meta llama-models `models/llama4/moe.py`, HF `Llama4TextMoe`; research notes §6.3):
+Forward (Meta llama-models `models/llama4/moe.py`, HF `Llama4TextMoe`):
     z_t   = W_r x_t                                   router logits [E], no bias
     S_t   = top-K(z_t)                                the K selected experts
     s_t,e = σ(z_t,e)                                  sigmoid of each selected logit: no softmax, no renormalising

@@ -12,8 +12,9 @@
 
 Meta ships both files as `tokenizer.model`, so the format is recognised from the content, never from the name.
 
-Not supported: Llama 4's o200k-style tokenizer (200,000 ranks + 2,048 specials). Our spec (models.md) pins only five
-of its special ids (bos, eos, eom, eot, pad) and neither its full special-token list nor its pre-tokeniser regex.
+Not supported: Llama 4's o200k-style tokenizer (200,000 ranks + 2,048 specials). We have only five of its
+special ids (bos, eos, eom, eot, pad; Meta llama-models `models/llama4`), not its full special-token list nor its
+pre-tokeniser regex.
 
 No tensors here, so no shape legend: token ids are plain `list[int]`.
 """

@@ -9,7 +9,7 @@ a zero-initialised gate, one per head (§3.2, eqs. 5–8; "multiple g_l for diff
     S_l^g = [ g_l · softmax(S_l^K) ; softmax(S_l^{M+1}) ]          eq. (7): two separate softmaxes
     per head:  O = softmax(Q K_tokᵀ/√D + mask) V_tok  +  γ(g_l) · softmax(Q K_Pᵀ/√D) V_P,   K_P = P_l W_k, V_P = P_l W_v
 
-Differences and choices (peft.md §3.3, §3.9):
+Differences and choices (arXiv 2303.16199 vs. the OpenGVLab/LLaMA-Adapter code):
   * γ: the paper's eq. (7) multiplies by g_l directly, and so does the official *inference* code; the official
     *training* code (alpaca_finetuning_v1), which produced the paper's checkpoints, uses tanh(g_l), as does all V2 code.
     `gate_activation="tanh"` (default) follows the training code; "identity" follows eq. (7). The two agree at

@@ -8,7 +8,7 @@ Three parameter sets are added to the frozen model (§4.1, §4.2 "bias tuning of
   3. every normalisation layer's gain is unfrozen.
 At initialisation the model is the frozen one (b = 0, s = 1, gate = 0).
 
-Differences and choices (peft.md §4):
+Differences and choices (arXiv 2304.15010 §4 vs. the OpenGVLab/LLaMA-Adapter code):
   * Scale placement: the paper's equation scales the *output* (`scale_side="output"`, default, as lit-llama and
     litgpt do); the released 65B chat code computes y = W(s ⊙ x) + b with an input-sized s (`scale_side="input"`).
     The authors say both work the same (OpenGVLab/LLaMA-Adapter#36); checkpoints are not interchangeable.

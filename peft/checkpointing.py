@@ -131,7 +131,7 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
     if ctx.is_main:
         if not model_sd or any(t.numel() == 0 for t in model_sd.values()):
             raise RuntimeError(f"refusing to save an empty checkpoint ({len(model_sd)} trainable tensors); the "
-                               f"sharded state was not gathered (users.md §15)")
+                               f"sharded state was not gathered; gather it before saving")
         ckpt_dir = Path(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         _sweep_temporaries(ckpt_dir)

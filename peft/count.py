@@ -29,7 +29,7 @@ ROWS = [
      "LLaMA-Adapter Tab. 3 (Alpaca-LoRA); 2·32·4096·8·2"),
     ("LoRA r=8 wq,wv", "llama-65b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), None, None, ""),
     ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
-     None, None, "Guanaco recipe; no paper figure (peft.md §1.7: 159.9M)"),
+     None, None, "Guanaco recipe; no paper figure (computed: 159.9M)"),
     ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
      None, None, ""),
     ("Adapter V1 K=10 L=30", "llama-7b", AdapterV1Config(), "1.2M", None, "LLaMA-Adapter §4.1, Tab. 3"),

@@ -12,7 +12,7 @@ Sections, in the order a run uses them:
   6. packing several SFT examples into one row, with a segment id per example;
   7. batches, and the deterministic order in which rows are visited (so a run can resume mid-epoch exactly).
 
-Token/label convention (one for the whole project, see pipeline.md §1): a row stores `tokens` and `targets` already
+Token/label convention (one for the whole project): a row stores `tokens` and `targets` already
 shifted, `targets[t]` is the token that position t must predict, and positions that carry no loss hold IGNORE_INDEX.
 Because the shift happens inside each example before packing, no example is ever asked to predict a token of the next
 example in its row.
@@ -111,7 +111,7 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> bytes:
     """Train a SentencePiece BPE model (the LLaMA 1/2 tokenizer family) and return its serialized bytes.
 
     Same conventions as Meta's tokenizer (unk 0, bos 1, eos 2, byte fallback, digits split into single pieces) plus a
-    real pad piece (3) that differs from every stop token, so padding can never mask an EOS target (users.md §5).
+    real pad piece (3) that differs from every stop token, so padding can never mask an EOS target (unsloth #416).
     Newlines are kept as a piece of their own. One thread and no input shuffling make training deterministic.
     """
     import sentencepiece
@@ -308,7 +308,7 @@ def encode_sft(example: Example, tokenizer, max_len: int, truncate: bool = False
     """<bos> prompt response <eos>, with loss on the response tokens and on <eos> only.
 
     Llama 2 §3.1: "we zero-out the loss on tokens from the user prompt, so as a result, we backpropagate only on
-    answer tokens". EOS is a target, so the model learns to stop (pipeline.md §3.1). The prompt and the response are
+    answer tokens". EOS is a target, so the model learns to stop (unsloth #416). The prompt and the response are
     tokenised separately, exactly as generation later sees them (prompt ids, then generated ids).
     """
     where = f"example {index}" if index is not None else "example"

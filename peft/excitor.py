@@ -2,9 +2,9 @@
 
 Shapes: B batch, T new tokens, S attended positions, H heads, D head dim, C model dim, K prompts, r rank.
 
-No code for this paper is public and its text was not readable when this was written. The mechanism below is the
-reconstruction in the project's research notes (peft.md, "LLaMA-Excitor: mechanism as resolved"), from the authors'
-architecture figure and secondary summaries. In each of the topmost L layers, with the layer's normed input x:
+No code for this paper is public and its text was not readable when this was written. The mechanism below is our
+own reconstruction, from the authors' architecture figure (`zoubo9034/zoubo9034.github.io`, `Excitor/`) and
+secondary summaries. In each of the topmost L layers, with the layer's normed input x:
 
     Q^e = x W_down W_up                                           trainable low-rank "Wq_Excitor" (C -> r -> C)
     A   = softmax_over_K( Q^e P_lᵀ / τ )                          the tokens attend over K learnable prompts P_l
@@ -21,7 +21,7 @@ Differences and assumptions (every element the paper does not state, with the op
     scaled by 1/√D, as LLaMA scales its own logits (the paper's single-head notation writes √C).
   * Gate `gate_init` = 1.0, one scalar per layer (`gate_per_head=False`), no tanh (`gate_activation="identity"`),
     kept in float32; `up_init="zeros"`, W_down Kaiming-uniform like LoRA's A, prompts ~ N(0, `prompt_init_std`² = 1)
-    like LLaMA-Adapter's. This is "Option B" of the notes: the model starts exactly at the frozen one because
+    like LLaMA-Adapter's. This is our default ("Option B"): the model starts exactly at the frozen one because
     W_up = 0 makes every extra key the mean prompt p̄, whose logits are a per-row constant that the softmax ignores,
     and W_up gets a full-size gradient at step 0 (not one scaled by a near-zero gate; the other parameters follow
     from step 1, as LoRA's A follows B). "Option A" (gate_init=0, up_init="kaiming") is the LLaMA-Adapter-style

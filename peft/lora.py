@@ -9,7 +9,7 @@ Shapes: B batch, T sequence, M tokens (= B·T), K in features, N out features, r
 
 Differences from the papers, and the choices made where they are silent:
   * Initialisation follows loralib / HF PEFT (Kaiming-uniform A), not the paper's Gaussian A; `init="gaussian"`
-    gives PEFT's N(0, 1/r²) alternative. Either way one factor is zero, which is what matters (peft.md §1.9).
+    gives PEFT's N(0, 1/r²) alternative. Either way one factor is zero, which is what matters (LoRA §4.1).
   * Defaults r=8, alpha=8 (the paper fixes alpha to the first r tried, so s = 1; also HF PEFT's default),
     targets wq, wv (the paper's main setting). Alpaca-LoRA uses alpha=16, dropout 0.05; QLoRA all block linears.
   * DoRA detaches the norm ‖W0 + sBA‖ from the graph (DoRA §4.3, as HF PEFT does), so the magnitude m and the
@@ -17,7 +17,7 @@ Differences from the papers, and the choices made where they are silent:
   * Adapter parameters are stored in at least float32 (HF PEFT's `autocast_adapter_dtype`) and cast to the input
     dtype for the matmuls, so a bf16 model computes its LoRA branch in bf16, like the fused kernel.
   * Merging adds sBA into the weight (computed in at least float32, then cast); unmerging subtracts it. In float64
-    the round trip is exact to ~1e-16; in bf16 it is not (peft.md §1.5). A weight tied to the embeddings
+    the round trip is exact to ~1e-16; in bf16 it is not (each cast rounds). A weight tied to the embeddings
     (Llama 3.2 1B/3B `output`) is untied on merge rather than modifying the embedding, and re-tied on unmerge.
   * Llama 4 MoE layers: the names w1 w2 w3 match the shared expert's linears (`feed_forward.shared_expert.w1`);
     the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children. The extra

@@ -7,7 +7,7 @@ L layers, P parameters.
 The estimate adds four terms (bytes):
 
     weights      = base parameters at the weight dtype; QLoRA stores the block linears in NF4 with double
-                   quantisation at 4 + 8/64 + 32/(64·256) = 4.127 bits each (QLoRA §3, peft.md §2.5) and keeps
+                   quantisation at 4 + 8/64 + 32/(64·256) = 4.127 bits each (QLoRA arXiv 2305.14314 §3) and keeps
                    embeddings, head and norms at the weight dtype; plus the adapter's parameters
     gradients    = trainable parameters at the weight dtype (frozen weights get none)
     optimizer    = AdamW's two moments m, v in float32 for each trainable parameter: 8 bytes (Loshchilov & Hutter);
@@ -60,7 +60,7 @@ def default_method_config(method: str, args):
     import peft
 
     L = args.n_layers
-    if method in ("lora", "qlora"):  # the QLoRA recipe: r = 64 on every block linear (peft.md §2.8)
+    if method in ("lora", "qlora"):  # the QLoRA recipe: r = 64 on every block linear (artidoro/qlora Guanaco scripts)
         return peft.LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS, quantize_base=method == "qlora")
     if method == "adapter_v1":
         return peft.AdapterV1Config(adapter_layers=min(30, L))

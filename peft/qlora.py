@@ -9,7 +9,7 @@ Shapes: M tokens, K in features, N out features, r rank.
 The NF4 format, double quantisation and the kernels live in `kernels` (`nf4_quantize`, `nf4_dequantize`,
 `qlora_matmul`); this file decides what gets quantised and keeps the adapter bookkeeping.
 
-Choices (peft.md §2):
+Choices (QLoRA arXiv 2305.14314, artidoro/qlora):
   * "All linear layers" (QLoRA §4, and the Guanaco recipe): with `quantize_base=True` every block linear
     (wq wk wv wo w1 w2 w3 in every layer) is stored in NF4 with double quantisation and block size 64, whether or not
     it carries LoRA; layers without LoRA become a frozen `NF4Linear`. The output head (lm_head) and the embeddings
@@ -22,7 +22,7 @@ Choices (peft.md §2):
   * Gradients: none for the NF4 weight (it is a buffer, not a parameter); the input gets dX = dY·W_dq + s·dY·B·A
     through the kernel's backward, A and B get theirs.
   * Merging dequantises W to the compute dtype, adds sBA (in at least float32) and keeps that dense weight: it never
-    re-quantises (which would add a second rounding error, peft.md §2.11). The NF4 codes are kept so that unmerge
+    re-quantises (which would add a second rounding error, as HF PEFT's does). The NF4 codes are kept so that unmerge
     is exact (it drops the dense weight again).
 """
 

@@ -356,7 +356,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
         check_writable(Path(cfg.train.out_dir))
     tokenizer = build_tokenizer(cfg.data)
     data = build_data(cfg.data, tokenizer)
-    set_seed(cfg.train.seed)  # before the model and its adapters are initialised (users.md §10)
+    set_seed(cfg.train.seed)  # before the model and its adapters are initialised, so their init is seeded
     model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
     total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
     model = apply_method(model, cfg.method)

@@ -12,7 +12,7 @@ One optimizer step, as implemented below:
 
 Dividing every micro-batch's *sum* by the step's global token count N makes k micro-batches of b rows produce
 exactly the gradient of one batch of k·b rows, even when micro-batches hold different numbers of target tokens
-(the mean-of-means bug: torchtune PR #1875, transformers PR #34191; pipeline.md §3.1).
+(the mean-of-means bug: torchtune PR #1875, transformers PR #34191).
 
 Multi-process runs (`torchrun --nproc_per_node N`) shard every transformer block and then the root with FSDP2
 (`torch.distributed.fsdp.fully_shard`). FSDP averages gradients over ranks, so each rank's loss is multiplied by the
@@ -433,7 +433,7 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
 
 
 def set_seed(seed: int) -> None:
-    """Seed every generator a run touches (call before building the model and its adapters: users.md §10)."""
+    """Seed every generator a run touches (call before building the model and its adapters, so their init is seeded)."""
     random.seed(seed)
     torch.manual_seed(seed)
 

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-# LLaMA projection weights [out, in] (research kernels.md §4).
+# LLaMA projection weights [out, in] (Llama-2-7B and Llama-3-8B released shapes).
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "14336x4096": (14336, 4096),
           "28672x8192": (28672, 8192)}
 SHAPE_NOTES = {"4096x4096": "q/o, Llama 2 7B / Llama 3 8B", "11008x4096": "gate/up, Llama 2 7B",

@@ -54,7 +54,7 @@ def bench_args(vocab_size: int = 32000) -> ModelArgs:
 
 
 def to_hf(model: Transformer):
-    """An HF LlamaForCausalLM with the same weights (Meta -> HF q/k row permutation, research notes §4.4)."""
+    """An HF LlamaForCausalLM with the same weights (Meta -> HF q/k row permutation, HF's converter)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     a = model.args

@@ -21,7 +21,7 @@ from llama import ModelArgs, RopeScaling
 
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 
-# One tiny config per feature that distinguishes the dense generations (research notes §2).
+# One tiny config per feature that distinguishes the dense generations (Meta's papers and `params.json` files).
 GENERATIONS: dict[str, ModelArgs] = {
     # LLaMA 1: multi-head attention, RMSNorm eps 1e-6, theta 1e4.
     "llama-1-mha": ModelArgs(norm_eps=1e-6, **_TINY),

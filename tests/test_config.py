@@ -1,6 +1,6 @@
 """Presets against the published configurations and parameter counts, and ModelArgs' input checks.
 
-The expected numbers are typed in here from the research notes (models.md §2, §3.2, §3.3), not read from
+The expected numbers are typed in here (papers, Meta/HF configs, HF totals, counts from the shapes), not read from
 `llama.config`, so a wrong preset row fails.
 """
 
@@ -32,7 +32,7 @@ PUBLISHED = {
     "llama-3.2-1b": (1_235_814_400, 8192),
     "llama-3.2-3b": (3_212_749_824, 8192),
     "llama-3.3-70b": (70_553_706_496, 28672),
-    # Llama 4 text models (notes §3.3; vision encoder and projector not included)
+    # Llama 4 text models (text part of the HF totals; vision encoder and projector not included)
     "llama-4-scout": (107_769_861_120, None),
     "llama-4-maverick": (400_711_848_960, None),
 }
@@ -57,14 +57,14 @@ RELEASED = [name for name, preset in PRESETS.items() if preset.published is not 
 
 
 def dense_formula(a: ModelArgs) -> int:
-    """Research notes §3.1, written out again: embeddings (+ output unless tied), final norm, L blocks."""
+    """The closed-form count, written out again: embeddings (+ output unless tied), final norm, L blocks."""
     attention = a.dim * a.n_heads * a.head_dim * 2 + 2 * a.dim * a.n_kv_heads * a.head_dim
     block = attention + 3 * a.dim * a.ffn_hidden_dim + 2 * a.dim
     return a.vocab_size * a.dim * (1 if a.tie_word_embeddings else 2) + a.dim + a.n_layers * block
 
 
 def test_every_released_preset_is_in_the_published_table():
-    assert set(RELEASED) == set(PUBLISHED), "a preset was added or removed: update PUBLISHED from the notes"
+    assert set(RELEASED) == set(PUBLISHED), "a preset was added or removed: update PUBLISHED from the release"
     for name in ["llama-7b", "llama-2-70b", "code-llama-34b", "llama-3.1-405b", "llama-3.2-1b"]:  # issue's names
         assert name in list_models()
 

@@ -1,4 +1,4 @@
-"""LLaMA-Excitor (peft.excitor) against the reconstructed equations (peft.md, last section), written independently."""
+"""LLaMA-Excitor (peft.excitor) against the reconstructed equations (see peft/excitor.py), written independently."""
 
 from __future__ import annotations
 

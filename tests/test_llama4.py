@@ -144,7 +144,7 @@ def test_multimodal_folder_loads_its_text_trunk(tmp_path):
 
 
 def meta_shards_by_hand(hf: Llama4ForCausalLM, P: int) -> list[dict]:
-    """Meta's per-rank tensors written from HF's weights following research notes §7.1, independently of llama/."""
+    """Meta's per-rank tensors from HF's weights, per llama-models' load hooks and HF's converter, not via llama/."""
     cfg, sd = hf.config, {k: v.detach().clone() for k, v in hf.state_dict().items()}
     H, Hkv, D, E, C = (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.num_local_experts,
                        cfg.hidden_size)

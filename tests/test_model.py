@@ -29,7 +29,7 @@ def random_tokens(model, B=2, T=40, seed=1):
 
 
 def llama3_frequencies_by_hand(head_dim, theta, s, alpha, beta, L0) -> list[float]:
-    """Llama 3.1 RoPE scaling (research notes §4.5), one frequency at a time in Python floats."""
+    """Llama 3.1 RoPE scaling (llama-models `apply_scaling`), one frequency at a time in Python floats."""
     out = []
     for j in range(head_dim // 2):
         f = theta ** (-2 * j / head_dim)
@@ -182,7 +182,7 @@ def test_llama3_scaled_frequencies_by_hand_and_from_hf(name):
 
 
 def test_llama31_band_boundaries():
-    """Research notes §4.5: hd=128, base 5e5, s=8 -> j 0-28 unchanged, 29-34 blended, 35-63 divided by 8."""
+    """Bands from `apply_scaling`: hd=128, base 5e5, s=8 -> j 0-28 unchanged, 29-34 blended, 35-63 divided by 8."""
     a = ModelArgs.from_name("llama-3.1-8b")
     base = 500000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
     ratio = base / scaled_frequencies(128, 500000.0, a.rope_scaling)[0].double()

@@ -1,7 +1,7 @@
 """The Llama 4 MoE layer (`llama.moe`): dispatch vs reference, the router equations, capacity, auxiliary losses.
 
 References are written here from the equations (Switch Transformer arXiv 2101.03961 eqs. 3-6, ST-MoE arXiv
-2202.08906 eq. 5, research notes §6.3), token by token, independent of the module's vectorised code.
+2202.08906 eq. 5, llama-models `models/llama4/moe.py`), token by token, independent of the module's vectorised code.
 """
 
 import math

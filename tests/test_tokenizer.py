@@ -196,8 +196,8 @@ def test_bpe_bos_eos_flags(bpe_tok):
 
 
 # Meta's Llama 3 special tokens, written out by hand (llama-models/models/llama3/tokenizer.py); ids for the released
-# 128,000-rank file as in models.md §2 (bos 128000, eos 128001, eom 128008, eot 128009, python_tag 128010) and §5
-# (<|image|> 128011).
+# 128,000-rank file in that file's order (bos 128000, eos 128001, eom 128008, eot 128009, python_tag 128010,
+# <|image|> 128011).
 META_SPECIAL_IDS = {
     "<|begin_of_text|>": 128000,
     "<|end_of_text|>": 128001,
