@@ -437,3 +437,14 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
 
+
+
+def train_examples(model: nn.Module, examples, spec, on_step=None) -> list[float]:
+    """The loop above on plain (inputs, targets) token lists; `spec` has steps, lr, batch_size and seed
+    (`llama.toy_data.TrainSpec`). Returns the loss of every step. This is the `train_fn` that the model ablations in
+    `llama/` receive, since llama/ never imports peft/."""
+    rows = [Row(list(x), list(y)) for x, y in examples]
+    cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, micro_batch_size=spec.batch_size, lr=spec.lr,
+                      warmup_steps=max(1, spec.steps // 10), seed=spec.seed, progress=False)
+    callbacks = [lambda step, record: on_step(step)] if on_step else []
+    return [r["loss"] for r in train(model, rows, cfg, pad_id=0, callbacks=callbacks).history]
