@@ -130,7 +130,7 @@ def adamw_loop(model, examples, spec, on_step=None):
         (ce + model.aux_loss()).backward()
         opt.step()
         opt.zero_grad()
-        losses.append(float(ce))
+        losses.append(float(ce.detach()))
         if on_step:
             on_step(step + 1)
     return losses
