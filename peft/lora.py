@@ -35,18 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import lora_matmul as fused_lora_matmul  # Triton on CUDA, its plain-PyTorch reference elsewhere
+
 from .lora_experts import EXPERT_TARGET, LoRAExperts, iter_experts
 from .targets import LINEAR_NAMES, check_layer_indices, check_target_names, iter_linears, shared_parameter_ids
 
 # Everything LoRA can target: the linear layers by Meta name, plus a Llama 4 MoE layer's routed experts.
 TARGET_NAMES = LINEAR_NAMES + (EXPERT_TARGET,)
 
-try:  # the fused Triton kernel (with its own plain-PyTorch reference off-GPU), when the `kernels` package has it
-    from kernels import lora_matmul as _fused_lora_matmul
-except ImportError:  # pragma: no cover - depends on which packages are present
-    _fused_lora_matmul = None
-if not callable(_fused_lora_matmul):  # e.g. only the submodule kernels.lora_matmul, not the public op
-    _fused_lora_matmul = None
 # What the fused op accepts: float32/16/bf16 (float64 study runs use the formula) and ranks up to its register tile.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 KERNEL_MAX_RANK = 128
@@ -102,11 +98,11 @@ def master_dtype(dtype: torch.dtype) -> torch.dtype:
 def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
     """y = x Wᵀ + s·(x Aᵀ) Bᵀ for x [..., K], W [N, K], A [r, K], B [N, r] -> y [..., N].
 
-    The one call site of the fused kernel: `kernels.lora_matmul` when the package provides it and takes these
+    The one call site of the fused kernel: `kernels.lora_matmul` when it takes these
     inputs (dtype in KERNEL_DTYPES, r <= KERNEL_MAX_RANK), else the same formula in eager PyTorch.
     """
-    if _fused_lora_matmul is not None and x.dtype in KERNEL_DTYPES and A.shape[0] <= KERNEL_MAX_RANK:
-        return _fused_lora_matmul(x, W, A, B, scale)
+    if x.dtype in KERNEL_DTYPES and A.shape[0] <= KERNEL_MAX_RANK:
+        return fused_lora_matmul(x, W, A, B, scale)
     return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
 

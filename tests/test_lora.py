@@ -209,7 +209,7 @@ def test_one_kernel_call_site(monkeypatch):
         calls.append((tuple(x.shape), x.dtype, scale))
         return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
-    monkeypatch.setattr(lora_module, "_fused_lora_matmul", fake)
+    monkeypatch.setattr(lora_module, "fused_lora_matmul", fake)
     model = make_model("mha", dtype=torch.float32)
     peft.apply(model, peft.LoraConfig(r=4, alpha=8, target_modules=("wq",)))
     model(tokens(model.args, B=2, T=5))
@@ -273,8 +273,6 @@ def test_merge_twice_and_unmerge_unmerged():
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_float32_through_the_kernels_package(monkeypatch, backend):
     """float32 goes through kernels.lora_matmul: its reference, or its Triton kernel (interpreted on CPU)."""
-    if lora_module._fused_lora_matmul is None:
-        pytest.skip("the kernels package does not provide lora_matmul")
     monkeypatch.setenv("KERNELS_BACKEND", backend)
     config = peft.LoraConfig(r=4, alpha=8.0, target_modules=("wq", "wv", "w2"))
     model32 = peft.apply(make_model("gqa", dtype=torch.float32), config)
