@@ -37,11 +37,10 @@ from torch import nn
 
 import kernels
 
-from .lora import LoRALinear, master_dtype
+from .lora import KERNEL_DTYPES, LoRALinear, master_dtype
 from .targets import ATTENTION_LINEARS, FFN_LINEARS, iter_linears, shared_parameter_ids
 
 BLOCK_LINEARS = ATTENTION_LINEARS + FFN_LINEARS
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NF4_FIELDS = ("packed", "absmax", "absmax2", "code2", "offset")  # tensors of kernels.NF4Weight kept as buffers
 
 
