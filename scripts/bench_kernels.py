@@ -20,6 +20,7 @@ before timing. Prints tables; writes <out>.json and <out>.md.
 
 Without a CUDA device it says so and runs a small correctness smoke of every kernel (Triton interpreter) and the
 CPU ratio "pure-PyTorch NF4 quantise + dequantise vs bitsandbytes on CPU" instead.
+Targets, tables and the saved files: _bench_kernels_report.py; the CPU-only mode: _bench_kernels_cpu.py.
 
     python scripts/bench_kernels.py --seed 0 --out bench_kernels              # full sweep
     python scripts/bench_kernels.py --quick --budget-s 200 --out bench_kernels  # the headline cases only
@@ -29,13 +30,20 @@ CPU ratio "pure-PyTorch NF4 quantise + dequantise vs bitsandbytes on CPU" instea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `scripts`, `kernels`
+
+from scripts._bench_kernels_cpu import cpu_only  # noqa: E402
+from scripts._bench_kernels_report import (LEGEND, evaluate_targets, print_table, progress, rel_err,  # noqa: E402
+                                           save, tables)
 
 # LLaMA projection weights [out, in] (Llama-2-7B and Llama-3-8B released shapes).
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "14336x4096": (14336, 4096),
@@ -92,11 +100,6 @@ class Timer:
         t = do_bench(graph.replay, warmup=warmup, rep=rep, return_mode="median") * 1e-3
         del graph
         return t
-
-
-LEGEND = ("Each time cell: do_bench us / CUDA-graph us. do_bench = median of the plain Python call with L2 flushed "
-          "(includes host launch overhead when the GPU waits for the host); graph = median replay of a CUDA graph "
-          "holding one call (device time only). Rates and fractions: 'plain' from do_bench, 'graph' from the graph.")
 
 
 def measure(timer, fn, **kw):
@@ -219,10 +222,6 @@ def lora_flops(M, N, K, r) -> float:
     return 2.0 * M * N * K * (1 + r / N + r / K)
 
 
-def rel_err(a, b) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
-
-
 def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]:
     from kernels import lora as lora_mod
     from kernels.lora import LoRAMatmul, lora_forward_triton, lora_gemm
@@ -327,12 +326,6 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
     return rows
 
 
-def progress(row, cols):
-    """One line per measured case, so a log cut short still holds the numbers."""
-    label = " ".join(f"{k}={row[k]}" for k in ("shape", "tokens", "rank") if k in row)
-    print(f"  {label}: " + ", ".join(f"{c} {fmt_us(row, c)} us" for c in cols if c in row), flush=True)
-
-
 def free(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -344,263 +337,6 @@ class Budget:
 
     def out(self) -> bool:
         return time.perf_counter() - self.start > self.seconds
-
-
-# ---- targets ----------------------------------------------------------------------------------------------
-
-def us(row, col, key="us"):
-    cell_ = row.get(col) or {}
-    return cell_.get(key) if isinstance(cell_, dict) else None
-
-
-def evaluate_targets(dequant, lora, qlora) -> list[dict]:
-    """Each target evaluated on the do_bench times ('value', 'met') and on the CUDA-graph times ('graph_value',
-    'graph_met')."""
-    targets = []
-
-    def add(name, compute, fmt, ok):
-        entry = {"target": name, "value": "-", "met": None, "graph_value": "-", "graph_met": None}
-        for prefix, key in (("", "us"), ("graph_", "graph_us")):
-            value = compute(key)
-            if value is not None:
-                entry[prefix + "value"], entry[prefix + "met"] = fmt(value), (ok(value) if ok else None)
-        if entry["value"] != "-" or entry["graph_value"] != "-":
-            targets.append(entry)
-
-    def ratio(row, num, den):
-        return lambda key: (us(row, num, key) / us(row, den, key) if us(row, num, key) and us(row, den, key)
-                            else None)
-
-    for row in dequant:
-        if row.get("params", 0) >= 45_000_000 and us(row, "triton"):
-            add(f"NF4 dequant {row['shape']}: >= 80% of copy bandwidth",
-                lambda key, row=row: row["triton"].get("frac_copy_bw" if key == "us" else "graph_frac_copy_bw"),
-                lambda v: f"{100 * v:.1f}%", lambda v: v >= 0.80)
-            add(f"NF4 dequant {row['shape']}: faster than bitsandbytes", ratio(row, "bitsandbytes", "triton"),
-                lambda v: f"{v:.2f}x", lambda v: v > 1.0)
-    for row in lora:
-        if row.get("shape") == "4096x4096" and row.get("tokens") == 4096 and row.get("rank") == 16:
-            add("fused LoRA fwd 4096x4096 r16 M4096: <= 1.10x bare bf16 GEMM (cuBLAS)",
-                ratio(row, "triton", "bf16_gemm"), lambda v: f"{v:.3f}x", lambda v: v <= 1.10)
-            add("  (for reference) vs the same Triton GEMM without LoRA", ratio(row, "triton", "triton_gemm_no_lora"),
-                lambda v: f"{v:.3f}x", None)
-            add("fused LoRA fwd 4096x4096 r16 M4096: >= 1.3x faster than eager", ratio(row, "eager", "triton"),
-                lambda v: f"{v:.2f}x", lambda v: v >= 1.3)
-    for row in qlora:
-        if row.get("tokens", 1 << 30) <= 16 and us(row, "triton_fused") and us(row, "eager_dequant_matmul"):
-            # eager dequant+matmul is timed plainly only (it is the slow side); the graph column uses that time
-            add(f"fused NF4+LoRA {row['shape']} M{row['tokens']}: >= 2x eager dequant+matmul",
-                lambda key, row=row: (us(row, "eager_dequant_matmul") / us(row, "triton_fused", key)
-                                      if us(row, "triton_fused", key) else None),
-                lambda v: f"{v:.1f}x", lambda v: v >= 2.0)
-    return targets
-
-
-# ---- output -----------------------------------------------------------------------------------------------
-
-def fmt_us(row, col):
-    """'plain / graph' microseconds (LEGEND); '-' for a column not run."""
-    cell_ = row.get(col)
-    if not isinstance(cell_, dict):
-        return "-"
-    plain = "err" if cell_.get("us") is None else f"{cell_['us']:.1f}"
-    if cell_.get("graph_us") is not None:
-        return f"{plain} / {cell_['graph_us']:.1f}"
-    return plain if cell_.get("graph_error") in (None, "not measured") else f"{plain} / err"
-
-
-def fmt_pct(cell_, key):
-    return f"{100 * cell_[key]:.0f}%" if cell_.get(key) else "-"
-
-
-def fmt_err(value):
-    return f"{value:.1e}" if isinstance(value, float) else str(value)
-
-
-def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
-    anchors = result["anchors"]
-    out = [("Machine anchors", ["quantity", "value"],
-            [["device", result["device"]], ["copy bandwidth (GB/s)", f"{anchors['copy_GBps']:.0f}"],
-             ["bf16 GEMM (TFLOP/s)", f"{anchors['bf16_gemm_TFLOPs']:.0f}"]])]
-    cols = ["triton", "eager", "torch.compile", "bitsandbytes"]
-    body = []
-    for row in result["dequant"]:
-        if "skipped" in row:
-            body.append([row["shape"], "skipped"] + [""] * 8)
-            continue
-        t = row["triton"]
-        body.append([row["shape"], f"{row['params'] / 1e6:.1f}M"] + [fmt_us(row, c) for c in cols]
-                    + [f"{t['GBps']:.0f}" if t.get("GBps") else "-", fmt_pct(t, "frac_copy_bw"),
-                       f"{t['graph_GBps']:.0f}" if t.get("graph_GBps") else "-", fmt_pct(t, "graph_frac_copy_bw"),
-                       str(row.get("bit_exact_vs_reference")), str(row.get("bnb_bit_exact_vs_ours", "-"))])
-    out.append(("NF4 dequantisation to bf16 (us, do_bench / graph; GB/s and % of copy bandwidth for Triton, plain "
-                "and graph)",
-                ["shape", "params"] + cols + ["GB/s plain", "% copy BW plain", "GB/s graph", "% copy BW graph",
-                                              "bit-exact vs ref", "bnb == ours"], body))
-    cols = ["triton", "eager", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
-    body = []
-    for row in result["lora"]:
-        if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 9)
-            continue
-        t = row["triton"]
-        ratio = " / ".join(f"{us(row, 'triton', k) / us(row, 'bf16_gemm', k):.3f}"
-                           if us(row, "triton", k) and us(row, "bf16_gemm", k) else "-" for k in ("us", "graph_us"))
-        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
-                    + [f"{t['TFLOPs']:.0f}" if t.get("TFLOPs") else "-", fmt_pct(t, "frac_gemm_peak"),
-                       f"{t['graph_TFLOPs']:.0f}" if t.get("graph_TFLOPs") else "-", fmt_pct(t, "graph_frac_gemm_peak"),
-                       ratio,
-                       fmt_us(row, "triton_fwd_bwd") + " / " + fmt_us(row, "eager_fwd_bwd"),
-                       fmt_err(row.get("rel_err_vs_float32"))])
-    out.append(("Fused LoRA linear, forward (us, do_bench / graph); fwd+bwd Triton / eager (us, do_bench); rel. "
-                "error vs float32 eager",
-                ["shape", "M", "r"] + cols + ["TFLOP/s plain", "% GEMM peak plain", "TFLOP/s graph",
-                                              "% GEMM peak graph", "triton / bf16 GEMM (plain / graph)", "fwd+bwd",
-                                              "rel err"], body))
-    cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
-            "bf16_lora_unquantised"]
-    body = []
-    for row in result["qlora"]:
-        if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 6)
-            continue
-        faster = " / ".join(
-            ("-" if not (us(row, "triton_fused", k) and us(row, "triton_dequant_gemm", k))
-             else "fused" if us(row, "triton_fused", k) < us(row, "triton_dequant_gemm", k) else "dequant+GEMM")
-            for k in ("us", "graph_us"))
-        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
-                    + [faster, fmt_err(row.get("rel_err_fused")) + " / " + fmt_err(row.get("rel_err_dequant_gemm"))])
-    out.append(("QLoRA linear, forward (us, do_bench / graph); rel. error fused / dequant+GEMM vs float32 LoRA on W_dq",
-                ["shape", "M", "r"] + cols + ["faster Triton path (plain / graph)", "rel err"], body))
-    met = {True: "yes", False: "NO", None: ""}
-    out.append(("Targets (do_bench: plain Python call; graph: CUDA-graph replay, device time only)",
-                ["target", "do_bench value", "met", "graph value", "met (graph)"],
-                [[t["target"], t["value"], met[t["met"]], t.get("graph_value", "-"), met[t.get("graph_met")]]
-                 for t in result["targets"]]))
-    return out
-
-
-def print_table(title, header, body):
-    """Aligned plain-text table."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)] if body else [len(h) for h in header]
-    print(f"\n{title}")
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
-    for line in body:
-        print("  ".join(str(c).ljust(w) for c, w in zip(line, widths)))
-
-
-def markdown(result) -> str:
-    lines = [f"# Kernel benchmark ({result['device']})", "",
-             f"torch {result['torch']}, triton {result['triton']}, bitsandbytes {result['bitsandbytes']}; "
-             f"seed {result['seed']}; {'quick' if result['quick'] else 'full'} sweep; "
-             f"{result['elapsed_s']:.0f} s.", "", LEGEND, ""]
-    for title, header, body in tables(result):
-        lines += [f"## {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-        lines.append("")
-    return "\n".join(lines)
-
-
-# ---- CPU-only mode ----------------------------------------------------------------------------------------
-
-def cpu_only(args) -> dict:
-    """Correctness smoke of every kernel in the Triton interpreter, and the CPU NF4 ratio vs bitsandbytes."""
-    from kernels import lora_matmul, nf4_dequantize, nf4_quantize, qlora_matmul
-    from kernels.lora import lora_matmul_reference
-    from kernels.nf4_dequant import nf4_dequantize_reference
-    from kernels.qlora import qlora_matmul_reference
-
-    print("No CUDA device: no GPU timings. Running a correctness smoke of the kernels (Triton interpreter) and the "
-          "CPU ratio of pure-PyTorch NF4 quantise + dequantise vs bitsandbytes instead.")
-    smoke = []
-    os.environ["KERNELS_BACKEND"] = "triton"
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x = torch.randn(5, 70).to(dtype)
-        W = (torch.randn(48, 70) / 8).to(dtype)
-        A, B = (torch.randn(8, 70) / 8).to(dtype), torch.randn(48, 8).to(dtype)
-        q = nf4_quantize(W)
-        checks = {
-            "nf4_dequantize bit-exact": torch.equal(nf4_dequantize(q, dtype), nf4_dequantize_reference(q, dtype)),
-            "lora_matmul rel err": rel_err(lora_matmul(x, W, A, B, 0.5), lora_matmul_reference(
-                x.double(), W.double(), A.double(), B.double(), 0.5)),
-            "qlora_matmul rel err": rel_err(qlora_matmul(x, q, A, B, 0.5), qlora_matmul_reference(
-                x.double(), q, A.double(), B.double(), 0.5)),
-        }
-        smoke.append({"dtype": str(dtype).replace("torch.", ""), **checks})
-    os.environ.pop("KERNELS_BACKEND")
-
-    # Each side is timed in its own fresh process, alternating, best of all rounds: loading bitsandbytes' native
-    # library (its own OpenMP runtime) changes the speed of PyTorch's CPU ops in the same process, and a shared
-    # host's load drifts during a run.
-    timings = {"ours_quantise_s": float("inf"), "ours_dequantise_s": float("inf"),
-               "bnb_quantise_s": float("inf"), "bnb_dequantise_s": float("inf")}
-    for _ in range(3):
-        for side in ("ours", "bnb"):
-            measured = _time_nf4_cpu(side)
-            if measured is None:
-                timings["bitsandbytes"] = "not installed"
-                continue
-            for key, value in measured.items():
-                timings[key] = min(timings[key], value) if isinstance(value, float) else value
-    if timings["bnb_quantise_s"] == float("inf"):
-        for key in ("bnb_quantise_s", "bnb_dequantise_s"):
-            timings.pop(key)
-    else:
-        timings["ratio_bnb_over_ours"] = ((timings["bnb_quantise_s"] + timings["bnb_dequantise_s"])
-                                          / (timings["ours_quantise_s"] + timings["ours_dequantise_s"]))
-    print_table("Correctness smoke (interpreter vs float64 references)", ["dtype", "dequant bit-exact",
-                "lora rel err", "qlora rel err"],
-                [[s["dtype"], str(s["nf4_dequantize bit-exact"]), f"{s['lora_matmul rel err']:.1e}",
-                  f"{s['qlora_matmul rel err']:.1e}"] for s in smoke])
-    body = [[k, f"{v:.3f}" if isinstance(v, float) else str(v)] for k, v in timings.items()]
-    print_table("NF4 quantise + dequantise of a 4096x4096 bf16 weight on CPU (s, best of 3 fresh processes x 5 "
-                "runs); ratio > 1: ours faster",
-                ["quantity", "value"], body)
-    return {"device": "cpu (no CUDA device)", "smoke": smoke, "cpu_nf4": timings, "threads": torch.get_num_threads()}
-
-
-_NF4_CPU_TIMING = """
-import json, sys, time, torch
-torch.manual_seed(0)
-w = torch.randn(4096, 4096, dtype=torch.bfloat16) * 0.02
-def best(fn, n=5):
-    times = []
-    for _ in range(n):
-        start = time.perf_counter(); fn(); times.append(time.perf_counter() - start)
-    return min(times)
-if sys.argv[1] == "ours":
-    from kernels import NF4Weight, nf4_quantize
-    from kernels.nf4_dequant import nf4_dequantize_reference
-    q = nf4_quantize(w)
-    out = {"ours_quantise_s": best(lambda: nf4_quantize(w)), "ours_dequantise_s": best(lambda: nf4_dequantize_reference(q))}
-else:
-    import bitsandbytes.functional as bnb
-    from kernels import NF4Weight, nf4_quantize
-    from kernels.nf4_dequant import nf4_dequantize_reference
-    packed, state = bnb.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-    out = {"bnb_quantise_s": best(lambda: bnb.quantize_4bit(w, blocksize=64, compress_statistics=True,
-                                                             quant_type="nf4")),
-           "bnb_dequantise_s": best(lambda: bnb.dequantize_4bit(packed, state)),
-           "bit_exact_vs_bnb": bool(torch.equal(nf4_quantize(w).packed, packed) and torch.equal(
-               nf4_dequantize_reference(NF4Weight.from_bnb(packed, state)), bnb.dequantize_4bit(packed, state)))}
-print("RESULT " + json.dumps(out))
-"""
-
-
-def _time_nf4_cpu(side: str):
-    """Timings of one side ("ours" / "bnb") of the CPU NF4 comparison, measured in a fresh Python process."""
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-    run = subprocess.run([sys.executable, "-c", _NF4_CPU_TIMING, side], capture_output=True, text=True, env=env)
-    for line in run.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT "):])
-    if side == "bnb" and "ModuleNotFoundError" in run.stderr:
-        return None
-    raise RuntimeError(f"timing subprocess ({side}) failed:\n{run.stderr[-2000:]}")
 
 
 # ---- main -------------------------------------------------------------------------------------------------
@@ -632,14 +368,6 @@ def stages(args):
          {(s, 4096, 16) for s in SHAPES}),
         ("qlora", [(s, m, 16) for s in SHAPES for m in TOKENS], {(s, m) for s in SHAPES for m in (1, 16)}),
     ]
-
-
-def save(result, out):
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    if "anchors" in result:
-        with open(out + ".md", "w") as f:
-            f.write(markdown(result))
 
 
 def main(argv=None):
