@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+import einops
 import torch
 from torch import nn
 
@@ -97,7 +98,8 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """GQA (arXiv 2305.13245): query head h reads KV head h // n_rep.  [B, Hkv, S, D] -> [B, Hkv·n_rep, S, D]."""
     if n_rep == 1:
         return x
-    return x.repeat_interleave(n_rep, dim=1)
+    # (g r): KV head g is copied to the n_rep consecutive query heads g·n_rep … g·n_rep + n_rep − 1
+    return einops.repeat(x, "b g s d -> b (g r) s d", r=n_rep)
 
 
 class Attention(nn.Module):
