@@ -12,15 +12,7 @@ import kernels
 import kernels.nf4_dequant as nf4_dequant
 from kernels import nf4_quantize
 from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
-
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("KERNELS_POISON", "1")
-    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
+from tests.kernel_testing import DEVICES, _poison_outputs  # noqa: F401
 
 
 # Odd element counts, blocks across rows, a partial last block, > 256 blocks (partial second-level block), one value.

@@ -14,31 +14,7 @@ from kernels.nf4_dequant import nf4_dequantize_reference
 import kernels.ops as ops_mod
 import kernels.qlora as qlora_mod
 from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
-
-GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-DEVICES = ["cpu", pytest.param("cuda", marks=GPU)]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Every dtype in the interpreter; on a GPU bfloat16 (the training dtype) and float32 (the IEEE-dot path): each
-# (dtype, shape) is a separate compilation there, and the GPU check has a few minutes.
-DEVICE_DTYPES = [("cpu", d) for d in DTYPES] + [pytest.param("cuda", d, marks=GPU)
-                                                for d in (torch.bfloat16, torch.float32)]
-# max |kernel - reference| <= TOL * max |reference| (reference: float64 LoRA on the weight dequantised to the
-# compute dtype, from the same rounded inputs); as in tests/test_kernels_lora.py.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("KERNELS_POISON", "1")
-    monkeypatch.delenv("KERNELS_BACKEND", raising=False)
-
-
-def assert_close(actual, expected, dtype, what=""):
-    assert actual.shape == expected.shape, what
-    assert not torch.isnan(actual).any(), f"{what}: NaN left in the output (an element was never written)"
-    err = (actual.double() - expected.double()).abs().max().item()
-    scale = max(expected.double().abs().max().item(), 1e-30)
-    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} > {TOL[dtype]} * {scale:.3g}"
+from tests.kernel_testing import DEVICE_DTYPES, DEVICES, _poison_outputs, assert_close  # noqa: F401
 
 
 def make(M, N, K, r, dtype, device, double_quant=True, blocksize=64):
