@@ -110,30 +110,11 @@ import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 
-import torch.nn.functional as F  # noqa: E402
-
 from llama.context_ablation import (VARIANTS, ContextAblationConfig, base_args, format_table,  # noqa: E402
                                     passkey_document, passkey_example, plot, run, scaling_for)
+from tests.ablation_testing import adamw_loop, toy_docs  # noqa: E402
 
-DOCS = [f"def f{i}(x):\n    '''Return x plus {i}, the {i}-th helper of this module.'''\n    return x + {i}\n" * 3
-        for i in range(300)]
-
-
-def adamw_loop(model, examples, spec, on_step=None):
-    """A plain training loop (independent of peft.train): masked next-byte CE + the model's weighted aux loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    losses = []
-    for step in range(spec.steps):
-        batch = examples[step * spec.batch_size:(step + 1) * spec.batch_size]
-        x, y = torch.tensor([e[0] for e in batch]), torch.tensor([e[1] for e in batch])
-        ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-        (ce + model.aux_loss()).backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(ce.detach()))
-        if on_step:
-            on_step(step + 1)
-    return losses
+DOCS = toy_docs(300)
 
 
 @pytest.mark.parametrize("length", [56, 64, 512])

@@ -5,32 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import torch.nn.functional as F
 
 from llama.config import count_active_parameters
 from llama.moe_ablation import VARIANTS, MoEAblationConfig, format_table, imbalance, plot, run, variant_args
+from tests.ablation_testing import adamw_loop, toy_docs
 
 ROOT = Path(__file__).resolve().parents[1]
-DOCS = [f"def f{i}(x):\n    '''Return x plus {i}, the {i}-th helper of this module.'''\n    return x + {i}\n" * 3
-        for i in range(200)]
-
-
-def adamw_loop(model, examples, spec, on_step=None):
-    """A plain training loop (independent of peft.train): masked next-byte CE + the model's weighted aux loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr)
-    losses = []
-    for step in range(spec.steps):
-        batch = examples[step * spec.batch_size:(step + 1) * spec.batch_size]
-        x, y = torch.tensor([e[0] for e in batch]), torch.tensor([e[1] for e in batch])
-        ce = F.cross_entropy(model(x).flatten(0, 1), y.flatten(), ignore_index=-100)
-        (ce + model.aux_loss()).backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(float(ce))
-        if on_step:
-            on_step(step + 1)
-    return losses
+DOCS = toy_docs(200)
 
 
 def test_every_variant_touches_the_same_hidden_units_per_token():
