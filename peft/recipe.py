@@ -263,14 +263,8 @@ def build_data(cfg: DataSection, tokenizer) -> Data:
     if cfg.source in PRETRAIN_SOURCES:
         docs = (D.builtin_corpus(cfg.cache_dir, cfg.corpus_chars) if cfg.source == "corpus"
                 else D.read_text_documents(_require(cfg.path, "text")))
-        if cfg.eval_path:
-            train_docs, eval_docs = docs, D.read_text_documents(cfg.eval_path)
-        else:
-            n_eval = max(1, int(len(docs) * cfg.eval_fraction))
-            if n_eval >= len(docs):
-                raise ValueError(f"the corpus has only {len(docs)} documents, too few to hold some out; give more "
-                                 f"text or an eval_path")
-            train_docs, eval_docs = docs[:-n_eval], docs[-n_eval:]
+        train_docs, eval_docs = (docs, D.read_text_documents(cfg.eval_path)) if cfg.eval_path else \
+            _hold_out(docs, cfg.eval_fraction, "the corpus", "documents", "give more text or a data.eval_path")
         rows = D.single_rows(D.encode_documents(train_docs, tokenizer, cfg.seq_len))
         eval_rows = D.single_rows(D.encode_documents(eval_docs, tokenizer, cfg.seq_len))[:cfg.n_eval]
         return Data(rows, eval_rows, [], None, sft=False)
@@ -279,20 +273,22 @@ def build_data(cfg: DataSection, tokenizer) -> Data:
         eval_ex = D.task_examples(cfg.task, cfg.n_eval, "eval")
     elif cfg.source == "jsonl":
         examples = D.read_jsonl_examples(_require(cfg.path, "jsonl"))
-        if cfg.eval_path:
-            train_ex, eval_ex = examples, D.read_jsonl_examples(cfg.eval_path)
-        else:
-            n_eval = max(1, int(len(examples) * cfg.eval_fraction))
-            if n_eval >= len(examples):
-                raise ValueError(f"{cfg.path} has only {len(examples)} examples, too few to hold some out; add "
-                                 f"examples or give data.eval_path")
-            train_ex, eval_ex = examples[:-n_eval], examples[-n_eval:]
+        train_ex, eval_ex = (examples, D.read_jsonl_examples(cfg.eval_path)) if cfg.eval_path else \
+            _hold_out(examples, cfg.eval_fraction, str(cfg.path), "examples", "add examples or give data.eval_path")
     else:
         raise ValueError(f"unknown data.source {cfg.source!r}; use one of {SFT_SOURCES + PRETRAIN_SOURCES}")
     seqs = [D.encode_sft(e, tokenizer, cfg.seq_len, cfg.truncate, index=i) for i, e in enumerate(train_ex)]
     eval_seqs = [D.encode_sft(e, tokenizer, cfg.seq_len, cfg.truncate, index=i) for i, e in enumerate(eval_ex)]
     rows = D.pack(seqs, cfg.seq_len) if cfg.pack else D.single_rows(seqs)
     return Data(rows, D.single_rows(eval_seqs), eval_ex, cfg.seq_len if cfg.pack else None, sft=True)
+
+def _hold_out(items: list, fraction: float, source: str, kind: str, fix: str) -> tuple[list, list]:
+    """The last `fraction` of items (at least one) held out for evaluation, the rest for training."""
+    n_eval = max(1, int(len(items) * fraction))
+    if n_eval >= len(items):
+        raise ValueError(f"{source} has only {len(items)} {kind}, too few to hold some out; {fix}")
+    return items[:-n_eval], items[-n_eval:]
+
 
 
 def _require(path: Optional[str], source: str) -> str:
