@@ -79,13 +79,38 @@ def _jit_calls_interpreted():
 
     A compiled kernel never calls `JITFunction.__call__` (the compiler inlines callees); outside a kernel that call
     only raises "Cannot call @triton.jit'd outside of the scope of a kernel". So the patch changes nothing else.
+    The interpreter itself swaps `triton.language` builtins for numpy versions while it runs; for a call to an
+    interpreted device function (our helpers, `tl.cdiv`) it does so without undoing it afterwards (Triton 3.9),
+    which breaks every later compilation in the process. `_language_restored` puts the originals back.
     """
     original = JITFunction.__call__
     JITFunction.__call__ = lambda self, *args, **kwargs: _twin(self)(*args, **kwargs)
     try:
-        yield
+        with _language_restored():
+            yield
     finally:
         JITFunction.__call__ = original
+
+
+@contextlib.contextmanager
+def _language_restored():
+    """Snapshot the attributes of the `triton.language` modules and classes the interpreter patches; restore them."""
+    core = tl.core
+    owners = [tl, core, tl.math, core.tensor, core.dtype]
+    owners += [getattr(core, name) for name in ("condition", "tensor_descriptor_base") if hasattr(core, name)]
+    saved = [(owner, dict(vars(owner))) for owner in owners]
+    try:
+        yield
+    finally:
+        for owner, attrs in saved:
+            for name in set(vars(owner)) - set(attrs):
+                delattr(owner, name)
+            for name, value in attrs.items():
+                if vars(owner).get(name, _ABSENT) is not value:
+                    setattr(owner, name, value)
+
+
+_ABSENT = object()
 
 
 def _bench_for_autotune(kernel_call, quantiles):

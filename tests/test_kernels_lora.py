@@ -201,3 +201,17 @@ def test_default_backend_on_cpu_is_the_reference(monkeypatch):
     monkeypatch.setattr(LoRAMatmul, "apply", lambda *a: calls.append(a))
     kernels.lora_matmul(**_args())
     assert calls == []  # CPU tensors without KERNELS_BACKEND: plain PyTorch, the kernels are not launched
+
+
+def test_interpreted_launch_leaves_triton_language_unpatched():
+    """An interpreted launch must not leave the interpreter's numpy builtins in `triton.language` (Triton 3.9 does
+    for device-function calls such as `tl.cdiv`): later compilations in the process would fail."""
+    import triton.language as tl
+
+    owners = (tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype)
+    before = [dict(vars(owner)) for owner in owners]
+    x, W, A, B = make(5, 40, 24, 4, torch.float32, "cpu", requires_grad=False)
+    lora_forward_triton(x, W, A, B, 0.5)
+    for owner, attrs in zip(owners, before):
+        changed = sorted(name for name in set(attrs) | set(vars(owner)) if vars(owner).get(name) is not attrs.get(name))
+        assert not changed, f"{owner.__name__}: {changed[:5]} left patched by the interpreter"
