@@ -26,6 +26,7 @@ Interpreter caveats the kernels work around (triton-lang/triton issues #4972, #1
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import os
 import threading
@@ -212,6 +213,21 @@ def cached_on(device: torch.device, name: str, make):
     return _TABLES[key]
 
 
+INTERPRETER_PROGRAMS = 3  # "SMs" of the interpreter: persistent kernels there run several tiles per program
+
+
+def sm_count(device: torch.device) -> int:
+    """Programs a persistent kernel launches: one per streaming multiprocessor (INTERPRETER_PROGRAMS on CPU)."""
+    if interpreted(device):
+        return INTERPRETER_PROGRAMS
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def rank_block(rank: int) -> int:
     """The LoRA rank padded to a power of two >= 16 (`tl.dot` needs every dimension >= 16 on a GPU)."""
     return max(16, pow2(rank))
@@ -240,6 +256,17 @@ def to_output(x, dtype: tl.constexpr, ROUND_BF16: tl.constexpr):
         return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
+
+
+@triton.jit
+def grouped_tile(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row-tile, column-tile) of output tile number `tile` in grouped order: GROUP_M row-tiles walk each column of
+    weight tiles together, so that column is still in L2 when the next of them reads it (Triton tutorial 03)."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    first_m = (tile // (GROUP_M * tiles_n)) * GROUP_M
+    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (tile % (GROUP_M * tiles_n)) % group_m, (tile % (GROUP_M * tiles_n)) // group_m
 
 
 @triton.jit

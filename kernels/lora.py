@@ -19,6 +19,10 @@ Design (LoRAFusion arXiv 2510.00206, `CentML/lorafusion`: a split around the sma
     dX = dY W + dS A by the forward's GEMM kernel with W read transposed and the accumulator started at dS A.
 The GEMM kernel computes C = X Wᵀ + scale · P Q for any strides, so "W read transposed" is only a swap of
 W's two strides. S and A/B ranks below 16 are zero-padded inside the kernel (masked loads), never copied.
+Its autotuner chooses among three schedules of the same tile code (`_lora_gemm_tile`): one program per output
+tile with pointer loads, the same with Hopper TMA loads, and persistent (one program per SM looping over tiles,
+with or without TMA; added after the H200 run 2 measured the per-tile kernel 1.13-1.16x slower than cuBLAS at
+4096x4096x4096, not yet timed on a GPU).
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, backend_forced, empty, launch, mma, pow2, rank_block, to_output, upcast
+from ._triton import (autotune, backend_forced, empty, grouped_tile, launch, mma, pow2, rank_block, sm_count,
+                      to_output, upcast)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks use the reference
@@ -37,7 +42,7 @@ MAX_RANK = 128  # R is held in registers next to the output tile; larger ranks u
 # skinny LoRA GEMMs (eager) beat the fused Triton GEMM on the H200 (M = 16 and 256 on 4096x4096: eager 83 us, fused
 # 174-179 us); from 4096 tokens on the fused kernel wins or ties. KERNELS_BACKEND=triton forces the kernel at any M.
 FUSED_MIN_TOKENS = 1024
-INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TMA=False)  # the one config on CPU
+INTERPRETER_GEMM_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TMA=False, PERSISTENT=False)  # on CPU
 INTERPRETER_GRAD_META = dict(BLOCK_M=32, BLOCK_N=32)
 
 
@@ -99,7 +104,12 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
     if K == 0:  # nothing to reduce over (and x may have no storage to point at): only the LoRA term remains
         out.copy_(scale * (p.float() @ q.float()) if has_lora else torch.zeros_like(out))
         return
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    programs = sm_count(x.device)
+
+    def grid(meta):  # one program per output tile, or at most one per SM for the persistent schedule
+        tiles = triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"])
+        return (min(tiles, programs) if meta["PERSISTENT"] else tiles,)
+
     launch(_tuned_gemm, grid,
            x, w, p, q, out, M, N, K, rank, scale,
            x.stride(0), x.stride(1), stride_wn, stride_wk, p.stride(0), p.stride(1), q.stride(0), q.stride(1),
@@ -164,10 +174,15 @@ def _gemm_configs():
         (64, 256, 64, 4, 8), (64, 128, 64, 4, 4), (32, 128, 128, 4, 4), (16, 128, 128, 4, 4), (16, 64, 256, 3, 4),
     ]
     tma_shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (256, 128, 64, 3, 8), (128, 128, 64, 4, 8)]
-    return ([triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": False},
-                           num_stages=s, num_warps=w) for bm, bn, bk, s, w in shapes]
-            + [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": True},
-                             num_stages=s, num_warps=w) for bm, bn, bk, s, w in tma_shapes])
+    # Persistent candidates (large M: 4096 tokens on 4096x4096 are 512 tiles of 128x256 for 132 SMs), the shapes
+    # Triton's tutorial 09 tunes over on Hopper; with and without TMA.
+    persistent_shapes = [(128, 256, 64, 3, 8), (128, 256, 64, 4, 8), (128, 128, 64, 4, 8), (128, 128, 128, 3, 8),
+                         (256, 128, 64, 3, 8)]
+    variants = ([(shape, False, False) for shape in shapes] + [(shape, True, False) for shape in tma_shapes]
+                + [(shape, tma, True) for tma in (True, False) for shape in persistent_shapes])
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "TMA": tma,
+                           "PERSISTENT": persistent}, num_stages=s, num_warps=w)
+            for (bm, bn, bk, s, w), tma, persistent in variants]
 
 
 @triton.jit
@@ -182,19 +197,50 @@ def _lora_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TMA_OK: tl.constexpr,        # the operands allow TMA (`tma_ok`); part of the autotuning key
     TMA: tl.constexpr,           # read x and W tiles through tensor descriptors (Hopper TMA) instead of pointers
+    PERSISTENT: tl.constexpr,    # a few programs (one per SM) loop over the output tiles; else one program per tile
 ):
     """C[M, N] = X[M, K] Wᵀ + scale · P[M, r] Q[r, N]   (W addressed as w[n * stride_wn + k * stride_wk])."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
     tl.static_assert(TMA_OK or not TMA)
-    # Grouped tile order: GROUP_M row-tiles share each column of W tiles while it is hot in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+    # With TMA the copy engine fetches the x and W tiles (zero-filled past the edges, so no masks); the descriptors
+    # are built once per program. W's descriptor follows its memory order.
+    if TMA:
+        x_src = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
+        if W_K_MAJOR:
+            w_src = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                              block_shape=[BLOCK_N, BLOCK_K])
+        else:
+            w_src = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
+                                              block_shape=[BLOCK_K, BLOCK_N])
+    else:
+        x_src = x_ptr
+        w_src = w_ptr
+    if PERSISTENT:
+        # Persistent schedule (Triton tutorial 09): program i computes tiles i, i + P, i + 2P, ... Flattening the
+        # tile loop with the K loop lets the loads of the next tile start while this tile's result is stored.
+        n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+        for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0), flatten=True):
+            _lora_gemm_tile(tile, x_src, w_src, p_ptr, q_ptr, c_ptr, M, N, K, RANK, scale,
+                            stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn,
+                            stride_cm, stride_cn, HAS_LORA, W_K_MAJOR, BLOCK_R, UPCAST, IEEE,
+                            BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
+    else:
+        _lora_gemm_tile(tl.program_id(0), x_src, w_src, p_ptr, q_ptr, c_ptr, M, N, K, RANK, scale,
+                        stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn,
+                        stride_cm, stride_cn, HAS_LORA, W_K_MAJOR, BLOCK_R, UPCAST, IEEE,
+                        BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, TMA)
 
+
+@triton.jit
+def _lora_gemm_tile(
+    tile, x_src, w_src, p_ptr, q_ptr, c_ptr, M, N, K, RANK, scale,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
+    HAS_LORA: tl.constexpr, W_K_MAJOR: tl.constexpr, BLOCK_R: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TMA: tl.constexpr,
+):
+    """Output tile number `tile` ([BM, BN]); x_src / w_src are tensor descriptors with TMA, base pointers without."""
+    pid_m, pid_n = grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                             # [BM]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]
     rows_in = rows % M                                                         # wrapped: loads stay in bounds,
@@ -208,29 +254,19 @@ def _lora_gemm_kernel(
         q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
         acc = mma(p.to(q.dtype), q, acc, UPCAST, IEEE) * scale
 
-    # Base term: acc += X_tile W_tileᵀ over K. With TMA the copy engine fetches the tiles (zero-filled past the
-    # edges, so no masks); W's descriptor follows its memory order and the [BN, BK] tile is transposed in place.
-    if TMA:
-        x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                           block_shape=[BLOCK_M, BLOCK_K])
-        if W_K_MAJOR:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                               block_shape=[BLOCK_N, BLOCK_K])
-        else:
-            w_desc = tl.make_tensor_descriptor(w_ptr, shape=[K, N], strides=[stride_wk, 1],
-                                               block_shape=[BLOCK_K, BLOCK_N])
+    # Base term: acc += X_tile W_tileᵀ over K (with TMA the [BN, BK] tile of a K-major W is transposed in place).
     for k0 in range(0, K, BLOCK_K):
         if TMA:
-            x = x_desc.load([pid_m * BLOCK_M, k0])                             # [BM, BK]
+            x = x_src.load([pid_m * BLOCK_M, k0])                              # [BM, BK]
             if W_K_MAJOR:
-                w = tl.trans(w_desc.load([pid_n * BLOCK_N, k0]))               # [BK, BN]
+                w = tl.trans(w_src.load([pid_n * BLOCK_N, k0]))                # [BK, BN]
             else:
-                w = w_desc.load([k0, pid_n * BLOCK_N])                         # [BK, BN]
+                w = w_src.load([k0, pid_n * BLOCK_N])                          # [BK, BN]
         else:
             k = k0 + tl.arange(0, BLOCK_K)                                     # [BK]
-            x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K,
+            x = tl.load(x_src + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K,
                         other=0.0)
-            w = tl.load(w_ptr + cols_in[None, :] * stride_wn + k[:, None] * stride_wk, mask=k[:, None] < K,
+            w = tl.load(w_src + cols_in[None, :] * stride_wn + k[:, None] * stride_wk, mask=k[:, None] < K,
                         other=0.0)
         acc = mma(x, w, acc, UPCAST, IEEE)                                     # [BM, BK] @ [BK, BN]
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, empty, launch, mma, pow2, rank_block, to_output, upcast
+from ._triton import autotune, empty, grouped_tile, launch, mma, pow2, rank_block, to_output, upcast
 from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, nf4_dequantize_triton
@@ -122,13 +122,7 @@ def _qlora_gemm_kernel(
 ):
     """C[M, N] = X[M, K] · op(W)[K, N] + scale · P[M, r] Q[r, N], op(W) decoded from NF4 one [BK, BN] tile at a time."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    first_m = (pid // (GROUP_M * tiles_n)) * GROUP_M
-    group_m = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_m
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_m
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                             # [BM]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]

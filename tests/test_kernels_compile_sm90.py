@@ -82,8 +82,12 @@ def test_default_configs_compile_for_sm90(dtype, tokens, monkeypatch):
         assert kernel.metadata.shared <= SM90_SHARED_BYTES, f"{tuned.fn.__name__} {config}: too much shared memory"
         if tuned.fn.__name__ == "_lora_gemm_kernel" and dtype != torch.float32 and config.kwargs["BLOCK_M"] >= 64:
             assert "wgmma" in kernel.asm["ptx"], "the dense GEMM should use Hopper's warpgroup MMA"
-            tma = next(c for c in candidate_configs(tuned, args, meta, quick=False) if c.kwargs["TMA"])
-            assert "cp.async.bulk.tensor" in compile_sm90(tuned, args, meta, tma).asm["ptx"], "TMA variant"
+            candidates = candidate_configs(tuned, args, meta, quick=False)
+            for tma, persistent in ((True, False), (True, True), (False, True)):   # the other schedules
+                variant = next(c for c in candidates if (c.kwargs["TMA"], c.kwargs["PERSISTENT"]) == (tma, persistent))
+                ptx = compile_sm90(tuned, args, meta, variant).asm["ptx"]
+                assert "wgmma" in ptx, f"{variant}: no warpgroup MMA"
+                assert ("cp.async.bulk.tensor" in ptx) == tma, f"{variant}: TMA loads {'missing' if tma else 'used'}"
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import kernels
+import kernels._triton as triton_plumbing
 import kernels.lora as lora_mod
 from kernels.lora import (LoRAMatmul, lora_backward_triton, lora_forward_triton, lora_gemm, lora_grad_dS_dB,
                           lora_matmul_reference)
@@ -111,16 +112,25 @@ def test_gemm_kernel_writes_every_element_and_plain_gemm(device):
     assert_close(out, x.double() @ W.double().t(), torch.float16, "plain GEMM")
 
 
+# The GEMM's schedule variants besides the default (one program per tile, pointer loads).
+VARIANTS = {"tma": dict(TMA=True, PERSISTENT=False), "persistent": dict(TMA=False, PERSISTENT=True),
+            "persistent-tma": dict(TMA=True, PERSISTENT=True)}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=GPU)])
-def test_tma_variant_forward_and_backward(device, dtype, monkeypatch):
-    """The GEMM's tensor-descriptor (TMA) path: forced in the interpreter, and on a GPU as the only candidate."""
+def test_gemm_variants_forward_and_backward(device, dtype, variant, monkeypatch):
+    """Tensor-descriptor (TMA) loads and the persistent schedule: forced in the interpreter (3 programs, so each
+    walks several tiles), and on a GPU as the only autotuning candidate."""
+    wanted = VARIANTS[variant]
     if device == "cpu":
-        monkeypatch.setattr(lora_mod, "INTERPRETER_GEMM_META", dict(lora_mod.INTERPRETER_GEMM_META, TMA=True))
         monkeypatch.setattr(lora_mod, "tma_ok", lambda *args: True)
+        monkeypatch.setattr(lora_mod, "INTERPRETER_GEMM_META", dict(lora_mod.INTERPRETER_GEMM_META, **wanted))
     else:
-        tma = [c for c in lora_mod._tuned_gemm.configs if c.kwargs["TMA"]][-1:]
-        monkeypatch.setattr(lora_mod._tuned_gemm, "configs", tma)
+        chosen = [c for c in lora_mod._tuned_gemm.configs if all(c.kwargs[k] == v for k, v in wanted.items())]
+        monkeypatch.setattr(lora_mod._tuned_gemm, "configs", chosen[-1:])
         monkeypatch.setattr(lora_mod._tuned_gemm, "cache", {})
+        monkeypatch.setattr(triton_plumbing, "_CHOSEN", {})
     x, W, A, B = make(70, 48, 96, 8, dtype, device)         # rows 16-byte aligned; 70 and 48 leave partial tiles
     y = LoRAMatmul.apply(x, W, A, B, 0.5)
     dy = torch.randn_like(y)
