@@ -15,6 +15,9 @@ LEGEND = ("Each time cell: do_bench us / CUDA-graph us. do_bench = median of the
           "holding one call (device time only). Rates and fractions: 'plain' from do_bench, 'graph' from the graph.")
 
 
+CANDIDATES_SHOWN = 8  # rows of each autotuning-candidates table
+
+
 def rel_err(a, b) -> float:
     """||a - b|| / ||b|| in float32: the 'rel err' columns and the CPU smoke."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
@@ -137,6 +140,13 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["shape", "M", "r"] + cols + ["TFLOP/s plain", "% GEMM peak plain", "TFLOP/s graph",
                                               "% GEMM peak graph", "triton / bf16 GEMM (plain / graph)", "fwd+bwd",
                                               "rel err"], body))
+    for row in result["lora"]:
+        if row.get("triton_candidates"):
+            out.append((f"Fused LoRA GEMM {row['shape']} M{row['tokens']} r{row['rank']}: autotuning candidates "
+                        f"(the autotuner's timing, us; tile BMxBNxBK, pipeline stages, warps)",
+                        ["candidate", "us", "vs fastest"],
+                        [[c, f"{t:.1f}", f"{t / row['triton_candidates'][0][1]:.3f}"]
+                         for c, t in row["triton_candidates"][:CANDIDATES_SHOWN]]))
     cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
             "bf16_lora_unquantised"]
     body = []

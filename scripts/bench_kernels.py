@@ -222,6 +222,22 @@ def lora_flops(M, N, K, r) -> float:
     return 2.0 * M * N * K * (1 + r / N + r / K)
 
 
+def candidate_times(tuned) -> list:
+    """[[config, us], ...] fastest first: the autotuner's own timing of every candidate for the key it tuned last
+    (its short do_bench, L2 not flushed); [] when the last call found its key tuned already."""
+    timings = getattr(tuned, "configs_timings", None)
+    if not isinstance(timings, dict):  # None, or the list form of Triton's on-disk autotuning cache
+        return []
+
+    def label(c):
+        kw = c.kwargs
+        return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} s{c.num_stages} w{c.num_warps}"
+                + " TMA" * bool(kw.get("TMA")) + " persistent" * bool(kw.get("PERSISTENT")))
+
+    rows = [[label(c), 1e3 * (t[0] if isinstance(t, (list, tuple)) else t)] for c, t in timings.items()]
+    return sorted(rows, key=lambda row: row[1])
+
+
 def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]:
     from kernels import lora as lora_mod
     from kernels.lora import LoRAMatmul, lora_forward_triton, lora_gemm
@@ -237,9 +253,11 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
         A = torch.randn(r, K, device=device, dtype=DTYPE) / K**0.5
         B = torch.randn(N, r, device=device, dtype=DTYPE) / r**0.5
         out = torch.empty(M, N, device=device, dtype=DTYPE)
+        lora_mod._tuned_gemm.configs_timings = None     # set again only if this case's first call tunes a new key
         row = {"shape": name, "tokens": M, "rank": r, "flops": lora_flops(M, N, K, r),
                "rel_err_vs_float32": checked(lambda: rel_err(lora_forward_triton(x, W, A, B, SCALE)[0], lora_eager(
-                   x.float(), W.float(), A.float(), B.float(), SCALE)))}
+                   x.float(), W.float(), A.float(), B.float(), SCALE))),
+               "triton_candidates": candidate_times(lora_mod._tuned_gemm)}
         columns = {"triton": lambda: lora_forward_triton(x, W, A, B, SCALE),
                    "eager": lambda: lora_eager(x, W, A, B, SCALE),
                    "bf16_gemm": lambda: x @ W.t(),
