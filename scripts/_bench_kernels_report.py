@@ -140,10 +140,11 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
                 ["shape", "M", "r"] + cols + ["TFLOP/s plain", "% GEMM peak plain", "TFLOP/s graph",
                                               "% GEMM peak graph", "triton / bf16 GEMM (plain / graph)", "fwd+bwd",
                                               "rel err"], body))
-    for row in result["lora"]:
+    for kind, row in [("NF4 dequant", row) for row in result["dequant"]] + [("Fused LoRA GEMM", row)
+                                                                           for row in result["lora"]]:
         if row.get("triton_candidates"):
-            out.append((f"Fused LoRA GEMM {row['shape']} M{row['tokens']} r{row['rank']}: autotuning candidates "
-                        f"(the autotuner's timing, us; tile BMxBNxBK, pipeline stages, warps)",
+            case = row["shape"] + (f" M{row['tokens']} r{row['rank']}" if "tokens" in row else "")
+            out.append((f"{kind} {case}: fastest autotuning candidates (the autotuner's own timing, us)",
                         ["candidate", "us", "vs fastest"],
                         [[c, f"{t:.1f}", f"{t / row['triton_candidates'][0][1]:.3f}"]
                          for c, t in row["triton_candidates"][:CANDIDATES_SHOWN]]))

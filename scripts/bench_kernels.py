@@ -174,7 +174,7 @@ def nf4_bytes(q) -> int:
 
 def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> list[dict]:
     from kernels import nf4_quantize
-    from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
+    from kernels.nf4_dequant import _tuned_dequant, nf4_dequantize_reference, nf4_dequantize_triton
 
     rows = []
     for name, (N, K) in shapes.items():
@@ -183,8 +183,11 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
             continue
         q = nf4_quantize(torch.randn(N, K, device=device, dtype=DTYPE) * 0.02)
         reference = nf4_dequantize_reference(q, DTYPE)
+        tuned = _tuned_dequant(q.blocksize // 2)
+        tuned.configs_timings = None                    # set again only if this case's first call tunes a new key
         row = {"shape": name, "params": N * K, "bytes": nf4_bytes(q),
-               "bit_exact_vs_reference": checked(lambda: torch.equal(nf4_dequantize_triton(q, DTYPE), reference))}
+               "bit_exact_vs_reference": checked(lambda: torch.equal(nf4_dequantize_triton(q, DTYPE), reference)),
+               "triton_candidates": candidate_times(tuned)}
         columns = {"triton": lambda: nf4_dequantize_triton(q, DTYPE),
                    "eager": lambda: nf4_dequantize_reference(q, DTYPE)}
         if name in compile_for:
@@ -230,9 +233,13 @@ def candidate_times(tuned) -> list:
         return []
 
     def label(c):
-        kw = c.kwargs
-        return (f"{kw['BLOCK_M']}x{kw['BLOCK_N']}x{kw['BLOCK_K']} s{c.num_stages} w{c.num_warps}"
-                + " TMA" * bool(kw.get("TMA")) + " persistent" * bool(kw.get("PERSISTENT")))
+        kw = dict(c.kwargs)
+        if "BLOCK_K" in kw:  # the GEMM: tile BMxBNxBK
+            tile = f"{kw.pop('BLOCK_M')}x{kw.pop('BLOCK_N')}x{kw.pop('BLOCK_K')} "
+            kw.pop("GROUP_M", None)
+        else:
+            tile = ""
+        return tile + " ".join(f"{k}={v}" for k, v in kw.items()) + f" stages={c.num_stages} warps={c.num_warps}"
 
     rows = [[label(c), 1e3 * (t[0] if isinstance(t, (list, tuple)) else t)] for c, t in timings.items()]
     return sorted(rows, key=lambda row: row[1])

@@ -37,9 +37,12 @@ def test_other_blocksizes(blocksize, device):
     assert torch.equal(nf4_dequantize_triton(q, torch.bfloat16), nf4_dequantize_reference(q, torch.bfloat16))
 
 
-def test_select_tree_lookup_matches_table_gather(monkeypatch):
-    """The autotuner may pick either lookup on a GPU; the interpreter normally runs the gather one."""
-    monkeypatch.setattr(nf4_dequant, "INTERPRETER_META", dict(BLOCKS=16, TREE=True))
+@pytest.mark.parametrize("meta", [dict(BLOCKS=16, TREE=True, PER_SM=0), dict(BLOCKS=4, TREE=False, PER_SM=2)],
+                         ids=["select-tree", "persistent"])
+def test_other_kernel_variants(meta, monkeypatch):
+    """The autotuner may pick either lookup and either schedule on a GPU; the interpreter normally runs the gather
+    lookup, one program per chunk. Persistent here: 2 programs per interpreter "SM" (6) over 26 chunks."""
+    monkeypatch.setattr(nf4_dequant, "INTERPRETER_META", meta)
     q = nf4_quantize(torch.randn(50, 130))
     assert torch.equal(nf4_dequantize_triton(q, torch.float32), nf4_dequantize_reference(q, torch.float32))
 
