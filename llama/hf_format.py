@@ -26,6 +26,9 @@ from .config import ModelArgs, RopeScaling
 from .meta_format import match_preset
 
 CONFIG_FILE = "config.json"
+# Dynamic NTK: HF scales RoPE past `max_position_embeddings`, so for that scaling the field holds L0 and the longest
+# input our model accepts (`ModelArgs.max_seq_len`) is kept under this extra key (HF keeps unknown config keys).
+MAX_SEQ_LEN_KEY = "max_seq_len"
 SAFETENSORS_FILE, SAFETENSORS_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_FILE, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"  # older, pickle-based HF uploads
 SHARD_RE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")
@@ -119,7 +122,7 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
         dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
         n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
         ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling, max_seq_len=max_pos,
+        rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len_from_config(config, scaling),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         head_dim=None if head_dim in (None, dim // n_heads) else head_dim)
     preset = match_preset(args, compare_context=True)
@@ -135,8 +138,10 @@ def _rope_from_config(config: dict, max_pos: int, path: Path) -> tuple[float, Op
     theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
     scaling = dict(params if params.get("rope_type", "default") != "default" else (config.get("rope_scaling") or {}))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type in ("dynamic", "yarn") and not scaling.get("original_max_position_embeddings"):
-        scaling["original_max_position_embeddings"] = max_pos  # HF measures these against max_position_embeddings
+    if rope_type == "dynamic":  # HF's dynamic NTK scales past max_position_embeddings, whatever else is set
+        scaling["original_max_position_embeddings"] = max_pos
+    if rope_type == "yarn" and not scaling.get("original_max_position_embeddings"):
+        scaling["original_max_position_embeddings"] = max_pos  # HF's default for YaRN's L0
     if rope_type == "yarn" and scaling.get("factor") is None:
         scaling["factor"] = max_pos / scaling["original_max_position_embeddings"]
     try:
@@ -144,6 +149,23 @@ def _rope_from_config(config: dict, max_pos: int, path: Path) -> tuple[float, Op
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot use its RoPE scaling {scaling}: {e}; llama.rope implements llama3, "
                               f"linear, dynamic and yarn with HF's fields") from e
+
+
+def max_seq_len_from_config(config: dict, scaling: Optional[RopeScaling], default: int = 2048) -> int:
+    """ModelArgs.max_seq_len for an HF config (see MAX_SEQ_LEN_KEY); HF's dynamic NTK has no longest input, so
+    without the key ours accepts its design length s · L0."""
+    max_pos = config.get("max_position_embeddings", default)
+    if MAX_SEQ_LEN_KEY in config:
+        return int(config[MAX_SEQ_LEN_KEY])
+    return int(scaling.factor * max_pos) if scaling is not None and scaling.rope_type == "dynamic" else max_pos
+
+
+def positions_config(args: ModelArgs) -> dict:
+    """The config fields for positions: max_position_embeddings is L0 under dynamic NTK (with MAX_SEQ_LEN_KEY)."""
+    if args.rope_scaling is not None and args.rope_scaling.rope_type == "dynamic":
+        return {"max_position_embeddings": args.rope_scaling.original_max_position_embeddings,
+                MAX_SEQ_LEN_KEY: args.max_seq_len}
+    return {"max_position_embeddings": args.max_seq_len}
 
 
 def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
@@ -162,7 +184,7 @@ def config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "num_key_value_heads": args.n_kv_heads,
         "head_dim": args.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": args.max_seq_len,
+        **positions_config(args),
         "rms_norm_eps": args.norm_eps,
         "vocab_size": args.vocab_size,
         "tie_word_embeddings": args.tie_word_embeddings,

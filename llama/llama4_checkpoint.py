@@ -39,6 +39,7 @@ import torch
 from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
                             write_json, write_safetensors, write_torch)
 from .config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
+from .hf_format import max_seq_len_from_config, positions_config, weight_files
 
 LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
 HF_MODEL_TYPES = ("llama4_text", "llama4")
@@ -172,6 +173,9 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
     params = dict(config.get("rope_parameters") or {})
     theta = float(params.get("rope_theta", config.get("rope_theta", 500000.0)))
     scaling_dict = params if params.get("rope_type", "default") != "default" else (config.get("rope_scaling") or {})
+    if scaling_dict.get("rope_type", scaling_dict.get("type")) == "dynamic":  # HF: L0 is max_position_embeddings
+        scaling_dict = {**scaling_dict, "original_max_position_embeddings": config.get("max_position_embeddings")}
+    scaling = RopeScaling.from_hf(scaling_dict)
     moe = None if step is None else MoEArgs(
         num_experts=config.get("num_local_experts", 16), top_k=config.get("num_experts_per_tok", 1),
         interleave_moe_layer_step=step, load_balance_coef=config.get("router_aux_loss_coef", 1e-3))
@@ -180,8 +184,8 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
     args = ModelArgs(
         dim=dim, n_layers=L, n_heads=n_heads, n_kv_heads=config.get("num_key_value_heads", 8),
         head_dim=None if head_dim in (None, dim // n_heads) else head_dim, vocab_size=config.get("vocab_size", 202048),
-        norm_eps=config.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=RopeScaling.from_hf(scaling_dict),
-        max_seq_len=config.get("max_position_embeddings", 131072),
+        norm_eps=config.get("rms_norm_eps", 1e-5), rope_theta=theta, rope_scaling=scaling,
+        max_seq_len=max_seq_len_from_config(config, scaling, default=131072),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         ffn_hidden_dim=config.get("intermediate_size_mlp", 16384), moe_hidden_dim=config.get("intermediate_size", 8192),
         nope_layer_interval=_interval_of([not r for r in no_rope], L, "no_rope_layers", path),
@@ -220,7 +224,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "vocab_size": args.vocab_size,
         "intermediate_size": args.moe_hidden_dim if moe else args.ffn_hidden_dim,
         "intermediate_size_mlp": args.ffn_hidden_dim, "hidden_act": "silu", "rms_norm_eps": args.norm_eps,
-        "max_position_embeddings": args.max_seq_len, "tie_word_embeddings": args.tie_word_embeddings,
+        **positions_config(args), "tie_word_embeddings": args.tie_word_embeddings,
         "attention_bias": False,
         "num_local_experts": moe.num_experts if moe else 1, "num_experts_per_tok": moe.top_k if moe else 1,
         "interleave_moe_layer_step": moe.interleave_moe_layer_step if moe else 1,
@@ -242,8 +246,6 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
 
 def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """(ModelArgs, our state dict) of a Llama4ForCausalLM / Llama4ForConditionalGeneration folder."""
-    from .hf_format import weight_files  # the dense module's file listing (index + shards) applies unchanged
-
     config_path = folder / "config.json"
     args, prefix = args_from_hf_config(read_json(config_path), path=config_path)
     hf, skipped = {}, 0

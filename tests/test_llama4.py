@@ -223,6 +223,22 @@ def test_save_load_round_trip_is_exact(tmp_path, fmt, shards):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_dynamic_ntk_model_saved_for_hf_scales_like_ours(tmp_path):
+    """HF's dynamic NTK scales past max_position_embeddings: the HF config must hold L0 there (and our longest input
+    beside it), or HF's logits beyond L0 differ from ours."""
+    torch.manual_seed(0)
+    args = dataclasses.replace(ModelArgs.from_name("tiny-llama-4-scout"), max_seq_len=128, attention_chunk_size=None,
+                               rope_scaling=RopeScaling("dynamic", factor=4.0, original_max_position_embeddings=16))
+    ours = Transformer(args).double().eval()
+    save(ours, tmp_path / "hf", format="hf")
+    back = load(tmp_path / "hf").args
+    assert (back.rope_scaling, back.max_seq_len) == (args.rope_scaling, 128)
+    hf = Llama4ForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64, attn_implementation="sdpa").eval()
+    x = tokens(n=40)                                                          # 2.5x L0
+    with torch.no_grad():
+        assert rel_err(ours(x), hf(x).logits) <= 1e-10
+
+
 def test_meta_save_refuses_sizes_off_metas_rule(tmp_path):
     args = dataclasses.replace(ModelArgs.from_name("tiny-llama-4-scout"), moe_hidden_dim=40)
     with pytest.raises(CheckpointError, match="does not follow Meta's rule.*format='hf'"):

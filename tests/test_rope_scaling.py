@@ -19,7 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llama import ModelArgs, RopeScaling, Transformer
-from llama.checkpoint import save
+from llama.checkpoint import load, save
 from llama.rope import RotaryEmbedding, base_frequencies, scaled_frequencies
 
 HEAD_DIM, THETA = 64, 10000.0
@@ -121,12 +121,10 @@ def test_model_logits_equal_hf_beyond_the_original_context(tmp_path, scaling):
                      rope_scaling=scaling)
     ours = Transformer(args).double().eval()
     ours.reset_parameters(std=0.2)
-    save(ours, tmp_path / "hf", format="hf")
-    if scaling.rope_type == "dynamic":  # HF scales past max_position_embeddings: that is our L0
-        config = json.loads((tmp_path / "hf" / "config.json").read_text())
-        config["max_position_embeddings"] = scaling.original_max_position_embeddings
-        (tmp_path / "hf" / "config.json").write_text(json.dumps(config))
+    save(ours, tmp_path / "hf", format="hf")   # dynamic: writes L0 as max_position_embeddings (HF's convention)
     hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float64, attn_implementation="sdpa").eval()
+    back = load(tmp_path / "hf").args        # reads back the same scaling and longest input
+    assert (back.rope_scaling, back.max_seq_len) == (args.rope_scaling, args.max_seq_len)
     x = torch.randint(0, 256, (2, 100), generator=torch.Generator().manual_seed(1))  # ~3x the original 32
     with torch.no_grad():
         ref = hf(x).logits
@@ -180,3 +178,17 @@ def test_from_hf_and_to_hf():
     with pytest.raises(ValueError, match=r"unsupported rope scaling keys \['short_factor'\]"):
         RopeScaling.from_hf({"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 8,
                              "short_factor": [1.0]})
+
+
+def test_hf_dynamic_config_reads_max_position_embeddings_as_l0():
+    """A config written by HF for dynamic NTK: L0 is max_position_embeddings (HF ignores any other value there);
+    with no longest input recorded, ours accepts the design length s · L0."""
+    from pathlib import Path
+
+    from llama.hf_format import args_from_config
+
+    config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
+                  max_position_embeddings=32, rope_scaling=dict(rope_type="dynamic", factor=4.0,
+                                                                original_max_position_embeddings=999))
+    args = args_from_config(config, path=Path("config.json"))
+    assert args.rope_scaling.original_max_position_embeddings == 32 and args.max_seq_len == 128
