@@ -157,13 +157,7 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
         with _jit_calls_interpreted():
             _twin(tuned.fn)[grid](*args, **interpreter_meta, **kwargs)
         return
-    thread = threading.get_ident()
-    if thread not in _ALLOCATOR_THREADS:         # Triton >= 3.3: scratch for in-kernel TMA descriptors
-        # Triton keeps the allocator in a ContextVar, i.e. per thread: autograd runs CUDA backwards on its own
-        # device thread, so set it once in every thread that launches (not once per process).
-        if hasattr(triton, "set_allocator"):
-            triton.set_allocator(_cuda_scratch)
-        _ALLOCATOR_THREADS.add(thread)
+    ensure_allocator()
     key = _tuning_key(tuned, args, kwargs)
     meta = _CHOSEN.get(key)
     if meta is None:
@@ -173,7 +167,20 @@ def launch(tuned, grid, *args, device: torch.device, interpreter_meta: dict, **k
         tuned.fn.run(*args, grid=grid, warmup=False, **kwargs, **meta)
 
 
-_ALLOCATOR_THREADS: set = set()  # threads whose Triton allocator is set
+def ensure_allocator() -> None:
+    """Give Triton (>= 3.3) an allocator for the scratch memory of in-kernel TMA descriptors, once per thread.
+
+    Triton keeps the allocator in a ContextVar, and a new thread starts with an empty context: autograd runs CUDA
+    backward passes on its own device thread, so setting it once per process is not enough ("no allocator was
+    set" in the backward). A thread-local flag (not a set of thread ids, which the OS reuses) marks the threads done.
+    """
+    if not getattr(_THREAD, "allocator_set", False):
+        if hasattr(triton, "set_allocator"):
+            triton.set_allocator(_cuda_scratch)
+        _THREAD.allocator_set = True
+
+
+_THREAD = threading.local()
 _CHOSEN: dict = {}       # (autotuner id, key values, tensor dtypes, KERNELS_AUTOTUNE) -> config meta-parameters
 _KEY_SLOTS: dict = {}    # autotuner id -> ((position or name) of each key argument, ...)
 

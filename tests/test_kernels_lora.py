@@ -225,3 +225,22 @@ def test_interpreted_launch_leaves_triton_language_unpatched():
     for owner, attrs in zip(owners, before):
         changed = sorted(name for name in set(attrs) | set(vars(owner)) if vars(owner).get(name) is not attrs.get(name))
         assert not changed, f"{owner.__name__}: {changed[:5]} left patched by the interpreter"
+
+
+def test_triton_allocator_is_set_in_every_launching_thread(monkeypatch):
+    """Triton's allocator lives in a ContextVar (per thread); autograd launches CUDA backwards from its own thread.
+    `ensure_allocator` must set it once in each thread that launches, and in a new thread again."""
+    import threading
+
+    import triton
+
+    calls = []
+    monkeypatch.setattr(triton, "set_allocator", lambda alloc: calls.append(threading.get_ident()), raising=False)
+    monkeypatch.setattr(triton_plumbing, "_THREAD", threading.local())
+    triton_plumbing.ensure_allocator()
+    triton_plumbing.ensure_allocator()
+    assert len(calls) == 1
+    worker = threading.Thread(target=lambda: (triton_plumbing.ensure_allocator(), triton_plumbing.ensure_allocator()))
+    worker.start()
+    worker.join()
+    assert len(calls) == 2 and calls[1] != calls[0]
