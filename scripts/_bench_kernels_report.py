@@ -69,6 +69,8 @@ def evaluate_targets(dequant, lora, qlora) -> list[dict]:
                 lambda v: f"{v:.3f}x", None)
             add("fused LoRA fwd 4096x4096 r16 M4096: >= 1.3x faster than eager", ratio(row, "eager", "triton"),
                 lambda v: f"{v:.2f}x", lambda v: v >= 1.3)
+            add("  (for reference) cuBLAS GEMM + in-place rank-r addmm / fused", ratio(row, "cublas_addmm", "triton"),
+                lambda v: f"{v:.2f}x", None)
     for row in qlora:
         if row.get("tokens", 1 << 30) <= 16 and us(row, "triton_fused") and us(row, "eager_dequant_matmul"):
             # eager dequant+matmul is timed plainly only (it is the slow side); the graph column uses that time
@@ -120,11 +122,11 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
                 "and graph)",
                 ["shape", "params"] + cols + ["GB/s plain", "% copy BW plain", "GB/s graph", "% copy BW graph",
                                               "bit-exact vs ref", "bnb == ours"], body))
-    cols = ["triton", "eager", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
+    cols = ["triton", "eager", "cublas_addmm", "torch.compile", "bf16_gemm", "triton_gemm_no_lora"]
     body = []
     for row in result["lora"]:
         if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 9)
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 10)
             continue
         t = row["triton"]
         ratio = " / ".join(f"{us(row, 'triton', k) / us(row, 'bf16_gemm', k):.3f}"
