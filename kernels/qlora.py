@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._triton import autotune, empty, grouped_tile, launch, mma, pow2, rank_block, to_output, upcast
+from ._triton import autotune, empty, grouped_tile, launch, mma, pow2, rank_block, sm_count, to_output, upcast
 from .lora import lora_gemm, lora_grad_dS_dB, lora_matmul_reference
 from .nf4 import NF4Weight
 from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, nf4_dequantize_triton
@@ -38,6 +38,14 @@ from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, 
 # large: the in-register decode, not the memory traffic, limits it; there is no split-K).
 FUSED_MAX_TOKENS = 64                # fused decode-in-GEMM up to this many tokens...
 FUSED_MAX_PARAMS = 4096 * 4096       # ...and only for weights up to this many values
+# Split-K of the fused kernel (added after run 2, not yet timed on a GPU). Run 2 timed the one-split kernel at 48 us
+# (CUDA graph) for 4096x4096 at M = 1, against ~2 us to read its 8.4 MB: with BLOCK_N = 64 it runs only 64 programs,
+# each a serial loop of 64 decode-and-dot steps, so latency, not bandwidth, sets the time. Splitting the reduction
+# over K gives SPLIT_WAVES programs per SM (each split at least MIN_K_PER_SPLIT long, at most MAX_SPLIT_K splits);
+# float32 partial sums go to a [splits, M, N] buffer and are added up in a fixed order (deterministic).
+SPLIT_WAVES = 4
+MIN_K_PER_SPLIT = 256
+MAX_SPLIT_K = 16
 INTERPRETER_META = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=4, TREE=False)  # the one config on CPU
 
 
@@ -95,34 +103,57 @@ def qlora_gemm(x, q: NF4Weight, transposed: bool, p, p_times, scale: float, out)
     w_k = q.shape[1]
     dq = q.double_quant
     absmax2, code2, offset = (q.absmax2, q.code2, q.offset) if dq else (q.absmax, q.code, q.absmax)  # unused dummies
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]),)  # noqa: E731
+    splits = split_k(M, cols, red, x.device)
+    # One split: the kernel writes `out`. Several: float32 partial sums [splits, M, cols], added up below.
+    target = out if splits == 1 else empty((splits, M, cols), torch.float32, x.device)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(cols, meta["BLOCK_N"]), splits)  # noqa: E731
     launch(_tuned_qgemm, grid,
-           x, q.packed, q.absmax, code2, absmax2, offset, q.code, p, p_times, out,
+           x, q.packed, q.absmax, code2, absmax2, offset, q.code, p, p_times, target,
            M, cols, red, w_k, rank, scale,
            x.stride(0), x.stride(1), p.stride(0), p.stride(1), p_times.stride(0), p_times.stride(1),
-           out.stride(0), out.stride(1), pow2(M),
-           TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, BLOCKSIZE=q.blocksize,
+           target.stride(-2), target.stride(-1), target.stride(0) if splits > 1 else 0, pow2(M),
+           SPLIT_K=splits, TRANSPOSED=transposed, ROW_ALIGNED=w_k % q.blocksize == 0, BLOCKSIZE=q.blocksize,
            LOG2_BLOCKSIZE=q.blocksize.bit_length() - 1,
            BLOCKSIZE2=q.blocksize2, DOUBLE_QUANT=dq, BLOCK_R=rank_block(rank), UPCAST=upcast(x.dtype, x.device),
            IEEE=x.dtype == torch.float32, device=x.device,
            interpreter_meta=INTERPRETER_META, enable_fp_fusion=True)
+    if splits > 1:
+        out.copy_(target.sum(0))                                                # [M, cols], one rounding
+
+
+def split_k(tokens: int, n: int, k: int, device: torch.device) -> int:
+    """How many splits of the reduction (length k) the fused kernel uses for a [tokens, n] output: doubling while
+    the programs (counted at 16-row, 64-column tiles) stay below SPLIT_WAVES per SM and each split keeps at least
+    MIN_K_PER_SPLIT values."""
+    programs = triton.cdiv(tokens, 16) * triton.cdiv(n, 64)
+    splits = 1
+    while (splits < MAX_SPLIT_K and programs * splits < SPLIT_WAVES * sm_count(device)
+           and k // (2 * splits) >= MIN_K_PER_SPLIT):
+        splits *= 2
+    return splits
 
 
 @triton.jit
 def _qlora_gemm_kernel(
     x_ptr, packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, p_ptr, q_ptr, c_ptr,
     M, N, K, W_K, RANK, scale,
-    stride_xm, stride_xk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn,
+    stride_xm, stride_xk, stride_pm, stride_pr, stride_qr, stride_qn, stride_cm, stride_cn, stride_cs,
     M_BUCKET,                    # autotuning key only
+    SPLIT_K: tl.constexpr,       # programs along K (grid axis 1); > 1: C is float32 partial sums [SPLIT_K, M, N]
     TRANSPOSED: tl.constexpr,    # False: C = X Wᵀ (N = W rows, K = W cols); True: C = X W (N = W cols, K = W rows)
     ROW_ALIGNED: tl.constexpr,   # W_K % blocksize == 0: absmax blocks never straddle rows of W
     BLOCKSIZE: tl.constexpr, LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, TREE: tl.constexpr,
 ):
-    """C[M, N] = X[M, K] · op(W)[K, N] + scale · P[M, r] Q[r, N], op(W) decoded from NF4 one [BK, BN] tile at a time."""
+    """C[M, N] = X[M, K] · op(W)[K, N] + scale · P[M, r] Q[r, N], op(W) decoded from NF4 one [BK, BN] tile at a time;
+    program (tile, s) sums K range s of SPLIT_K (whole BK steps) and, for s = 0, adds the LoRA term."""
     tl.static_assert(BLOCK_M >= 16 and BLOCK_N >= 16 and BLOCK_K >= 16 and BLOCK_R >= 16)  # tl.dot on a GPU
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    split = tl.program_id(1)
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K           # whole BK steps: tiles stay aligned
+    k_first = split * k_per_split
+    k_last = tl.minimum(K, k_first + k_per_split)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                             # [BM]
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                             # [BN]
@@ -130,8 +161,9 @@ def _qlora_gemm_kernel(
     cols_in = cols % N
     r = tl.arange(0, BLOCK_R)
 
-    # LoRA term first: acc = scale · P_tile Q_tile (ranks beyond r read as zeros).
-    p = tl.load(p_ptr + rows_in[:, None] * stride_pm + r[None, :] * stride_pr, mask=r[None, :] < RANK, other=0.0)
+    # LoRA term first: acc = scale · P_tile Q_tile (ranks beyond r read as zeros; zero in splits after the first).
+    rank = tl.where(split == 0, RANK, 0)
+    p = tl.load(p_ptr + rows_in[:, None] * stride_pm + r[None, :] * stride_pr, mask=r[None, :] < rank, other=0.0)
     q = tl.load(q_ptr + r[:, None] * stride_qr + cols_in[None, :] * stride_qn, mask=r[:, None] < RANK, other=0.0)
     acc = mma(p.to(q.dtype), q, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), UPCAST, IEEE) * scale
 
@@ -142,9 +174,10 @@ def _qlora_gemm_kernel(
         BYTEWISE: tl.constexpr = ROW_ALIGNED and BLOCK_N <= BLOCKSIZE
     else:
         BYTEWISE: tl.constexpr = ROW_ALIGNED and BLOCK_K <= BLOCKSIZE
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_first, k_last, BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)                                         # [BK] reduction index
-        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < K, other=0.0)
+        x = tl.load(x_ptr + rows_in[:, None] * stride_xm + k[None, :] * stride_xk, mask=k[None, :] < k_last,
+                    other=0.0)
         k_in = tl.minimum(k, K - 1)              # past K: decode a real element; x is 0 there, so it adds nothing
         if TRANSPOSED:   # tile [BK, BN] of W itself: W rows k, W columns cols (dX = dY W)
             if BYTEWISE:
@@ -165,9 +198,12 @@ def _qlora_gemm_kernel(
             w = w.to(x_ptr.dtype.element_ty)     # the same rounding as dequantising W to the compute dtype
         acc = mma(x, w, acc, UPCAST, IEEE)
 
-    out = to_output(acc, c_ptr.dtype.element_ty, UPCAST)
-    tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out,
-             mask=(rows[:, None] < M) & (cols[None, :] < N))
+    inside = (rows[:, None] < M) & (cols[None, :] < N)
+    if SPLIT_K > 1:
+        tl.store(c_ptr + split * stride_cs + rows[:, None] * stride_cm + cols[None, :] * stride_cn, acc, mask=inside)
+    else:
+        out = to_output(acc, c_ptr.dtype.element_ty, UPCAST)
+        tl.store(c_ptr + rows[:, None] * stride_cm + cols[None, :] * stride_cn, out, mask=inside)
 
 
 def _fits(configs, args):
@@ -191,7 +227,7 @@ def _qgemm_configs():
                           num_stages=s, num_warps=w) for bm, bn, bk, s, w, tree in shapes]
 
 
-_tuned_qgemm = autotune(_qgemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "TRANSPOSED", "ROW_ALIGNED"],
+_tuned_qgemm = autotune(_qgemm_configs(), key=["M_BUCKET", "N", "K", "RANK", "SPLIT_K", "TRANSPOSED", "ROW_ALIGNED"],
                         prune=_fits)(_qlora_gemm_kernel)
 
 

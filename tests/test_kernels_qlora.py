@@ -14,7 +14,7 @@ from kernels.nf4_dequant import nf4_dequantize_reference
 import kernels.ops as ops_mod
 import kernels.qlora as qlora_mod
 from kernels.qlora import FUSED_MAX_TOKENS, QLoRAMatmul, qlora_gemm, qlora_matmul_reference, use_fused
-from tests.kernel_testing import DEVICE_DTYPES, DEVICES, _poison_outputs, assert_close  # noqa: F401
+from tests.kernel_testing import DEVICE_DTYPES, DEVICES, GPU, _poison_outputs, assert_close  # noqa: F401
 
 
 def make(M, N, K, r, dtype, device, double_quant=True, blocksize=64):
@@ -53,6 +53,35 @@ def test_forward_and_backward_match_lora_on_dequantised_weight(case, fused, dtyp
     assert_close(x.grad, dx_ref, dtype, "dx")
     assert_close(A.grad, dA_ref, dtype, "dA")
     assert_close(B.grad, dB_ref, dtype, "dB")
+
+
+@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), ("cpu", torch.bfloat16),
+                                           pytest.param("cuda", torch.bfloat16, marks=GPU)])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_split_k_forward_and_backward(case, dtype, device, monkeypatch):
+    """Split-K at test sizes (splits of >= 16 values): partial sums, the LoRA term in the first split only, and
+    empty trailing splits (a reduction of 70 in 4 splits of 32 in the interpreter) must give the same results."""
+    monkeypatch.setattr(qlora_mod, "MIN_K_PER_SPLIT", 16)
+    M, N, K, r, dq = case
+    x, q, A, B = make(M, N, K, r, dtype, device, dq)
+    assert qlora_mod.split_k(M, N, K, x.device) > 1
+    y = QLoRAMatmul.apply(x, q, A, B, 0.75, True)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    y_ref, dx_ref, _, _ = reference64(x, q, A, B, 0.75, dy)
+    assert_close(y, y_ref, dtype, "y")
+    assert_close(x.grad, dx_ref, dtype, "dx")
+
+
+def test_split_k_rule_on_an_h200(monkeypatch):
+    """132 SMs: splits double until 4 programs per SM, each split >= 256 values of K, at most 16."""
+    monkeypatch.setattr(qlora_mod, "sm_count", lambda device: 132)
+    cuda = torch.device("cuda")
+    assert qlora_mod.split_k(1, 4096, 4096, cuda) == 16       # 64 tiles of 64 columns
+    assert qlora_mod.split_k(16, 14336, 4096, cuda) == 4      # 224 tiles
+    assert qlora_mod.split_k(64, 4096, 4096, cuda) == 4       # 4 x 64 tiles
+    assert qlora_mod.split_k(1, 4096, 384, cuda) == 1         # too short to split
+    assert qlora_mod.split_k(4096, 4096, 4096, cuda) == 1     # enough tiles
 
 
 @pytest.mark.parametrize("device", DEVICES)
