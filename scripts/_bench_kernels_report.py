@@ -111,7 +111,7 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
     body = []
     for row in result["dequant"]:
         if "skipped" in row:
-            body.append([row["shape"], "skipped"] + [""] * 8)
+            body.append([row["shape"], "skipped"])
             continue
         t = row["triton"]
         body.append([row["shape"], f"{row['params'] / 1e6:.1f}M"] + [fmt_us(row, c) for c in cols]
@@ -126,7 +126,7 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
     body = []
     for row in result["lora"]:
         if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 10)
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"])
             continue
         t = row["triton"]
         ratio = " / ".join(f"{us(row, 'triton', k) / us(row, 'bf16_gemm', k):.3f}"
@@ -150,27 +150,28 @@ def tables(result) -> list[tuple[str, list[str], list[list[str]]]]:
                         ["candidate", "us", "vs fastest"],
                         [[c, f"{t:.1f}", f"{t / row['triton_candidates'][0][1]:.3f}"]
                          for c, t in row["triton_candidates"][:CANDIDATES_SHOWN]]))
-    cols = ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile", "bnb_dequant_matmul",
-            "bf16_lora_unquantised"]
+    cols = ["triton_fused", "triton_fused_one_split", "triton_dequant_gemm", "eager_dequant_matmul", "torch.compile",
+            "bnb_dequant_matmul", "bf16_lora_unquantised"]
     body = []
     for row in result["qlora"]:
         if "skipped" in row:
-            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "skipped"] + [""] * 6)
+            body.append([row["shape"], str(row["tokens"]), str(row["rank"]), "-", "skipped"])
             continue
         faster = " / ".join(
             ("-" if not (us(row, "triton_fused", k) and us(row, "triton_dequant_gemm", k))
              else "fused" if us(row, "triton_fused", k) < us(row, "triton_dequant_gemm", k) else "dequant+GEMM")
             for k in ("us", "graph_us"))
-        body.append([row["shape"], str(row["tokens"]), str(row["rank"])] + [fmt_us(row, c) for c in cols]
+        body.append([row["shape"], str(row["tokens"]), str(row["rank"]), str(row.get("fused_split_k", "-"))]
+                    + [fmt_us(row, c) for c in cols]
                     + [faster, fmt_err(row.get("rel_err_fused")) + " / " + fmt_err(row.get("rel_err_dequant_gemm"))])
     out.append(("QLoRA linear, forward (us, do_bench / graph); rel. error fused / dequant+GEMM vs float32 LoRA on W_dq",
-                ["shape", "M", "r"] + cols + ["faster Triton path (plain / graph)", "rel err"], body))
+                ["shape", "M", "r", "split-K"] + cols + ["faster Triton path (plain / graph)", "rel err"], body))
     met = {True: "yes", False: "NO", None: ""}
     out.append(("Targets (do_bench: plain Python call; graph: CUDA-graph replay, device time only)",
                 ["target", "do_bench value", "met", "graph value", "met (graph)"],
                 [[t["target"], t["value"], met[t["met"]], t.get("graph_value", "-"), met[t.get("graph_met")]]
                  for t in result["targets"]]))
-    return out
+    return [(title, header, [row + [""] * (len(header) - len(row)) for row in body]) for title, header, body in out]
 
 
 def print_table(title, header, body):

@@ -334,7 +334,10 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                    "rel_err_dequant_gemm": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False),
                                                                    expected))}
             row["fused_config"] = str(getattr(qlora_mod._tuned_qgemm, "best_config", ""))
+            row["fused_split_k"] = qlora_mod.split_k(M, N, K, device)
             columns = {"triton_fused": lambda: qlora_matmul(x, q, A, B, SCALE, fused=True),
+                       "triton_fused_one_split": one_split(qlora_mod, lambda: qlora_matmul(x, q, A, B, SCALE,
+                                                                                         fused=True)),
                        "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
                        "eager_dequant_matmul": lambda: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE),
                        "bf16_lora_unquantised": lambda: lora_eager(x, W_dq, A, B, SCALE)}
@@ -351,10 +354,22 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                            else (None, "not measured"))
                 row[col] = cell(t, err, g, gerr)
                 row[col]["TFLOPs"] = None if t is None else row["flops"] / t / 1e12
-        progress(row, ["triton_fused", "triton_dequant_gemm", "eager_dequant_matmul", "bnb_dequant_matmul"])
+        progress(row, ["triton_fused", "triton_fused_one_split", "triton_dequant_gemm", "eager_dequant_matmul",
+                       "bnb_dequant_matmul"])
         rows.append(row)
         free(device)
     return rows
+
+
+def one_split(qlora_mod, fn):
+    """fn run with the fused kernel's split-K switched off (the kernel as run 2 timed it), for comparison."""
+    def run():
+        saved, qlora_mod.MAX_SPLIT_K = qlora_mod.MAX_SPLIT_K, 1
+        try:
+            return fn()
+        finally:
+            qlora_mod.MAX_SPLIT_K = saved
+    return run
 
 
 def free(device):
