@@ -1,6 +1,6 @@
 """A from-scratch, study-grade PyTorch implementation of Meta's LLaMA family."""
 
-from .chat_format import Llama2ChatFormat, Llama3ChatFormat, chat_format_for
+from .chat_format import Llama2ChatFormat, Llama3ChatFormat, Llama4ChatFormat, chat_format_for
 from .checkpoint import detect_format, load, save
 from .checkpoint_io import CheckpointError
 from .config import ModelArgs, MoEArgs, RopeScaling, list_models
@@ -12,4 +12,4 @@ from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 __all__ = ["ModelArgs", "MoEArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
            "quantize_int8", "load", "save", "detect_format", "CheckpointError", "generate",
            "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer",
-           "Llama2ChatFormat", "Llama3ChatFormat", "chat_format_for"]
+           "Llama2ChatFormat", "Llama3ChatFormat", "Llama4ChatFormat", "chat_format_for"]

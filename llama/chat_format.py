@@ -11,9 +11,12 @@ A dialog is a list of messages `{"role": ..., "content": ...}`. Two formats exis
   `<|begin_of_text|>`, then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, then
   an open assistant header `<|start_header_id|>assistant<|end_header_id|>\\n\\n` for the model to complete. The
   markers are single special tokens.
+* Llama 4 chat (Meta `llama-models` `models/llama4/chat_format.py`; Llama 4 Scout / Maverick Instruct). The same
+  layout with Llama 4's markers: `<|header_start|>{role}<|header_end|>\\n\\n{content}<|eot|>`, a tool's output
+  under the role "ipython"; unlike Llama 3, Meta does not strip the content.
 
-Not covered: Code Llama 70B Instruct's "Source: ... <step>" format, Llama 3.1 tool-call bodies (a tool result is
-just a message with role "ipython"), images, and Llama 4's format.
+Not covered: Code Llama 70B Instruct's "Source: ... <step>" format, tool-call bodies (a tool result is just a
+message with role "ipython"; an assistant turn that ends in a tool call would end with eom), images.
 """
 
 from __future__ import annotations
@@ -21,13 +24,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypedDict
 
-from .tokenizer import TiktokenTokenizer, Tokenizer
+from .tokenizer import TIKTOKEN_FAMILIES, TiktokenTokenizer, Tokenizer
 
-__all__ = ["Message", "Dialog", "Llama2ChatFormat", "Llama3ChatFormat", "chat_format_for"]
+__all__ = ["Message", "Dialog", "Llama2ChatFormat", "Llama3ChatFormat", "Llama4ChatFormat", "chat_format_for"]
 
 
 class Message(TypedDict):
-    role: str  # "system" | "user" | "assistant" (Llama 3 also "ipython": a tool's output)
+    role: str  # "system" | "user" | "assistant" (Llama 3 and 4 also "ipython": a tool's output)
     content: str
 
 
@@ -101,27 +104,34 @@ class Llama3ChatFormat:
     """Header / `<|eot_id|>` prompts for Llama 3, 3.1, 3.2 and 3.3 Instruct (needs the Llama 3 tokenizer)."""
 
     ROLES = ("system", "user", "assistant", "ipython")
+    FAMILY = "llama3"
+    HEADER_START, HEADER_END, END_OF_TURN = "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"
+    STRIP_CONTENT = True   # Meta's llama3 and the Hugging Face template strip each message
 
     def __init__(self, tokenizer: Tokenizer):
-        if not isinstance(tokenizer, TiktokenTokenizer):
-            raise TypeError(f"the Llama 3 chat format needs the Llama 3 (tiktoken) tokenizer, got "
-                            f"{type(tokenizer).__name__}; use Llama2ChatFormat for SentencePiece models")
+        if not isinstance(tokenizer, TiktokenTokenizer) or tokenizer.family != self.FAMILY:
+            title = TIKTOKEN_FAMILIES[self.FAMILY].title
+            got = (f"the {TIKTOKEN_FAMILIES[tokenizer.family].title} tokenizer"
+                   if isinstance(tokenizer, TiktokenTokenizer) else type(tokenizer).__name__)
+            raise TypeError(f"{type(self).__name__} needs the {title} (tiktoken) tokenizer, got {got}; use "
+                            "chat_format_for(tokenizer) for the format that matches a tokenizer")
         self.tokenizer = tokenizer
         self.special = tokenizer.special_tokens
 
     def encode_header(self, role: str) -> list[int]:
-        """`<|start_header_id|>{role}<|end_header_id|>\\n\\n`; the role name and "\\n\\n" are ordinary text."""
-        return ([self.special["<|start_header_id|>"]]
+        """`{HEADER_START}{role}{HEADER_END}\\n\\n`; the role name and "\\n\\n" are ordinary text."""
+        return ([self.special[self.HEADER_START]]
                 + self.tokenizer.encode(role, bos=False, eos=False)
-                + [self.special["<|end_header_id|>"]]
+                + [self.special[self.HEADER_END]]
                 + self.tokenizer.encode("\n\n", bos=False, eos=False))
 
     def encode_message(self, message: Message) -> list[int]:
-        """Header, stripped content (as Meta's llama3 and the Hugging Face template do), `<|eot_id|>`."""
+        """Header, content (stripped for Llama 3, as is for Llama 4), end-of-turn token."""
         _check_messages([message], self.ROLES)
+        content = message["content"].strip() if self.STRIP_CONTENT else message["content"]
         return (self.encode_header(message["role"])
-                + self.tokenizer.encode(message["content"].strip(), bos=False, eos=False)
-                + [self.special["<|eot_id|>"]])
+                + self.tokenizer.encode(content, bos=False, eos=False)
+                + [self.special[self.END_OF_TURN]])
 
     def encode_dialog_prompt(self, dialog: Dialog) -> list[int]:
         """`<|begin_of_text|>`, every message, then the open assistant header the model completes.
@@ -135,10 +145,20 @@ class Llama3ChatFormat:
         return tokens + self.encode_header("assistant")
 
 
-def chat_format_for(tokenizer: Tokenizer) -> Llama2ChatFormat | Llama3ChatFormat:
-    """The chat format that matches a tokenizer: Llama 3 for the tiktoken file, Llama 2 for SentencePiece."""
+class Llama4ChatFormat(Llama3ChatFormat):
+    """Header / `<|eot|>` prompts for Llama 4 Instruct (needs the Llama 4 tokenizer): Llama 3's layout with
+    Llama 4's marker tokens, and the content kept as it is (Meta's llama4 `ChatFormat` does not strip it)."""
+
+    FAMILY = "llama4"
+    HEADER_START, HEADER_END, END_OF_TURN = "<|header_start|>", "<|header_end|>", "<|eot|>"
+    STRIP_CONTENT = False
+
+
+def chat_format_for(tokenizer: Tokenizer) -> Llama2ChatFormat | Llama3ChatFormat | Llama4ChatFormat:
+    """The chat format that matches a tokenizer: Llama 3 or 4 by the tiktoken file's family, Llama 2 for
+    SentencePiece."""
     if isinstance(tokenizer, TiktokenTokenizer):
-        return Llama3ChatFormat(tokenizer)
+        return Llama4ChatFormat(tokenizer) if tokenizer.family == "llama4" else Llama3ChatFormat(tokenizer)
     if isinstance(tokenizer, Tokenizer):
         return Llama2ChatFormat(tokenizer)
     raise TypeError(f"expected a llama.Tokenizer, got {type(tokenizer).__name__}; load one with Tokenizer(path)")

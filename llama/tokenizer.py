@@ -5,16 +5,19 @@
 * `SentencePieceTokenizer`: a SentencePiece BPE `.model` file (protobuf). LLaMA 1, Llama 2 and Code Llama use one
   with 32,000 pieces (Code Llama 7B/13B/70B: 32,016 incl. infilling pieces), unk 0, bos 1, eos 2 and no pad
   piece (pad -1). Byte fallback covers any text. (LLaMA paper §2; Meta `llama/tokenizer.py`, codellama.)
-* `TiktokenTokenizer`: Llama 3's byte-level BPE file, one line `<base64 token bytes> <rank>` per token
-  (128,000 lines), plus 256 special tokens appended after the last rank, so V = 128,256. Text is first
-  split by a regex (the pre-tokeniser) and each piece is BPE-merged by rank. (Llama 3 herd paper §3.1.2 /
-  Table 3; Meta `llama-models/models/llama3/tokenizer.py`.)
+* `TiktokenTokenizer`: Llama 3's and Llama 4's byte-level BPE files, one line `<base64 token bytes> <rank>` per
+  token, plus special tokens appended after the last rank. Text is first split by a regex (the pre-tokeniser)
+  and each piece is BPE-merged by rank. Two families share the file format:
+  - Llama 3 (3.0-3.3): 128,000 ranks + 256 specials, V = 128,256; the cl100k pre-tokeniser (Llama 3 herd paper
+    §3.1.2 / Table 3; Meta `llama-models/models/llama3/tokenizer.py`);
+  - Llama 4: 200,000 ranks + 2,048 specials, V = 202,048; the o200k pre-tokeniser, which also splits words at
+    case changes ("HelloWorld" -> "Hello", "World") and keeps contractions on their word (Meta
+    `llama-models/models/llama4/tokenizer.py`).
+  The family is recognised from the number of ranks (200,000: Llama 4, otherwise Llama 3) or given explicitly:
+  `Tokenizer(path, family="llama4")`.
 
-Meta ships both files as `tokenizer.model`, so the format is recognised from the content, never from the name.
-
-Not supported: Llama 4's o200k-style tokenizer (200,000 ranks + 2,048 specials). We have only five of its
-special ids (bos, eos, eom, eot, pad; Meta llama-models `models/llama4`), not its full special-token list nor its
-pre-tokeniser regex.
+Meta ships every one of these files as `tokenizer.model`, so the format is recognised from the content, never
+from the name.
 
 No tensors here, so no shape legend: token ids are plain `list[int]`.
 """
@@ -23,10 +26,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import operator
 import os
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +42,9 @@ __all__ = [
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
     "LLAMA3_PATTERN",
+    "LLAMA4_PATTERN",
     "llama3_special_tokens",
+    "llama4_special_tokens",
     "load_tiktoken_ranks",
 ]
 
@@ -48,8 +54,8 @@ AllowedSpecial = Literal["all"] | Iterable[str]
 class Tokenizer:
     """Load a LLaMA tokenizer file (or a checkpoint folder holding `tokenizer.model`) and pick its format.
 
-    `Tokenizer(path)` returns a `SentencePieceTokenizer` or a `TiktokenTokenizer`; both are `Tokenizer`s and share
-    this interface:
+    `Tokenizer(path)` returns a `SentencePieceTokenizer` or a `TiktokenTokenizer` (`family="llama3"|"llama4"` picks
+    the tiktoken family where the rank count does not tell); both are `Tokenizer`s and share this interface:
 
         n_words / vocab_size     rows of the embedding table this tokenizer needs
         bos_id, eos_id, pad_id   pad_id is -1 where the format has no pad token
@@ -66,9 +72,9 @@ class Tokenizer:
     pad_id: int
     stop_tokens: tuple[int, ...]
 
-    def __new__(cls, path: str | os.PathLike | None = None):
+    def __new__(cls, path: str | os.PathLike | None = None, **kwargs):
         # Like pathlib.Path: calling the base class dispatches to the subclass that fits the file; Python then
-        # runs that subclass's __init__ with the same argument.
+        # runs that subclass's __init__ with the same arguments.
         if cls is Tokenizer:
             if path is None:
                 raise TypeError("Tokenizer(path) needs the path of a tokenizer.model file or of a checkpoint folder")
@@ -160,8 +166,11 @@ class SentencePieceTokenizer(Tokenizer):
     INFILL_PIECES = {"prefix_id": "▁<PRE>", "middle_id": "▁<MID>", "suffix_id": "▁<SUF>", "eot_id": "▁<EOT>",
                      "step_id": "<step>"}
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, family: str | None = None):
         self.path = _resolve_path(path)
+        if family not in (None, "llama2"):
+            raise ValueError(f"{self.path} is a SentencePiece model (LLaMA 1, Llama 2, Code Llama), not a "
+                             f"{family!r} tokenizer; drop family= or pass the right file")
         self.sp_model = sentencepiece.SentencePieceProcessor()
         try:
             self.sp_model.Load(str(self.path))
@@ -196,7 +205,7 @@ class SentencePieceTokenizer(Tokenizer):
 
 
 # =====================================================================================================================
-# tiktoken-format byte-level BPE (Llama 3, 3.1, 3.2, 3.3)
+# tiktoken-format byte-level BPE (Llama 3, 3.1, 3.2, 3.3; Llama 4)
 # =====================================================================================================================
 
 # The Llama 3 pre-tokeniser (Meta `pat_str`, the cl100k pattern): text is cut into pieces and BPE never merges across
@@ -237,6 +246,76 @@ def llama3_special_tokens(n_base: int) -> dict[str, int]:
     ]
     reserved = [f"<|reserved_special_token_{i}|>" for i in range(2, 2 + LLAMA3_NUM_SPECIAL_TOKENS - len(named))]
     return {name: n_base + offset for offset, name in enumerate(named + reserved)}
+
+
+# The Llama 4 pre-tokeniser (Meta `O200K_PATTERN`, the o200k pattern). Words may start with upper-case letters
+# and end with lower-case ones, so a case change inside a word starts a new piece; contractions stay attached.
+_UPPER = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]"    # upper/title case, modifiers, letters without case, marks
+_LOWER = r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]"           # lower case, modifiers, letters without case, marks
+_CONTRACTION = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+LLAMA4_PATTERN = "|".join([
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}*{_LOWER}+{_CONTRACTION}",  # "Hello", " don't", " LLa"(MA): lower tail
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UPPER}+{_LOWER}*{_CONTRACTION}",  # "DON'T", (" LLa")"MA": upper-case run
+    r"\p{N}{1,3}",                     # numbers in groups of at most three digits
+    r" ?[^\s\p{L}\p{N}]+[\r\n/]*",      # punctuation runs, optional leading space, trailing newlines or slashes
+    r"\s*[\r\n]+",                     # newlines with the whitespace before them
+    r"\s+(?!\S)",                       # whitespace, leaving the last space to the following word
+    r"\s+",                             # any other whitespace
+])
+
+LLAMA4_NUM_SPECIAL_TOKENS = 2048
+
+
+def llama4_special_tokens(n_base: int) -> dict[str, int]:
+    """Llama 4's 2,048 special tokens, numbered from `n_base` (= 200,000 for the released file).
+
+    Order as in Meta's llama-models `models/llama4/tokenizer.py`: five basic tokens (+0 .. +4), the text
+    post-training block (+5 .. +79: chat headers, eom, eot, tool-call brackets, pad, reserved), the vision block
+    (+80 .. +1133: image and tile markers, `<|patch|>`, reserved), the reasoning block (+1134 .. +1143), and
+    `<|reserved_special_token_{i}|>` filling the rest.
+    """
+    def reserved(block: str, first: int, count: int) -> list[str]:
+        return [f"<|{block}_reserved_special_token_{i}|>" for i in range(first, first + count)]
+
+    basic = ["<|begin_of_text|>", "<|end_of_text|>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>"]
+    text = (["<|header_start|>",     # +5   chat: opens a role header
+             "<|header_end|>",       # +6   chat: closes it
+             "<|eom|>",              # +7   end of message (the model waits for a tool result)
+             "<|eot|>",              # +8   end of turn
+             "<|step|>"]
+            + reserved("text_post_train", 0, 6)
+            + ["<|python_start|>", "<|python_end|>",  # +16, +17  around a tool call
+               "<|finetune_right_pad|>"]              # +18  pad
+            + reserved("text_post_train", 8, 61))
+    vision = (["<|image_start|>", "<|image_end|>"] + reserved("vision", 0, 2)
+              + ["<|tile_x_separator|>", "<|tile_y_separator|>"] + reserved("vision", 2, 4)
+              + ["<|image|>"] + reserved("vision", 6, 1) + ["<|patch|>"] + reserved("vision", 7, 1041))
+    reasoning = reserved("reasoning", 0, 8) + ["<|reasoning_thinking_start|>", "<|reasoning_thinking_end|>"]
+    named = basic + text + vision + reasoning
+    rest = [f"<|reserved_special_token_{i}|>" for i in range(LLAMA4_NUM_SPECIAL_TOKENS - len(named))]
+    return {name: n_base + offset for offset, name in enumerate(named + rest)}
+
+
+@dataclasses.dataclass(frozen=True)
+class TiktokenFamily:
+    """What distinguishes the tiktoken-format tokenizers: pre-tokeniser, special tokens, and the named roles."""
+
+    name: str
+    title: str                   # for messages: "Llama 3"
+    pattern: str
+    special_tokens: Callable[[int], dict[str, int]]
+    released_ranks: int          # ranks in Meta's file (used to recognise it)
+    pad: str
+    eot: str
+    eom: str
+
+
+TIKTOKEN_FAMILIES = {
+    "llama3": TiktokenFamily("llama3", "Llama 3", LLAMA3_PATTERN, llama3_special_tokens, 128_000,
+                             pad="<|finetune_right_pad_id|>", eot="<|eot_id|>", eom="<|eom_id|>"),
+    "llama4": TiktokenFamily("llama4", "Llama 4", LLAMA4_PATTERN, llama4_special_tokens, 200_000,
+                             pad="<|finetune_right_pad|>", eot="<|eot|>", eom="<|eom|>"),
+}
 
 
 def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -298,26 +377,38 @@ def _split_long_runs(s: str, max_run: int) -> Iterator[str]:
 
 
 class TiktokenTokenizer(Tokenizer):
-    """Llama 3's byte-level BPE (tiktoken ranks file + 256 special tokens; bos 128000, eos 128001, eot 128009)."""
+    """Byte-level BPE of Llama 3 (bos 128000, eos 128001, eot 128009) and Llama 4 (bos 200000, eos 200001,
+    eot 200008): a tiktoken ranks file + the family's special tokens (`family`: "llama3" | "llama4")."""
 
     kind = "tiktoken"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, family: str | None = None):
         self.path = _resolve_path(path)
         ranks = load_tiktoken_ranks(self.path)
         n_base = len(ranks)
-        self.special_tokens = llama3_special_tokens(n_base)
-        self.model = tiktoken.Encoding(name=self.path.name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+        if family is None:  # Meta's files differ in size; other (test, custom) files default to Llama 3
+            family = "llama4" if n_base == TIKTOKEN_FAMILIES["llama4"].released_ranks else "llama3"
+        if family not in TIKTOKEN_FAMILIES:
+            raise ValueError(f"unknown tokenizer family {family!r} for {self.path}; use one of "
+                             f"{sorted(TIKTOKEN_FAMILIES)} (or leave family=None to recognise it)")
+        spec = TIKTOKEN_FAMILIES[family]
+        self.family = family
+        self.special_tokens = spec.special_tokens(n_base)
+        self.model = tiktoken.Encoding(name=self.path.name, pat_str=spec.pattern, mergeable_ranks=ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = n_base + len(self.special_tokens)
         self.bos_id = self.special_tokens["<|begin_of_text|>"]
         self.eos_id = self.special_tokens["<|end_of_text|>"]
-        self.eot_id = self.special_tokens["<|eot_id|>"]
-        self.eom_id = self.special_tokens["<|eom_id|>"]
-        self.python_tag_id = self.special_tokens["<|python_tag|>"]
-        self.pad_id = self.special_tokens["<|finetune_right_pad_id|>"]
+        self.eot_id = self.special_tokens[spec.eot]
+        self.eom_id = self.special_tokens[spec.eom]
+        self.pad_id = self.special_tokens[spec.pad]
+        # Llama 3 marks a tool call with one token, Llama 4 brackets it (<|python_start|> ... <|python_end|>).
+        self.python_tag_id = self.special_tokens.get("<|python_tag|>")
         # Generation stops at the end of a document, of a message (tool call) or of a turn.
         self.stop_tokens = (self.eos_id, self.eom_id, self.eot_id)
+
+    def __repr__(self) -> str:
+        return super().__repr__()[:-1] + f", family={self.family!r})"
 
     def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: AllowedSpecial = (),
                disallowed_special: AllowedSpecial = ()) -> list[int]:
@@ -356,6 +447,7 @@ class TiktokenTokenizer(Tokenizer):
         names = set(names)
         unknown = sorted(names - self.special_tokens.keys())
         if unknown:
-            raise ValueError(f"{argument} names {unknown[:3]}, which are not Llama 3 special tokens; use names such "
-                             "as '<|eot_id|>' (see tokenizer.special_tokens) or 'all'")
+            spec = TIKTOKEN_FAMILIES[self.family]
+            raise ValueError(f"{argument} names {unknown[:3]}, which are not {spec.title} special tokens; use names "
+                             f"such as {spec.eot!r} (see tokenizer.special_tokens) or 'all'")
         return names

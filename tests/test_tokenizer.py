@@ -11,10 +11,13 @@ import regex
 import sentencepiece
 import tiktoken
 
-from llama.tokenizer import LLAMA3_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from llama import ModelArgs
+from llama.tokenizer import LLAMA3_PATTERN, LLAMA4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 from tests.tokenizer_files import (
     META_LLAMA3_PATTERN,
+    META_LLAMA4_PATTERN,
     sample_text,
+    single_byte_ranks,
     train_bpe_ranks,
     train_sentencepiece,
     write_llama3_sized_ranks,
@@ -275,17 +278,82 @@ def test_long_runs_are_cut_like_meta(bpe_tok, files):
     assert bpe_tok.decode(expected) == text
 
 
-def test_bpe_matches_hugging_face_tokenizers(files, bpe_tok):
+@pytest.mark.parametrize("family, pattern, specials", [
+    ("llama3", META_LLAMA3_PATTERN, "<|begin_of_text|>Hi<|eot_id|><|python_tag|>"),
+    ("llama4", META_LLAMA4_PATTERN, "<|begin_of_text|>Hi<|eot|><|python_start|>x<|python_end|>"),
+])
+def test_bpe_matches_hugging_face_tokenizers(files, family, pattern, specials):
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    names = sorted(bpe_tok.special_tokens, key=bpe_tok.special_tokens.get)
-    hf = TikTokenConverter(vocab_file=str(files["bpe"]), pattern=META_LLAMA3_PATTERN,
-                           extra_special_tokens=names).converted()
-    for text in TRICKY + sample_text(100, seed=17) + ["<|begin_of_text|>Hi<|eot_id|><|python_tag|>"]:
+    tok = Tokenizer(files["bpe"], family=family)
+    names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+    hf = TikTokenConverter(vocab_file=str(files["bpe"]), pattern=pattern, extra_special_tokens=names).converted()
+    for text in TRICKY + sample_text(100, seed=17) + [specials]:
         # Hugging Face always treats special-token text as the special token.
-        ids = bpe_tok.encode(text, bos=False, eos=False, allowed_special="all")
+        ids = tok.encode(text, bos=False, eos=False, allowed_special="all")
         assert hf.encode(text, add_special_tokens=False).ids == ids, text
-        assert hf.decode(ids, skip_special_tokens=False) == bpe_tok.decode(ids)
+        assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Llama 4 (o200k pre-tokeniser, 2,048 specials)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_llama4_pretokenizer_pattern_is_metas_and_tiktokens_o200k(monkeypatch):
+    import tiktoken_ext.openai_public as openai_public
+
+    assert LLAMA4_PATTERN == META_LLAMA4_PATTERN
+    monkeypatch.setattr(openai_public, "load_tiktoken_bpe", lambda *args, **kwargs: {})  # no download
+    assert LLAMA4_PATTERN == openai_public.o200k_base()["pat_str"]
+    # Case changes split words and contractions stay on their word (Llama 3: "HelloWorld", "DON", "'T").
+    assert regex.findall(LLAMA4_PATTERN, "HelloWorld DON'T iPhone 12345") == \
+        ["Hello", "World", " DON'T", " i", "Phone", " ", "123", "45"]
+
+
+def test_llama4_special_token_ids_on_a_200000_rank_file(tmp_path):
+    """Meta's ids (llama-models models/llama4/tokenizer.py) and Hugging Face's Llama4Config vision ids."""
+    from transformers import Llama4Config
+
+    tok = Tokenizer(write_llama3_sized_ranks(tmp_path / "tokenizer.model", n_base=200_000))
+    assert tok.family == "llama4"                                           # recognised from the 200,000 ranks
+    assert tok.n_words == 202_048 == ModelArgs.from_name("llama-4-scout").vocab_size
+    assert sorted(tok.special_tokens.values()) == list(range(200_000, 202_048))
+    assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eom_id, tok.eot_id) == (200000, 200001, 200018, 200007, 200008)
+    assert set(tok.stop_tokens) == {200001, 200007, 200008} and tok.python_tag_id is None
+    named = {"<|header_start|>": 200005, "<|header_end|>": 200006, "<|python_start|>": 200016,
+             "<|python_end|>": 200017, "<|text_post_train_reserved_special_token_68|>": 200079,
+             "<|tile_x_separator|>": 200084, "<|image|>": 200090, "<|vision_reserved_special_token_1047|>": 201133,
+             "<|reasoning_thinking_start|>": 201142, "<|reasoning_thinking_end|>": 201143,
+             "<|reserved_special_token_0|>": 201144, "<|reserved_special_token_903|>": 202047}
+    for name, token_id in named.items():
+        assert tok.special_tokens[name] == token_id, name
+    hf = Llama4Config()
+    assert (tok.special_tokens["<|image_start|>"], tok.special_tokens["<|image_end|>"],
+            tok.special_tokens["<|patch|>"]) == (hf.boi_token_index, hf.eoi_token_index, hf.image_token_index)
+    assert tok.encode("<|eot|>", bos=True, eos=False, allowed_special="all") == [200000, 200008]
+
+
+def test_family_is_recognised_from_the_rank_count(files):
+    assert Tokenizer(files["bpe"]).family == "llama3"              # 300 merges: not Meta's 200,000-rank Llama 4 file
+    assert Tokenizer(files["bpe"], family="llama4").family == "llama4"
+
+
+def test_llama4_never_merges_across_a_case_change(tmp_path):
+    """One merge, "oW": Llama 3's pre-tokeniser keeps "HelloWorld" whole and uses it, Llama 4's cuts before "W"."""
+    ranks = single_byte_ranks()
+    ranks[b"oW"] = len(ranks)
+    path = write_ranks(tmp_path / "tokenizer.model", ranks)
+    assert ranks[b"oW"] in Tokenizer(path).encode("HelloWorld", bos=False, eos=False)
+    assert Tokenizer(path, family="llama4").encode("HelloWorld", bos=False, eos=False) == \
+        [ranks[bytes([b])] for b in b"HelloWorld"]
+
+
+def test_unknown_family_and_family_on_a_sentencepiece_file(files):
+    with pytest.raises(ValueError, match="unknown tokenizer family 'llama5'"):
+        Tokenizer(files["bpe"], family="llama5")
+    with pytest.raises(ValueError, match="is a SentencePiece model"):
+        Tokenizer(files["sp"], family="llama4")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

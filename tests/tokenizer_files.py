@@ -5,7 +5,8 @@
   BPE trainer written below: every byte is a token, then the most frequent adjacent pair inside a pre-tokenised
   piece is merged, again and again; the merge order is the rank order, which is what tiktoken assumes.
 * `hand_written_ranks`: a ranks file small enough to reason about by hand, for exact expected token sequences.
-* `write_llama3_sized_ranks`: a ranks file with exactly 128,000 entries, to check the real special-token ids.
+* `write_llama3_sized_ranks`: a ranks file with exactly 128,000 (or 200,000) entries, to check the real special-token
+  ids of Llama 3 (Llama 4).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ import sentencepiece
 
 # Meta's Llama 3 `pat_str`, written out as one literal (the tests compare llama.tokenizer's version against it).
 META_LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                       r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Meta's Llama 4 `O200K_PATTERN` (llama-models models/llama4/tokenizer.py), written out as one literal.
+META_LLAMA4_PATTERN = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+                       r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+"
+                       r"[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|"
                        r"\s*[\r\n]+|\s+(?!\S)|\s+")
 
 _WORDS = ("the a of and to in is was it llama model token attention head layer rotary norm weight bias train data "
@@ -138,7 +145,8 @@ def hand_written_ranks() -> dict[bytes, int]:
 
 
 def write_llama3_sized_ranks(path: Path, n_base: int = 128_000) -> Path:
-    """A ranks file with exactly `n_base` tokens (256 bytes + fillers), to check Meta's absolute special ids."""
+    """A ranks file with exactly `n_base` tokens (256 bytes + fillers), to check Meta's absolute special ids
+    (128,000: Llama 3's size; 200,000: Llama 4's)."""
     ranks = single_byte_ranks()
     i = 0
     while len(ranks) < n_base:
