@@ -5,6 +5,7 @@
 * `SentencePieceTokenizer`: a SentencePiece BPE `.model` file (protobuf). LLaMA 1, Llama 2 and Code Llama use one
   with 32,000 pieces (Code Llama 7B/13B/70B: 32,016 incl. infilling pieces), unk 0, bos 1, eos 2 and no pad
   piece (pad -1). Byte fallback covers any text. (LLaMA paper §2; Meta `llama/tokenizer.py`, codellama.)
+  `infilling_prompt(prefix, suffix)` builds Code Llama's fill-in-the-middle prompt (Code Llama paper §2.3).
 * `TiktokenTokenizer`: Llama 3's and Llama 4's byte-level BPE files, one line `<base64 token bytes> <rank>` per
   token, plus special tokens appended after the last rank. Text is first split by a regex (the pre-tokeniser)
   and each piece is BPE-merged by rank. Two families share the file format:
@@ -202,6 +203,37 @@ class SentencePieceTokenizer(Tokenizer):
     def decode(self, ids: Sequence[int]) -> str:
         """Ids -> text. Control ids (bos, eos, unk) decode to nothing; the leading "▁" is dropped."""
         return self.sp_model.decode(self._check_ids(ids))
+
+    # Meta (codellama `encode_infilling`) removes SentencePiece's implicit leading space by encoding a sentinel
+    # character in front of the text and dropping the sentinel's pieces.
+    _SENTINEL = "☺"
+
+    def encode_infilling(self, s: str) -> list[int]:
+        """Text -> ids without the implicit leading space (the suffix of a Code Llama infilling prompt)."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode_infilling expects a str, got {type(s).__name__}")
+        head = self.sp_model.encode(self._SENTINEL)            # "▁" + the sentinel (2 pieces in Code Llama's file)
+        ids = self.sp_model.encode(self._SENTINEL + s)
+        if ids[:len(head)] != head:
+            raise ValueError(f"the text after {self._SENTINEL!r} merged with it into one piece; this tokenizer "
+                             "cannot encode it without a leading space")
+        return ids[len(head):]
+
+    def infilling_prompt(self, prefix: str, suffix: str, *, suffix_first: bool = False) -> list[int]:
+        """Code Llama's fill-in-the-middle prompt (Code Llama paper §2.3; Meta `infilling_prompt_tokens`).
+
+        Prefix-suffix-middle: `<s> <PRE> {prefix} <SUF>{suffix} <MID>`; the model then writes the middle and ends
+        it with `<EOT>` (`eot_id`). suffix_first=True gives the suffix-prefix-middle order,
+        `<s> <PRE> <SUF>{suffix} <MID> {prefix}`. The prefix keeps SentencePiece's leading space, the suffix not.
+        """
+        if None in (self.prefix_id, self.middle_id, self.suffix_id):
+            raise ValueError(f"{self.path} has no infilling pieces (▁<PRE>, ▁<SUF>, ▁<MID>); only Code Llama 7B, 13B "
+                             "and 70B (base, Python, Instruct) were trained to fill in the middle")
+        pre = self.encode(prefix, bos=False, eos=False)
+        suf = self.encode_infilling(suffix)
+        if suffix_first:
+            return [self.bos_id, self.prefix_id, self.suffix_id] + suf + [self.middle_id] + pre
+        return [self.bos_id, self.prefix_id] + pre + [self.suffix_id] + suf + [self.middle_id]
 
 
 # =====================================================================================================================

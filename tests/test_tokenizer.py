@@ -128,6 +128,37 @@ def test_code_llama_infilling_ids(files):
     assert len({tok.prefix_id, tok.middle_id, tok.suffix_id, tok.eot_id, tok.step_id}) == 5
 
 
+def without_dummy_prefix(model_file) -> sentencepiece.SentencePieceProcessor:
+    """The same SentencePiece model with its implicit leading space switched off in the model's normalizer spec."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(open(model_file, "rb").read())
+    proto.normalizer_spec.add_dummy_prefix = False
+    return sentencepiece.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
+def test_code_llama_infilling_prompt(files):
+    """Code Llama §2.3 / Meta `infilling_prompt_tokens`, against sentencepiece itself: the prefix encoded normally,
+    the suffix as the model with no dummy prefix encodes it."""
+    tok = Tokenizer(files["sp_code"])
+    plain = sentencepiece.SentencePieceProcessor(model_file=str(files["sp_code"]))
+    bare = without_dummy_prefix(files["sp_code"])
+    prefix, suffix = "def hello(x):\n    ", "\n    return x  # café 🦙\n"
+    pre, suf = plain.encode(prefix), bare.encode(suffix)
+    assert tok.encode_infilling(suffix) == suf and tok.decode(suf) == suffix
+    bos, p, m, s = tok.bos_id, tok.prefix_id, tok.middle_id, tok.suffix_id
+    assert tok.infilling_prompt(prefix, suffix) == [bos, p] + pre + [s] + suf + [m]
+    assert tok.infilling_prompt(prefix, suffix, suffix_first=True) == [bos, p, s] + suf + [m] + pre
+    for text in TRICKY:
+        assert tok.encode_infilling(text) == bare.encode(text), text
+
+
+def test_infilling_needs_a_code_llama_tokenizer(sp_tok):
+    with pytest.raises(ValueError, match="no infilling pieces"):
+        sp_tok.infilling_prompt("a", "b")
+
+
 def test_sentencepiece_matches_hugging_face_llama_tokenizer(files, sp_tok, tmp_path):
     pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
     from transformers import LlamaTokenizer
