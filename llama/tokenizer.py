@@ -227,8 +227,8 @@ class SentencePieceTokenizer(Tokenizer):
         `<s> <PRE> <SUF>{suffix} <MID> {prefix}`. The prefix keeps SentencePiece's leading space, the suffix not.
         """
         if None in (self.prefix_id, self.middle_id, self.suffix_id):
-            raise ValueError(f"{self.path} has no infilling pieces (▁<PRE>, ▁<SUF>, ▁<MID>); only Code Llama 7B, 13B "
-                             "and 70B (base, Python, Instruct) were trained to fill in the middle")
+            raise ValueError(f"{self.path} has no infilling pieces (▁<PRE>, ▁<SUF>, ▁<MID>); only Code Llama 7B, "
+                             "13B and 70B (base, Python, Instruct) were trained to fill in the middle")
         pre = self.encode(prefix, bos=False, eos=False)
         suf = self.encode_infilling(suffix)
         if suffix_first:
