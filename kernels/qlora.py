@@ -35,7 +35,7 @@ from .nf4_dequant import nf4_decode, nf4_decode_rows, nf4_dequantize_reference, 
 # The dispatch rule, from the H200 benchmark run 2 (docs/kernels.md, "Measured on H200"; times include the Python
 # launch path, as real calls do): fused won on 4096x4096 at 1, 16 and 64 tokens (71/113/80 us vs 111/167/123 us for
 # dequantise-then-GEMM) and lost at 256 tokens there, and at every token count on 14336x4096 and 28672x8192 (K and N
-# large: the in-register decode, not the memory traffic, limits it; there is no split-K).
+# large: the in-register decode, not the memory traffic, limits it). Measured before split-K (below): re-derive.
 FUSED_MAX_TOKENS = 64                # fused decode-in-GEMM up to this many tokens...
 FUSED_MAX_PARAMS = 4096 * 4096       # ...and only for weights up to this many values
 # Split-K of the fused kernel (added after run 2, not yet timed on a GPU). Run 2 timed the one-split kernel at 48 us
