@@ -55,8 +55,10 @@ def compile_sm90(tuned, args, meta, config):
     """Compile one launch for sm_90 the way JITFunction.run would; returns the CompiledKernel."""
     fn = tuned.fn
     backend = make_backend(GPUTarget("cuda", 90, 32))
-    kwargs = dict(meta, **config.all_kwargs(), debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode,
-                  fpsan_homomorphic_casts=knobs.compilation.fpsan_homomorphic_casts)
+    # The compilation knobs JITFunction.run adds to the kwargs (which ones depends on the Triton version).
+    run_knobs = {name: getattr(knobs.compilation, name) for name in ("instrumentation_mode", "fpsan_homomorphic_casts")
+                 if hasattr(knobs.compilation, name)}
+    kwargs = dict(meta, **config.all_kwargs(), debug=False, **run_knobs)
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
     return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=backend.target,
