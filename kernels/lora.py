@@ -15,7 +15,8 @@ Design (LoRAFusion arXiv 2510.00206, `CentML/lorafusion`: a split around the sma
     kernel whose float32 accumulator starts at s · S_tile B_tileᵀ before the loop over K adds x_tile W_tileᵀ.
     The expand and the add cost no extra pass over y (PEFT's eager form writes and re-reads y three times).
   * backward: ONE pass over dY computes both dS = s·dY B and dB = s·dYᵀ S per [BM, BN] tile of dY, summed
-    into float32 buffers with atomic adds (so their last bits vary run to run on a GPU); dA = dSᵀ x by torch;
+    into float32 buffers with atomic adds (so their last bits vary run to run on a GPU, except under
+    `torch.use_deterministic_algorithms(True)`, see `lora_grad_dS_dB`); dA = dSᵀ x by torch;
     dX = dY W + dS A by the forward's GEMM kernel with W read transposed and the accumulator started at dS A.
 The GEMM kernel computes C = X Wᵀ + scale · P Q for any strides, so "W read transposed" is only a swap of
 W's two strides. S and A/B ranks below 16 are zero-padded inside the kernel (masked loads), never copied.
@@ -121,7 +122,15 @@ def lora_gemm(x, w, stride_wn: int, stride_wk: int, p, q, scale: float, out) -> 
 
 
 def lora_grad_dS_dB(dy, S, B, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """dS = s · dY B [M, r] and dB = s · dYᵀ S [N, r], float32, from one pass over dY [M, N]."""
+    """dS = s · dY B [M, r] and dB = s · dYᵀ S [N, r], float32, from one pass over dY [M, N].
+
+    The kernel sums tiles with float32 atomics, so the last bits vary from run to run on a GPU. Under PyTorch's
+    own switch for that, `torch.use_deterministic_algorithms(True)`, both come from two float32 matrix products
+    instead (the same every run; one more pass over dY and a float32 copy of it).
+    """
+    if torch.are_deterministic_algorithms_enabled():
+        dy32 = dy.float()                                                       # [M, N]
+        return scale * (dy32 @ B.float()), scale * (dy32.t() @ S.float())      # [M, r], [N, r]
     M, N = dy.shape
     rank = S.shape[1]
     dS = torch.zeros(M, rank, dtype=torch.float32, device=dy.device)

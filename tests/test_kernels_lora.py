@@ -244,3 +244,27 @@ def test_triton_allocator_is_set_in_every_launching_thread(monkeypatch):
     worker.start()
     worker.join()
     assert len(calls) == 2 and calls[1] != calls[0]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_deterministic_mode_replaces_the_atomic_gradient_kernel(device, monkeypatch):
+    """Under torch.use_deterministic_algorithms(True), dS and dB come from float32 matrix products (no atomics):
+    the gradients are right and, on a GPU, bit-identical from run to run."""
+    monkeypatch.setattr(lora_mod, "_tuned_grad", None)      # the atomic kernel must not be launched
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what PyTorch asks for before deterministic cuBLAS
+    x, W, A, B = make(37, 70, 100, 8, torch.float32, device)
+    dy = torch.randn(37, 70, device=device)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        grads = []
+        for _ in range(2):
+            x.grad = A.grad = B.grad = None
+            LoRAMatmul.apply(x, W, A, B, 0.5).backward(dy)
+            grads.append([t.grad.clone() for t in (x, A, B)])
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    _, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 0.5, dy)
+    for got, ref, what in zip(grads[0], (dx_ref, dA_ref, dB_ref), ("dx", "dA", "dB")):
+        assert_close(got, ref, torch.float32, what)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
