@@ -21,8 +21,9 @@ Differences from the papers, and the choices made where they are silent:
     (Llama 3.2 1B/3B `output`) is untied on merge rather than modifying the embedding, and re-tied on unmerge.
   * Llama 4 MoE layers: the names w1 w2 w3 match the shared expert's linears (`feed_forward.shared_expert.w1`);
     the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children. The extra
-    target name `experts` gives each routed expert its own update of w1, w2 and w3 (`peft.lora_experts`); without
-    it they stay frozen. DoRA and QLoRA do not cover the routed experts (a clear error says so).
+    target name `experts` gives each routed expert its own update of w1, w2 and w3 (`peft.lora_experts`, on an NF4
+    base with quantize_base: `peft.qlora_experts`); without it they stay frozen. DoRA does not cover the routed
+    experts (a clear error says so).
 """
 
 from __future__ import annotations
@@ -232,11 +233,9 @@ def validate(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module,
         raise ValueError(f"target module(s) {missing} not found in the selected layers of this model; "
                          f"the adaptable modules there are {', '.join(available) or 'none'}"
                          + (" (`experts` exists only in Llama 4 MoE layers)" if EXPERT_TARGET in missing else ""))
-    if EXPERT_TARGET in config.target_modules and (config.use_dora or config.quantize_base):
-        raise ValueError("LoRA on the routed experts supports plain LoRA and rsLoRA only, not "
-                         + ("DoRA" if config.use_dora else "an NF4 base (quantize_base)")
-                         + "; drop 'experts' from target_modules or set "
-                         + ("use_dora=False" if config.use_dora else "quantize_base=False"))
+    if EXPERT_TARGET in config.target_modules and config.use_dora:
+        raise ValueError("LoRA on the routed experts supports LoRA, rsLoRA and QLoRA (quantize_base), not DoRA; "
+                         "drop 'experts' from target_modules or set use_dora=False")
     for name, _, attr, child in found:
         if attr == EXPERT_TARGET:
             if isinstance(child, LoRAExperts):

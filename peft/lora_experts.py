@@ -17,8 +17,8 @@ so each expert starts exactly at its pretrained SwiGLU and learns its own update
 `LoRAExperts` replaces `MoE.experts` and keeps the two methods `llama.moe.MoE` calls: `one(e, x)` (sorted dispatch)
 and `all(x)` (dense reference). It keeps the wrapped module's w1 w2 w3 Parameters under the same names, so the base
 state-dict keys (`layers.0.feed_forward.experts.w1`) are unchanged; the adapter adds `lora_A.{w1,w2,w3}` and
-`lora_B.{w1,w2,w3}`. Not supported here (a clear error from `peft.lora.validate`): DoRA (a magnitude per expert
-and output feature, not built) and an NF4 base (QLoRA quantises `nn.Linear` layers only).
+`lora_B.{w1,w2,w3}`. On an NF4 base (QLoRA) the same adapters live in `peft.qlora_experts.QLoRAExperts`. Not
+supported (a clear error from `peft.lora.validate`): DoRA (a magnitude per expert and output feature, not built).
 """
 
 from __future__ import annotations
@@ -38,42 +38,12 @@ def _master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # as peft.lora.master_dtype: adapters in >= float32
 
 
-class LoRAExperts(nn.Module):
-    """Frozen stacked experts W (w1 w2 w3) plus a trainable per-expert low-rank update s·A_e B_e for each."""
+class SwiGLUExperts(nn.Module):
+    """The two methods `llama.moe.MoE` calls on its experts, written once over `_matmul(name, x, e)`, which
+    subclasses define (x @ W_e for one expert e, x [N, K]; for all experts at once when e is None, x [E, M, K])."""
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):
-        super().__init__()
-        E, C, Fh = base.w1.shape  # [E, C, F]
-        if not 0 < r <= min(C, Fh):
-            raise ValueError(f"LoRA rank r={r} must be in 1 … {min(C, Fh)} for experts of size {C}->{Fh}->{C}")
-        self.n_experts, self.dim, self.hidden_dim, self.r = E, C, Fh, r
-        self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3  # frozen W0, the same Parameter objects
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype, device = _master_dtype(base.w1.dtype), base.w1.device
-        self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        for name in MATRICES:
-            _, K, N = getattr(self, name).shape  # [E, K, N]
-            A = torch.empty(E, K, r, dtype=dtype, device=device)  # [E, K, r]
-            if init == "gaussian":
-                nn.init.normal_(A, std=1.0 / r)
-            else:  # the bound Kaiming-uniform(a=√5) gives an nn.Linear with K inputs: 1/√K
-                nn.init.uniform_(A, -1.0 / math.sqrt(K), 1.0 / math.sqrt(K))
-            self.lora_A[name] = nn.Parameter(A)
-            self.lora_B[name] = nn.Parameter(torch.zeros(E, r, N, dtype=dtype, device=device))  # [E, r, N]
-        self.merged = False
-
-    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
-        """x @ (W + s·A B) for expert e (x [N, K]) or for all experts at once (e None, x [E, M, K])."""
-        W, A, B = getattr(self, name), self.lora_A[name], self.lora_B[name]
-        if e is not None:
-            W, A, B = W[e], A[e], B[e]  # [K, N], [K, r], [r, N]
-        y = x @ W
-        if self.merged:
-            return y
-        # LoRA eq. (3) in x @ W form: h = x W0 + s · (drop(x) A) B
-        return y + self.scaling * ((self.lora_dropout(x) @ A.to(x.dtype)) @ B.to(x.dtype))
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int]) -> torch.Tensor:
+        raise NotImplementedError
 
     def _swiglu(self, x: torch.Tensor, e: Optional[int]) -> torch.Tensor:
         # Expert_e(x) = (silu(x W1_e) ⊙ (x W3_e)) W2_e, each W with its own update
@@ -87,6 +57,60 @@ class LoRAExperts(nn.Module):
     def all(self, x: torch.Tensor) -> torch.Tensor:
         """Every expert on its own copy of the tokens: x [E, M, C] -> [E, M, C] (`MoE` dense reference)."""
         return self._swiglu(x, None)
+
+
+def expert_adapters(shapes: dict[str, tuple[int, int, int]], r: int, dtype: torch.dtype, device: torch.device,
+                    init: str) -> tuple[nn.ParameterDict, nn.ParameterDict]:
+    """lora_A [E, K, r] (Kaiming-uniform bound 1/√K, or N(0, 1/r²)) and lora_B [E, r, N] (zero) per matrix, for
+    stacked experts whose matrices have the shapes {name: (E, K, N)}."""
+    lora_A, lora_B = nn.ParameterDict(), nn.ParameterDict()
+    for name, (E, K, N) in shapes.items():
+        A = torch.empty(E, K, r, dtype=dtype, device=device)  # [E, K, r]
+        if init == "gaussian":
+            nn.init.normal_(A, std=1.0 / r)
+        else:  # the bound Kaiming-uniform(a=√5) gives an nn.Linear with K inputs: 1/√K
+            nn.init.uniform_(A, -1.0 / math.sqrt(K), 1.0 / math.sqrt(K))
+        lora_A[name] = nn.Parameter(A)
+        lora_B[name] = nn.Parameter(torch.zeros(E, r, N, dtype=dtype, device=device))  # [E, r, N]
+    return lora_A, lora_B
+
+
+def check_expert_rank(r: int, E: int, C: int, Fh: int) -> None:
+    if not 0 < r <= min(C, Fh):
+        raise ValueError(f"LoRA rank r={r} must be in 1 … {min(C, Fh)} for experts of size {C}->{Fh}->{C}")
+
+
+def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: nn.Module):
+    """LoRA eq. (3) in x @ W form, the update only: s · (drop(x) A) B."""
+    return scaling * ((dropout(x) @ A.to(x.dtype)) @ B.to(x.dtype))
+
+
+class LoRAExperts(SwiGLUExperts):
+    """Frozen stacked experts W (w1 w2 w3) plus a trainable per-expert low-rank update s·A_e B_e for each."""
+
+    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
+                 init: str = "kaiming"):
+        super().__init__()
+        E, C, Fh = base.w1.shape  # [E, C, F]
+        check_expert_rank(r, E, C, Fh)
+        self.n_experts, self.dim, self.hidden_dim, self.r = E, C, Fh, r
+        self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3  # frozen W0, the same Parameter objects
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        shapes = {name: tuple(getattr(self, name).shape) for name in MATRICES}
+        self.lora_A, self.lora_B = expert_adapters(shapes, r, _master_dtype(base.w1.dtype), base.w1.device, init)
+        self.merged = False
+
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
+        """x @ (W + s·A B) for expert e (x [N, K]) or for all experts at once (e None, x [E, M, K])."""
+        W, A, B = getattr(self, name), self.lora_A[name], self.lora_B[name]
+        if e is not None:
+            W, A, B = W[e], A[e], B[e]  # [K, N], [K, r], [r, N]
+        y = x @ W
+        if self.merged:
+            return y
+        # LoRA eq. (3) in x @ W form: h = x W0 + s · (drop(x) A) B
+        return y + lora_update(x, A, B, self.scaling, self.lora_dropout)
 
     def delta_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """ΔW = s·A_e B_e for every expert: [E, K, N] in `dtype`."""

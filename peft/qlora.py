@@ -12,9 +12,10 @@ The NF4 format, double quantisation and the kernels live in `kernels` (`nf4_quan
 Choices (QLoRA arXiv 2305.14314, artidoro/qlora):
   * "All linear layers" (QLoRA §4, and the Guanaco recipe): with `quantize_base=True` every block linear
     (wq wk wv wo w1 w2 w3 in every layer) is stored in NF4 with double quantisation and block size 64, whether or not
-    it carries LoRA; layers without LoRA become a frozen `NF4Linear`. The output head (lm_head) and the embeddings
-    stay in high precision, as in the QLoRA code; `output` may still carry a plain LoRA. Use
-    target_modules=(all seven) for the paper's recipe.
+    it carries LoRA; layers without LoRA become a frozen `NF4Linear`. A Llama 4 MoE layer's routed experts are
+    quantised too, one NF4 matrix per expert (`peft.qlora_experts`; LoRA on them with target "experts"). The
+    output head (lm_head) and the embeddings stay in high precision, as in the QLoRA code; `output` may still carry
+    a plain LoRA. Use target_modules=(all seven) for the paper's recipe.
   * Compute dtype: `LoraConfig.compute_dtype` (None: the model's dtype; the paper uses bfloat16). Inputs are cast to
     it and outputs cast back, like bitsandbytes' Linear4bit. LoRA factors are stored in at least float32 and cast to
     the compute dtype for the matmul. float64 (for exact tests) runs the same formula in eager PyTorch on the
@@ -38,6 +39,7 @@ from torch import nn
 import kernels
 
 from .lora import KERNEL_DTYPES, LoRALinear, master_dtype
+from .lora_experts import EXPERT_TARGET, iter_experts
 from .targets import ATTENTION_LINEARS, FFN_LINEARS, iter_linears, shared_parameter_ids
 
 BLOCK_LINEARS = ATTENTION_LINEARS + FFN_LINEARS
@@ -148,7 +150,21 @@ def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
             quantized.append(kernels.nf4_quantize(weight, blocksize=64, double_quant=True))
         except ValueError as err:
             raise ValueError(f"cannot quantise {name}: {err}") from err
+    # the routed experts of Llama 4 MoE layers too: NF4, with a per-expert LoRA where targeted (peft.qlora_experts)
+    from .qlora_experts import NF4Experts, QLoRAExperts
+
+    experts = []
+    for name, parent, child in iter_experts(model):
+        if name in targets:
+            layer = QLoRAExperts(child, compute, config.r, config.alpha, config.dropout, config.use_rslora,
+                                 config.init)
+        else:
+            layer = NF4Experts(child, compute)
+        experts.append((name, parent, layer))
     names = []
+    for name, parent, layer in experts:
+        setattr(parent, EXPERT_TARGET, layer)
+        names += [f"{name}.{p}" for p in getattr(layer, "adapter_parameter_names", list)()]
     for (name, parent, attr, _), q in zip(block, quantized):
         if name in targets:
             layer = QLoRALinear(q, compute, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
@@ -167,7 +183,22 @@ def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
-    """Replace every frozen `NF4Linear` (no adapter) by a dense nn.Linear holding its dequantised weight."""
+    """Replace every frozen `NF4Linear` (no adapter) by a dense nn.Linear holding its dequantised weight, and every
+    frozen `NF4Experts` by dense `llama.moe.Experts`."""
+    from llama.moe import Experts
+
+    from .qlora_experts import NF4Experts
+
+    for layer in model.layers:
+        child = getattr(layer.feed_forward, EXPERT_TARGET, None)
+        if type(child) is NF4Experts:
+            dense = Experts(child.n_experts, child.dim, child.hidden_dim).to(device=child.w1_packed.device,
+                                                                             dtype=dtype or child.compute_dtype)
+            with torch.no_grad():
+                for name in ("w1", "w2", "w3"):
+                    getattr(dense, name).copy_(child.dequantized_weight(name, None, getattr(dense, name).dtype))
+            dense.requires_grad_(False)
+            setattr(layer.feed_forward, EXPERT_TARGET, dense)
     for _, parent, attr, child in list(iter_linears(model, BLOCK_LINEARS)):
         if type(child) is NF4Linear:
             dense = nn.Linear(child.in_features, child.out_features, bias=False, device=child.weight_packed.device,

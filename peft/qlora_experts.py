@@ -1,0 +1,134 @@
+"""QLoRA on the routed experts of a Llama 4 mixture-of-experts layer: the stacked expert matrices in NF4.
+
+Shapes: E experts, C model dim, F expert hidden size, r rank; each matrix W [E, K, N] with (K, N) = (C, F) for w1
+and w3, (F, C) for w2, applied as x @ W_e (Meta's layout, `llama.moe.Experts`).
+
+The routed experts hold almost all of a Llama 4 model's weights (Scout: 16 experts x 48 layers), so the QLoRA
+recipe of quantising "all linear layers" (QLoRA §4) must cover them: with `LoraConfig(quantize_base=True)` every
+MoE layer's experts are stored in NF4 like the block linears (`peft.qlora`), each expert's matrix quantised on its
+own (block size 64 over the flattened [K, N] matrix, double quantisation), the per-expert NF4 fields stacked along
+a leading E axis. Each matmul decodes the one expert it needs:
+
+    x @ (doubleDequant(c1_e, c2_e, W_e^NF4) + s · A_e B_e)        QLoRA eq. (5), per expert, in x @ W form
+
+`NF4Experts` is the frozen module (experts not targeted); `QLoRAExperts` adds the per-expert LoRA factors of
+`peft.lora_experts` (same names, lora_A.{w1,w2,w3} [E, K, r] and lora_B.{w1,w2,w3} [E, r, N], so an adapter file
+fits either). As for the block linears, merging dequantises and keeps a dense weight, never re-quantising, and
+unmerging drops it again. The computation is eager PyTorch (decode the expert, then matmul); the fused Triton
+QLoRA kernel takes one 2-D weight and is not used here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+import kernels
+
+from .lora import KERNEL_DTYPES, master_dtype
+from .lora_experts import MATRICES, SwiGLUExperts, check_expert_rank, expert_adapters, lora_update
+from .qlora import NF4_FIELDS
+
+
+class NF4Experts(SwiGLUExperts):
+    """Frozen routed experts stored in NF4 (+ double quantisation), one quantisation per expert and matrix."""
+
+    def __init__(self, base: nn.Module, compute_dtype: torch.dtype):
+        super().__init__()
+        E, C, Fh = base.w1.shape  # [E, C, F]
+        self.n_experts, self.dim, self.hidden_dim, self.compute_dtype = E, C, Fh, compute_dtype
+        self.shapes = {name: tuple(getattr(base, name).shape) for name in MATRICES}  # {name: (E, K, N)}
+        quantised = {}
+        for name in MATRICES:  # everything first: a NaN/inf weight leaves `base` in use and this module unbuilt
+            W = getattr(base, name).detach()
+            W = W if W.dtype in KERNEL_DTYPES else W.float()  # float64 study models
+            try:
+                quantised[name] = [kernels.nf4_quantize(W[e], blocksize=64, double_quant=True) for e in range(E)]
+            except ValueError as err:
+                raise ValueError(f"cannot quantise expert matrix {name}: {err}") from err
+        first = quantised["w1"][0]
+        self.weight_dtype, self.blocksize, self.blocksize2 = first.dtype, first.blocksize, first.blocksize2
+        for name, per_expert in quantised.items():  # buffers [E, ...]: they follow .to() and enter the state dict
+            for field in NF4_FIELDS:
+                self.register_buffer(f"{name}_{field}", torch.stack([getattr(q, field) for q in per_expert]))
+
+    def qweight(self, name: str, e: int) -> "kernels.NF4Weight":
+        """Expert e's matrix `name` as an NF4Weight of shape [K, N] (views into the stacked buffers)."""
+        fields = {field: getattr(self, f"{name}_{field}")[e] for field in NF4_FIELDS}
+        return kernels.NF4Weight(fields["packed"], fields["absmax"], torch.Size(self.shapes[name][1:]),
+                                 self.weight_dtype, self.blocksize, None, fields["absmax2"], fields["code2"],
+                                 fields["offset"], self.blocksize2)
+
+    def dequantized_weight(self, name: str, e: Optional[int], dtype: torch.dtype) -> torch.Tensor:
+        """W_e [K, N] (or all experts [E, K, N] when e is None) in `dtype` (float64 via the exact float32 values)."""
+        decode = dtype if dtype in KERNEL_DTYPES else torch.float32
+        if e is not None:
+            return kernels.nf4_dequantize(self.qweight(name, e), decode).to(dtype)
+        return torch.stack([kernels.nf4_dequantize(self.qweight(name, i), decode) for i in range(self.n_experts)]
+                           ).to(dtype)
+
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
+        """x @ W_e in the compute dtype, cast back to x's dtype (as NF4Linear)."""
+        xc = x.to(self.compute_dtype)
+        return (xc @ self.dequantized_weight(name, e, xc.dtype)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, nf4 blocksize="
+                f"{self.blocksize}, compute_dtype={self.compute_dtype}")
+
+
+class QLoRAExperts(NF4Experts):
+    """NF4 routed experts (frozen) plus a trainable per-expert LoRA update s·A_e B_e of w1, w2, w3."""
+
+    def __init__(self, base: nn.Module, compute_dtype: torch.dtype, r: int, alpha: float, dropout: float = 0.0,
+                 use_rslora: bool = False, init: str = "kaiming"):
+        check_expert_rank(r, *base.w1.shape)
+        super().__init__(base, compute_dtype)
+        self.r, self.scaling = r, alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_A, self.lora_B = expert_adapters(self.shapes, r, master_dtype(compute_dtype), base.w1.device, init)
+        self.merged = False
+        for name in MATRICES:  # the dense merged weights [E, K, N], only while merged
+            self.register_buffer(f"merged_{name}", None, persistent=False)
+
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
+        """x @ (W_e + s·A_e B_e): the decoded expert plus the LoRA update, in the compute dtype."""
+        xc = x.to(self.compute_dtype)
+        if self.merged:
+            W = getattr(self, f"merged_{name}")
+            return (xc @ (W if e is None else W[e])).to(x.dtype)
+        A, B = self.lora_A[name], self.lora_B[name]
+        if e is not None:
+            A, B = A[e], B[e]  # [K, r], [r, N]
+        y = xc @ self.dequantized_weight(name, e, xc.dtype) + lora_update(xc, A, B, self.scaling, self.lora_dropout)
+        return y.to(x.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W_e ← dequant(W_e^NF4) + s·A_e B_e, dense in the compute dtype (summed in >= float32); never
+        re-quantised. The NF4 codes are kept, so `unmerge` returns exactly to the trained base."""
+        if self.merged:
+            raise RuntimeError("these QLoRA experts are already merged (unmerge first)")
+        compute = master_dtype(self.compute_dtype)
+        for name in MATRICES:
+            delta = self.scaling * torch.bmm(self.lora_A[name].to(compute), self.lora_B[name].to(compute))
+            merged = self.dequantized_weight(name, None, compute) + delta                  # [E, K, N]
+            setattr(self, f"merged_{name}", merged.to(self.compute_dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            raise RuntimeError("these QLoRA experts are not merged; nothing to unmerge")
+        for name in MATRICES:
+            setattr(self, f"merged_{name}", None)
+        self.merged = False
+
+    def adapter_parameter_names(self) -> list[str]:
+        return [f"lora_{side}.{name}" for side in ("A", "B") for name in MATRICES]
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
