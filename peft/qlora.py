@@ -164,7 +164,8 @@ def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
     names = []
     for name, parent, layer in experts:
         setattr(parent, EXPERT_TARGET, layer)
-        names += [f"{name}.{p}" for p in getattr(layer, "adapter_parameter_names", list)()]
+        if isinstance(layer, QLoRAExperts):
+            names += [f"{name}.{p}" for p in layer.adapter_parameter_names()]
     for (name, parent, attr, _), q in zip(block, quantized):
         if name in targets:
             layer = QLoRALinear(q, compute, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
