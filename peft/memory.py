@@ -6,9 +6,10 @@ L layers, P parameters.
 
 The estimate adds four terms (bytes):
 
-    weights      = base parameters at the weight dtype; QLoRA stores the block linears in NF4 with double
-                   quantisation at 4 + 8/64 + 32/(64·256) = 4.127 bits each (QLoRA arXiv 2305.14314 §3) and keeps
-                   embeddings, head and norms at the weight dtype; plus the adapter's parameters
+    weights      = base parameters at the weight dtype; QLoRA stores the block linears (and a Llama 4 model's routed
+                   experts) in NF4 with double quantisation at 4 + 8/64 + 32/(64·256) = 4.127 bits each (QLoRA arXiv
+                   2305.14314 §3) and keeps embeddings, head, norms and routers at the weight dtype; plus the
+                   adapter's parameters
     gradients    = trainable parameters at the weight dtype (frozen weights get none)
     optimizer    = AdamW's two moments m, v in float32 for each trainable parameter: 8 bytes (Loshchilov & Hutter);
                    + 4 bytes of float32 master weights when `master_weights` (mixed precision)
@@ -84,9 +85,11 @@ def parameter_counts(args, method: str, config=None) -> tuple[int, int, int]:
 
         config = config or default_method_config(method, args)
         quantized = 0
-        if getattr(config, "quantize_base", False):
+        if getattr(config, "quantize_base", False):  # block linears, and Llama 4's routed experts (peft.qlora_experts)
             quantized = sum(m.weight.numel() for layer in model.layers for n, m in layer.named_modules()
                             if n.split(".")[-1] in BLOCK_LINEARS)
+            quantized += sum(getattr(m, w).numel() for layer in model.layers for n, m in layer.named_modules()
+                             if n.split(".")[-1] == "experts" for w in ("w1", "w2", "w3"))
             config = dataclasses.replace(config, quantize_base=False)  # the NF4 packing itself needs real data
         peft.apply(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

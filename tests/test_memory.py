@@ -12,7 +12,7 @@ import torch
 import peft
 from llama import ModelArgs, Transformer
 from peft import data as D
-from peft.memory import NF4_DQ_BITS, TensorMemoryTracker, estimate, measure_peak
+from peft.memory import NF4_DQ_BITS, TensorMemoryTracker, estimate, measure_peak, parameter_counts
 from peft.train import Dist, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,6 +43,18 @@ def test_qlora_65b_fits_in_48_gb():
     assert NF4_DQ_BITS == pytest.approx(4.127, abs=1e-3)
     # the same model in 16-bit with LoRA does not fit: the base weights alone are 130 GB
     assert estimate(args, "lora", "bf16", 1, 512, grad_checkpointing=True).total > 130e9
+
+
+def test_qlora_on_llama_4_scout_quantises_the_routed_experts():
+    """peft.qlora_experts stores Llama 4's routed experts in NF4 too: they are 90% of Scout's 107.8B parameters."""
+    args = ModelArgs.from_name("llama-4-scout")
+    experts = 48 * 16 * 3 * 5120 * 8192                                   # layers x experts x (w1 w2 w3) x C x F
+    trainable, quantized, base = parameter_counts(args, "qlora")
+    attention = 48 * 5120 * (40 * 128 + 2 * 8 * 128 + 40 * 128)           # wq, wk + wv (8 kv heads), wo
+    shared = 48 * 3 * 5120 * 8192
+    assert base == 107_769_861_120 and quantized == experts + attention + shared
+    e = estimate(args, "qlora", "bf16", batch=1, seq_len=512, grad_checkpointing=True)
+    assert e.total < 80e9 < estimate(args, "lora", "bf16", 1, 512, grad_checkpointing=True).weights
 
 
 def test_trainable_counts_match_the_papers():
