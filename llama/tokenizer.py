@@ -219,6 +219,12 @@ class SentencePieceTokenizer(Tokenizer):
                              "cannot encode it without a leading space")
         return ids[len(head):]
 
+    def decode_infilling(self, ids: Sequence[int]) -> str:
+        """Ids -> text keeping a leading space (the generated middle of an infilling prompt; Meta's
+        `decode_infilling`): decoded behind the sentinel, which is then cut off."""
+        head = self.sp_model.encode(self._SENTINEL)
+        return self.sp_model.decode(head + self._check_ids(ids))[len(self._SENTINEL):]
+
     def infilling_prompt(self, prefix: str, suffix: str, *, suffix_first: bool = False) -> list[int]:
         """Code Llama's fill-in-the-middle prompt (Code Llama paper §2.3; Meta `infilling_prompt_tokens`).
 

@@ -1,4 +1,4 @@
-"""Generate from a trained run (adapter attached, or merged into the base) or from any checkpoint folder.
+r"""Generate from a trained run (adapter attached, or merged into the base) or from any checkpoint folder.
 
     python scripts/generate.py --run runs/sft_lora --prompt $'Sort: 3914\nAnswer:'
     python scripts/generate.py --run runs/sft_lora --merge --prompts-file prompts.jsonl --json out.json
@@ -8,6 +8,12 @@
 --run takes the train.out_dir of scripts/train.py (it holds final/run.json, the tokenizer and the trained tensors);
 --merge folds the adapter into the base weights first (LoRA, QLoRA into the dequantised base, Adapter V2's
 bias/scale), which must give the same tokens. A prompts file is JSONL with a "prompt" field per line.
+
+Code Llama fill-in-the-middle (Code Llama paper §2.3): with --suffix, each prompt is the text before a gap and the
+suffix the text after it; the completion is the middle, generated up to Code Llama's <EOT>:
+
+    python scripts/generate.py --checkpoint CodeLlama-7b --tokenizer CodeLlama-7b/tokenizer.model \
+        --prompt $'def add(a, b):\n    ' --suffix $'\n    return c\n'
 """
 
 from __future__ import annotations
@@ -73,18 +79,32 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", help="write prompts and completions to this file")
+    p.add_argument("--suffix", help="Code Llama fill-in-the-middle: the text after the gap (each prompt is the text "
+                                    "before it); the completion is the middle")
+    p.add_argument("--suffix-first", action="store_true", help="with --suffix: the suffix-prefix-middle order")
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     model, tokenizer = load(args)
     model.eval()
     prompts = read_prompts(args)
-    ids = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+    if args.suffix is None:
+        ids = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
+        stop_tokens, decode = tokenizer.stop_tokens, tokenizer.decode
+    else:
+        if getattr(tokenizer, "kind", None) != "sentencepiece":
+            raise SystemExit("--suffix (fill-in-the-middle) needs a Code Llama tokenizer (SentencePiece with <PRE>, "
+                             "<SUF>, <MID>, <EOT>)")
+        try:
+            ids = [tokenizer.infilling_prompt(s, args.suffix, suffix_first=args.suffix_first) for s in prompts]
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+        stop_tokens, decode = (tokenizer.eot_id, tokenizer.eos_id), tokenizer.decode_infilling
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    stop_tokens=tokenizer.stop_tokens, seed=args.seed)
+                    stop_tokens=stop_tokens, seed=args.seed)
     rows = []
     for prompt, out in zip(prompts, outs):
-        stopped = bool(out) and out[-1] in tokenizer.stop_tokens
-        text = tokenizer.decode([t for t in out if t not in tokenizer.stop_tokens])
+        stopped = bool(out) and out[-1] in stop_tokens
+        text = decode([t for t in out if t not in stop_tokens])
         rows.append({"prompt": prompt, "completion": text, "tokens": len(out), "stopped": stopped})
     width = min(40, max(len(repr(r["prompt"])) for r in rows))
     print(f"{'prompt':<{width}}  completion")

@@ -152,6 +152,7 @@ def test_code_llama_infilling_prompt(files):
     assert tok.infilling_prompt(prefix, suffix, suffix_first=True) == [bos, p, s] + suf + [m] + pre
     for text in TRICKY:
         assert tok.encode_infilling(text) == bare.encode(text), text
+        assert tok.decode_infilling(tok.encode_infilling(text)) == text, text    # leading spaces kept
 
 
 def test_infilling_needs_a_code_llama_tokenizer(sp_tok):

@@ -163,3 +163,34 @@ def test_generate_full_checkpoint_and_errors(tmp_path, tokenizer_path):
         gen.main(["--run", str(tmp_path)])
     with pytest.raises(FileNotFoundError, match="final/run.json not found"):
         load_run(tmp_path / "nothing")
+
+
+def test_generate_fill_in_the_middle(tmp_path, tokenizer_path, monkeypatch):
+    """--suffix: Code Llama's infilling prompt goes to the model, generation stops at <EOT>, and the middle is
+    decoded with its leading space (a fake generate returns a known middle)."""
+    from llama import ModelArgs, Transformer, save
+    from llama.tokenizer import Tokenizer
+    from tests.tokenizer_files import train_sentencepiece
+
+    code = train_sentencepiece(tmp_path / "code.model",
+                               control_symbols=("▁<PRE>", "▁<MID>", "▁<SUF>", "▁<EOT>"))  # Code Llama's pieces
+    tok = Tokenizer(code)
+    torch.manual_seed(0)
+    save(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                               max_seq_len=128)), tmp_path / "model", format="meta")
+    gen = script("generate")
+    seen = []
+    middle = tok.encode_infilling(" x = 1")
+
+    def fake_generate(model, ids, max_new_tokens, **kwargs):
+        seen.append((ids, kwargs["stop_tokens"]))
+        return [middle + [tok.eot_id] for _ in ids]
+
+    monkeypatch.setattr(gen, "generate", fake_generate)
+    rows = gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", str(code), "--prompt", "def f(x):\n",
+                     "--suffix", "\n    return x\n"])
+    assert seen == [([tok.infilling_prompt("def f(x):\n", "\n    return x\n")], (tok.eot_id, tok.eos_id))]
+    assert rows == [{"prompt": "def f(x):\n", "completion": " x = 1", "tokens": len(middle) + 1, "stopped": True}]
+    with pytest.raises(SystemExit, match="no infilling pieces"):
+        gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", tokenizer_path, "--prompt", "a",
+                  "--suffix", "b"])
