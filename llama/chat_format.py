@@ -1,6 +1,6 @@
 """Chat prompt formats: how a dialog becomes the token ids an instruction-tuned LLaMA was trained on.
 
-A dialog is a list of messages `{"role": ..., "content": ...}`. Two formats exist:
+A dialog is a list of messages `{"role": ..., "content": ...}`. Three formats exist:
 
 * Llama 2 chat (Llama 2 paper §3, Meta `llama/generation.py::chat_completion`; Code Llama Instruct 7B-34B too).
   Each user turn is wrapped in `[INST] ... [/INST]`; an optional system prompt is folded into the first user turn
