@@ -22,8 +22,7 @@ Differences from the papers, and the choices made where they are silent:
   * Llama 4 MoE layers: the names w1 w2 w3 match the shared expert's linears (`feed_forward.shared_expert.w1`);
     the routed experts are batched [E, K, N] parameters (`llama.moe.Experts`), not `nn.Linear` children. The extra
     target name `experts` gives each routed expert its own update of w1, w2 and w3 (`peft.lora_experts`, on an NF4
-    base with quantize_base: `peft.qlora_experts`); without it they stay frozen. DoRA does not cover the routed
-    experts (a clear error says so).
+    base with quantize_base: `peft.qlora_experts`), DoRA included; without it they stay frozen.
 """
 
 from __future__ import annotations
@@ -233,9 +232,6 @@ def validate(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module,
         raise ValueError(f"target module(s) {missing} not found in the selected layers of this model; "
                          f"the adaptable modules there are {', '.join(available) or 'none'}"
                          + (" (`experts` exists only in Llama 4 MoE layers)" if EXPERT_TARGET in missing else ""))
-    if EXPERT_TARGET in config.target_modules and config.use_dora:
-        raise ValueError("LoRA on the routed experts supports LoRA, rsLoRA and QLoRA (quantize_base), not DoRA; "
-                         "drop 'experts' from target_modules or set use_dora=False")
     for name, _, attr, child in found:
         if attr == EXPERT_TARGET:
             if isinstance(child, LoRAExperts):
@@ -264,7 +260,8 @@ def attach(model: nn.Module, config: LoraConfig) -> list[str]:
     names = []
     for name, parent, attr, child in found:
         if attr == EXPERT_TARGET:  # routed experts of a Llama 4 MoE layer (peft.lora_experts)
-            layer = LoRAExperts(child, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
+            layer = LoRAExperts(child, config.r, config.alpha, config.dropout, config.use_rslora, config.init,
+                                config.use_dora)
         else:
             layer = LoRALinear(child, config.r, config.alpha, config.dropout, config.use_rslora, config.use_dora,
                                config.init, shares_weight=id(child.weight) in shared)

@@ -9,6 +9,9 @@ expert e and matrix W ∈ {w1, w2, w3}, written in the same x @ W orientation:
     x @ (W_e + s · A_e B_e) = x @ W_e + s · (drop(x) @ A_e) @ B_e
     A_e [K, r]: U(-1/√K, 1/√K) (the nn.Linear / Kaiming(a=√5) bound of LoRALinear) or N(0, 1/r²);  B_e [r, N]: zero
     K, N = C, F for w1 and w3;  F, C for w2;   s = alpha/r (LoRA) or alpha/√r (rsLoRA)
+    DoRA (arXiv 2402.09353, eq. 5) per expert: W'_e = m_e ⊙ (W_e + s·A_e B_e) / ‖W_e + s·A_e B_e‖, the norm taken
+    over the input dimension K for each output feature (a column of W_e here, a row of nn.Linear's weight), m_e [N]
+    initialised to ‖W_e‖ and the norm detached as in `peft.lora` (DoRA §4.3)
 
 so each expert starts exactly at its pretrained SwiGLU and learns its own update (E·r·(K+N) parameters per matrix,
 3·E·r·(C+F) per MoE layer). The router is not adapted; routing changes only through the adapted layers before it.
@@ -17,8 +20,8 @@ so each expert starts exactly at its pretrained SwiGLU and learns its own update
 `LoRAExperts` replaces `MoE.experts` and keeps the two methods `llama.moe.MoE` calls: `one(e, x)` (sorted dispatch)
 and `all(x)` (dense reference). It keeps the wrapped module's w1 w2 w3 Parameters under the same names, so the base
 state-dict keys (`layers.0.feed_forward.experts.w1`) are unchanged; the adapter adds `lora_A.{w1,w2,w3}` and
-`lora_B.{w1,w2,w3}`. On an NF4 base (QLoRA) the same adapters live in `peft.qlora_experts.QLoRAExperts`. Not
-supported (a clear error from `peft.lora.validate`): DoRA (a magnitude per expert and output feature, not built).
+`lora_B.{w1,w2,w3}` (DoRA: `lora_magnitude.{w1,w2,w3}` [E, N]). On an NF4 base (QLoRA) the LoRA adapters live in
+`peft.qlora_experts.QLoRAExperts`; DoRA on an NF4 base is refused by `LoraConfig`, as for the linear layers.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class LoRAExperts(SwiGLUExperts):
     """Frozen stacked experts W (w1 w2 w3) plus a trainable per-expert low-rank update s·A_e B_e for each."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, use_rslora: bool = False,
-                 init: str = "kaiming"):
+                 init: str = "kaiming", use_dora: bool = False):
         super().__init__()
         E, C, Fh = base.w1.shape  # [E, C, F]
         check_expert_rank(r, E, C, Fh)
@@ -98,19 +101,44 @@ class LoRAExperts(SwiGLUExperts):
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         shapes = {name: tuple(getattr(self, name).shape) for name in MATRICES}
-        self.lora_A, self.lora_B = expert_adapters(shapes, r, _master_dtype(base.w1.dtype), base.w1.device, init)
+        dtype = _master_dtype(base.w1.dtype)
+        self.lora_A, self.lora_B = expert_adapters(shapes, r, dtype, base.w1.device, init)
+        self.use_dora = use_dora
+        if use_dora:  # DoRA §4.1: m starts as ‖W0‖, computed exactly as the forward computes n
+            self.lora_magnitude = nn.ParameterDict({name: nn.Parameter(self._weight_norm(name, None).to(dtype))
+                                                    for name in MATRICES})  # each [E, N]
         self.merged = False
+        self._dora_norms: dict[str, torch.Tensor] = {}  # n at merge time, for unmerge
 
-    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
-        """x @ (W + s·A B) for expert e (x [N, K]) or for all experts at once (e None, x [E, M, K])."""
+    def _weights(self, name: str, e: Optional[int], dtype: torch.dtype):
+        """(W, A, B) of expert e ([K, N], [K, r], [r, N]) or of all experts (e None: [E, ...]) in `dtype`."""
         W, A, B = getattr(self, name), self.lora_A[name], self.lora_B[name]
         if e is not None:
-            W, A, B = W[e], A[e], B[e]  # [K, N], [K, r], [r, N]
+            W, A, B = W[e], A[e], B[e]
+        return W.to(dtype), A.to(dtype), B.to(dtype)
+
+    def _weight_norm(self, name: str, e: Optional[int], dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """‖W + s·A B‖ over the input dimension K: [N] for expert e, [E, N] for all; detached (DoRA §4.3)."""
+        W, A, B = self._weights(name, e, dtype or getattr(self, name).dtype)
+        return torch.linalg.vector_norm(W + self.scaling * (A @ B), dim=-2).detach()
+
+    def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
+        """x @ (W + s·A B) for expert e (x [N, K]) or for all experts at once (e None, x [E, M, K]); DoRA rescales."""
+        W, A, B = self._weights(name, e, x.dtype)
         y = x @ W
         if self.merged:
             return y
-        # LoRA eq. (3) in x @ W form: h = x W0 + s · (drop(x) A) B
-        return y + lora_update(x, A, B, self.scaling, self.lora_dropout)
+        if not self.use_dora:
+            # LoRA eq. (3) in x @ W form: h = x W0 + s · (drop(x) A) B
+            return y + lora_update(x, A, B, self.scaling, self.lora_dropout)
+        # DoRA eq. (5) rearranged as in peft.lora: x W' = x W0 + (m/n − 1)·x W0 + (m/n)·s·(x A) B, n detached
+        norm = self._weight_norm(name, e, x.dtype)                                   # n: [N], or [E, N]
+        mag = self.lora_magnitude[name].to(x.dtype)
+        mag = mag[e] / norm if e is not None else (mag / norm)[:, None, :]          # m/n: [N], or [E, 1, N]
+        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
+        dropped = self.lora_dropout(x) if dropout else x
+        base_dropped = dropped @ W if dropout else y  # with dropout the rescale uses drop(x), as peft.lora
+        return y + (mag - 1) * base_dropped + mag * lora_update(dropped, A, B, self.scaling, nn.Identity())
 
     def delta_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """ΔW = s·A_e B_e for every expert: [E, K, N] in `dtype`."""
@@ -118,28 +146,37 @@ class LoRAExperts(SwiGLUExperts):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """W_e ← W_e + s·A_e B_e for every expert and matrix, computed in at least float32 and cast back."""
+        """W_e ← W_e + s·A_e B_e (DoRA: ← (m/n)(W_e + s·A_e B_e)) for every expert and matrix, computed in at least
+        float32 and cast back."""
         if self.merged:
             raise RuntimeError("these LoRA experts are already merged; merging twice would add ΔW twice")
         for name in MATRICES:
             W = getattr(self, name)
             compute = _master_dtype(W.dtype)
-            W.copy_((W.to(compute) + self.delta_weight(name, compute)).to(W.dtype))
+            merged = W.to(compute) + self.delta_weight(name, compute)  # [E, K, N]
+            if self.use_dora:
+                self._dora_norms[name] = torch.linalg.vector_norm(merged, dim=1)  # n [E, N], kept for unmerge
+                merged = (self.lora_magnitude[name].to(compute) / self._dora_norms[name])[:, None, :] * merged
+            W.copy_(merged.to(W.dtype))
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo `merge`: W_e ← W_e − s·A_e B_e."""
+        """Undo `merge`: W_e ← W_e − s·A_e B_e (DoRA: W_e·n/m − s·A_e B_e)."""
         if not self.merged:
             raise RuntimeError("these LoRA experts are not merged; nothing to unmerge")
         for name in MATRICES:
             W = getattr(self, name)
             compute = _master_dtype(W.dtype)
-            W.copy_((W.to(compute) - self.delta_weight(name, compute)).to(W.dtype))
+            unmerged = W.to(compute)
+            if self.use_dora:
+                unmerged = (self._dora_norms.pop(name) / self.lora_magnitude[name].to(compute))[:, None, :] * unmerged
+            W.copy_((unmerged - self.delta_weight(name, compute)).to(W.dtype))
         self.merged = False
 
     def adapter_parameter_names(self) -> list[str]:
-        return [f"lora_{side}.{name}" for side in ("A", "B") for name in MATRICES]
+        sides = ("A", "B", "magnitude") if self.use_dora else ("A", "B")
+        return [f"lora_{side}.{name}" for side in sides for name in MATRICES]
 
     def extra_repr(self) -> str:
         return (f"experts={self.n_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, r={self.r}, "

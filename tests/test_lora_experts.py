@@ -72,6 +72,8 @@ def reference_moe(moe, x: torch.Tensor) -> torch.Tensor:
         xin = torch.sigmoid(z[e].float()).to(x.dtype) * xt
         W = {n: getattr(ex, n)[e].detach() + s * (ex.lora_A[n][e].detach() @ ex.lora_B[n][e].detach())
              for n in ("w1", "w2", "w3")}
+        if ex.use_dora:  # DoRA eq. (5): each output feature (column of W [K, N]) rescaled to length m
+            W = {n: ex.lora_magnitude[n][e].detach() * w / w.norm(dim=0) for n, w in W.items()}
         routed = (F.silu(xin @ W["w1"]) * (xin @ W["w3"])) @ W["w2"]
         shared = (F.silu(sh.w1.weight @ xt) * (sh.w3.weight @ xt)) @ sh.w2.weight.t()
         out[t] = routed + shared
@@ -241,11 +243,48 @@ def test_experts_on_a_dense_model_or_dense_layers_is_rejected():
     assert not isinstance(model.layers[1].feed_forward.experts, LoRAExperts)
 
 
-def test_dora_on_experts_is_rejected():
-    model = make_model("tiny-llama-4-scout")
+def test_dora_on_experts_with_an_nf4_base_is_rejected():
     with pytest.raises(ValueError, match="use_dora=False"):
-        peft.apply(model, peft.LoraConfig(target_modules=("experts",), use_dora=True))
-    assert peft.trainable_parameters(model) == sum(p.numel() for p in model.parameters())  # untouched
+        peft.LoraConfig(target_modules=("experts",), use_dora=True, quantize_base=True)
+
+
+# -- DoRA -------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", PRESETS)
+def test_dora_experts_identity_at_init_and_hand_written_formula(name):
+    model = make_model(name)
+    toks = tokens(model)
+    with torch.no_grad():
+        base = model(toks)
+        peft.apply(model, peft.LoraConfig(r=3, alpha=6.0, target_modules=("experts",), use_dora=True))
+        assert torch.equal(model(toks), base)  # m = ‖W0‖ and B = 0: m/n = 1 exactly
+    randomize(model)  # A, B and the magnitudes
+    g = torch.Generator().manual_seed(7)
+    for moe in moe_modules(model):
+        assert moe.experts.lora_magnitude["w2"].shape == (model.args.moe_args.num_experts, model.args.dim)
+        x = torch.randn(2, 9, model.args.dim, generator=g, dtype=torch.float64)
+        expected = reference_moe(moe, x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        for dispatch in ("sorted", "dense"):
+            moe.dispatch = dispatch
+            with torch.no_grad():
+                assert rel_error(moe(x), expected) < 1e-6, dispatch
+
+
+def test_dora_experts_train_the_magnitude_and_merge():
+    model = make_model("tiny-llama-4-maverick")
+    peft.apply(model, peft.LoraConfig(r=2, target_modules=("experts",), use_dora=True))
+    randomize(model)
+    toks = tokens(model)
+    model(toks).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in peft.adapter_parameters(model).values())
+    assert any(".lora_magnitude.w1" in n for n in peft.adapter_parameters(model))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "experts.w" in k}
+    with torch.no_grad():
+        unmerged = model(toks)
+        peft.merge(model)
+        assert rel_error(model(toks), unmerged) <= 1e-10
+        peft.unmerge(model)
+        assert rel_error(model(toks), unmerged) <= 1e-12
+    assert all((model.state_dict()[k] - v).abs().max() < 1e-12 for k, v in before.items())
 
 
 def test_rank_larger_than_the_experts_is_rejected():
