@@ -156,7 +156,7 @@ def _fits(configs, args):
             if c.kwargs["BLOCK_M"] <= max(16, m) and (m < 128 or c.kwargs["BLOCK_M"] >= 64)
             and (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * elem * c.num_stages <= 200_000
             and (tma or not c.kwargs["TMA"])]
-    return kept or [c for c in configs if not c.kwargs["TMA"]][-1:]
+    return kept or [c for c in configs if tma or not c.kwargs["TMA"]][-1:]  # nothing fits: the last usable one
 
 
 def tma_ok(x, w, stride_wn: int, stride_wk: int) -> bool:
