@@ -115,7 +115,7 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
             raise CheckpointError(f"{path} has no {key!r}; it is not a complete LlamaConfig (restore the original "
                                   f"or re-save it with LlamaConfig.save_pretrained)")
     max_pos = config.get("max_position_embeddings", 2048)
-    theta, scaling = _rope_from_config(config, max_pos, path)
+    theta, scaling = rope_from_config(config, max_pos, path)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim")
     args = ModelArgs(
@@ -132,10 +132,12 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
     return args
 
 
-def _rope_from_config(config: dict, max_pos: int, path: Path) -> tuple[float, Optional[RopeScaling]]:
+def rope_from_config(config: dict, max_pos: int, path: Path, default_theta: float = 10000.0
+                     ) -> tuple[float, Optional[RopeScaling]]:
+    """(theta, scaling) of an HF config, dense Llama or Llama 4 text, read with HF's conventions for L0."""
     # transformers >= 5: rope_parameters = {rope_type, rope_theta, ...}; 4.x: rope_theta + rope_scaling = {...}.
     params = config.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", config.get("rope_theta", 10000.0)))
+    theta = float(params.get("rope_theta", config.get("rope_theta", default_theta)))
     scaling = dict(params if params.get("rope_type", "default") != "default" else (config.get("rope_scaling") or {}))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "dynamic":  # HF's dynamic NTK scales past max_position_embeddings, whatever else is set

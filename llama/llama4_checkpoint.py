@@ -39,7 +39,7 @@ import torch
 from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
                             write_json, write_safetensors, write_torch)
 from .config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
-from .hf_format import max_seq_len_from_config, positions_config, weight_files
+from .hf_format import max_seq_len_from_config, positions_config, rope_from_config, weight_files
 
 LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
 HF_MODEL_TYPES = ("llama4_text", "llama4")
@@ -170,12 +170,8 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
     moe_layers = config.get("moe_layers")
     if moe_layers is not None:  # an explicit list overrides the step in HF
         step = _interval_of([i in moe_layers for i in range(L)], L, "moe_layers", path)
-    params = dict(config.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", config.get("rope_theta", 500000.0)))
-    scaling_dict = params if params.get("rope_type", "default") != "default" else (config.get("rope_scaling") or {})
-    if scaling_dict.get("rope_type", scaling_dict.get("type")) == "dynamic":  # HF: L0 is max_position_embeddings
-        scaling_dict = {**scaling_dict, "original_max_position_embeddings": config.get("max_position_embeddings")}
-    scaling = RopeScaling.from_hf(scaling_dict)
+    theta, scaling = rope_from_config(config, config.get("max_position_embeddings", 131072), path,
+                                      default_theta=500000.0)
     moe = None if step is None else MoEArgs(
         num_experts=config.get("num_local_experts", 16), top_k=config.get("num_experts_per_tok", 1),
         interleave_moe_layer_step=step, load_balance_coef=config.get("router_aux_loss_coef", 1e-3))

@@ -28,6 +28,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import functools
 import operator
 import os
 import re
@@ -208,11 +209,15 @@ class SentencePieceTokenizer(Tokenizer):
     # character in front of the text and dropping the sentinel's pieces.
     _SENTINEL = "☺"
 
+    @functools.cached_property
+    def _sentinel_ids(self) -> list[int]:
+        return self.sp_model.encode(self._SENTINEL)           # "▁" + the sentinel (2 pieces in Code Llama's file)
+
     def encode_infilling(self, s: str) -> list[int]:
         """Text -> ids without the implicit leading space (the suffix of a Code Llama infilling prompt)."""
         if not isinstance(s, str):
             raise TypeError(f"encode_infilling expects a str, got {type(s).__name__}")
-        head = self.sp_model.encode(self._SENTINEL)            # "▁" + the sentinel (2 pieces in Code Llama's file)
+        head = self._sentinel_ids
         ids = self.sp_model.encode(self._SENTINEL + s)
         if ids[:len(head)] != head:
             raise ValueError(f"the text after {self._SENTINEL!r} merged with it into one piece; this tokenizer "
@@ -222,8 +227,7 @@ class SentencePieceTokenizer(Tokenizer):
     def decode_infilling(self, ids: Sequence[int]) -> str:
         """Ids -> text keeping a leading space (the generated middle of an infilling prompt; Meta's
         `decode_infilling`): decoded behind the sentinel, which is then cut off."""
-        head = self.sp_model.encode(self._SENTINEL)
-        return self.sp_model.decode(head + self._check_ids(ids))[len(self._SENTINEL):]
+        return self.sp_model.decode(self._sentinel_ids + self._check_ids(ids))[len(self._SENTINEL):]
 
     def infilling_prompt(self, prefix: str, suffix: str, *, suffix_first: bool = False) -> list[int]:
         """Code Llama's fill-in-the-middle prompt (Code Llama paper §2.3; Meta `infilling_prompt_tokens`).

@@ -83,6 +83,11 @@ def check_expert_rank(r: int, E: int, C: int, Fh: int) -> None:
         raise ValueError(f"LoRA rank r={r} must be in 1 … {min(C, Fh)} for experts of size {C}->{Fh}->{C}")
 
 
+def expert_delta(A: torch.Tensor, B: torch.Tensor, scaling: float, dtype: torch.dtype) -> torch.Tensor:
+    """ΔW_e = s·A_e B_e for every expert: [E, K, N] in `dtype` (A [E, K, r], B [E, r, N])."""
+    return scaling * torch.bmm(A.to(dtype), B.to(dtype))
+
+
 def lora_update(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, dropout: nn.Module):
     """LoRA eq. (3) in x @ W form, the update only: s · (drop(x) A) B."""
     return scaling * ((dropout(x) @ A.to(x.dtype)) @ B.to(x.dtype))
@@ -142,7 +147,7 @@ class LoRAExperts(SwiGLUExperts):
 
     def delta_weight(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         """ΔW = s·A_e B_e for every expert: [E, K, N] in `dtype`."""
-        return self.scaling * torch.bmm(self.lora_A[name].to(dtype), self.lora_B[name].to(dtype))
+        return expert_delta(self.lora_A[name], self.lora_B[name], self.scaling, dtype)
 
     @torch.no_grad()
     def merge(self) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 import kernels
 
 from .lora import KERNEL_DTYPES, LoRALinear, master_dtype
-from .lora_experts import EXPERT_TARGET, iter_experts
+from .lora_experts import EXPERT_TARGET, MATRICES, iter_experts
 from .targets import ATTENTION_LINEARS, FFN_LINEARS, iter_linears, shared_parameter_ids
 
 BLOCK_LINEARS = ATTENTION_LINEARS + FFN_LINEARS
@@ -132,6 +132,17 @@ class QLoRALinear(NF4Linear):
         return ["lora_A", "lora_B"]
 
 
+def quantize_frozen(weight: torch.Tensor, what: str) -> "kernels.NF4Weight":
+    """QLoRA's storage of a frozen weight: NF4, block size 64, double quantisation (float64 study weights go through
+    float32, where their NF4 values are exact). A NaN/inf weight raises with `what` and the position."""
+    weight = weight.detach()
+    weight = weight if weight.dtype in KERNEL_DTYPES else weight.float()
+    try:
+        return kernels.nf4_quantize(weight, blocksize=64, double_quant=True)
+    except ValueError as err:
+        raise ValueError(f"cannot quantise {what}: {err}") from err
+
+
 def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
     """Quantise every block linear to NF4 (LoRA on the targeted ones); `output` keeps a plain LoRA if targeted."""
     compute = getattr(torch, config.compute_dtype) if config.compute_dtype else model.tok_embeddings.weight.dtype
@@ -142,14 +153,7 @@ def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
             raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
                              f"attached there; build a fresh model")
     # quantise everything first, so a bad weight (NaN/inf, reported by nf4_quantize) leaves the model untouched
-    quantized = []
-    for name, _, _, child in block:
-        weight = child.weight.detach()
-        weight = weight if weight.dtype in KERNEL_DTYPES else weight.float()  # float64 study models
-        try:
-            quantized.append(kernels.nf4_quantize(weight, blocksize=64, double_quant=True))
-        except ValueError as err:
-            raise ValueError(f"cannot quantise {name}: {err}") from err
+    quantized = [quantize_frozen(child.weight, name) for name, _, _, child in block]
     # the routed experts of Llama 4 MoE layers too: NF4, with a per-expert LoRA where targeted (peft.qlora_experts)
     from .qlora_experts import NF4Experts, QLoRAExperts
 
@@ -196,7 +200,7 @@ def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> N
             dense = Experts(child.n_experts, child.dim, child.hidden_dim).to(device=child.w1_packed.device,
                                                                              dtype=dtype or child.compute_dtype)
             with torch.no_grad():
-                for name in ("w1", "w2", "w3"):
+                for name in MATRICES:
                     getattr(dense, name).copy_(child.dequantized_weight(name, None, getattr(dense, name).dtype))
             dense.requires_grad_(False)
             setattr(layer.feed_forward, EXPERT_TARGET, dense)

@@ -29,8 +29,8 @@ from torch import nn
 import kernels
 
 from .lora import KERNEL_DTYPES, master_dtype
-from .lora_experts import MATRICES, SwiGLUExperts, check_expert_rank, expert_adapters, lora_update
-from .qlora import NF4_FIELDS
+from .lora_experts import MATRICES, SwiGLUExperts, check_expert_rank, expert_adapters, expert_delta, lora_update
+from .qlora import NF4_FIELDS, quantize_frozen
 
 
 class NF4Experts(SwiGLUExperts):
@@ -41,14 +41,9 @@ class NF4Experts(SwiGLUExperts):
         E, C, Fh = base.w1.shape  # [E, C, F]
         self.n_experts, self.dim, self.hidden_dim, self.compute_dtype = E, C, Fh, compute_dtype
         self.shapes = {name: tuple(getattr(base, name).shape) for name in MATRICES}  # {name: (E, K, N)}
-        quantised = {}
-        for name in MATRICES:  # everything first: a NaN/inf weight leaves `base` in use and this module unbuilt
-            W = getattr(base, name).detach()
-            W = W if W.dtype in KERNEL_DTYPES else W.float()  # float64 study models
-            try:
-                quantised[name] = [kernels.nf4_quantize(W[e], blocksize=64, double_quant=True) for e in range(E)]
-            except ValueError as err:
-                raise ValueError(f"cannot quantise expert matrix {name}: {err}") from err
+        # everything first: a NaN/inf weight leaves `base` in use and this module unbuilt
+        quantised = {name: [quantize_frozen(getattr(base, name)[e], f"expert matrix {name} (expert {e})")
+                            for e in range(E)] for name in MATRICES}
         first = quantised["w1"][0]
         self.weight_dtype, self.blocksize, self.blocksize2 = first.dtype, first.blocksize, first.blocksize2
         for name, per_expert in quantised.items():  # buffers [E, ...]: they follow .to() and enter the state dict
@@ -95,7 +90,7 @@ class QLoRAExperts(NF4Experts):
             self.register_buffer(f"merged_{name}", None, persistent=False)
 
     def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
-        """x @ (W_e + s·A_e B_e): the decoded expert plus the LoRA update, in the compute dtype."""
+        """x @ (W_e + s·A_e B_e), QLoRA eq. (5): the decoded expert plus the LoRA update, in the compute dtype."""
         xc = x.to(self.compute_dtype)
         if self.merged:
             W = getattr(self, f"merged_{name}")
@@ -114,7 +109,7 @@ class QLoRAExperts(NF4Experts):
             raise RuntimeError("these QLoRA experts are already merged (unmerge first)")
         compute = master_dtype(self.compute_dtype)
         for name in MATRICES:
-            delta = self.scaling * torch.bmm(self.lora_A[name].to(compute), self.lora_B[name].to(compute))
+            delta = expert_delta(self.lora_A[name], self.lora_B[name], self.scaling, compute)
             merged = self.dequantized_weight(name, None, compute) + delta                  # [E, K, N]
             setattr(self, f"merged_{name}", merged.to(self.compute_dtype))
         self.merged = True
