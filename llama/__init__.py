@@ -1,9 +1,8 @@
 """A from-scratch, study-grade PyTorch implementation of Meta's LLaMA family."""
 
 from .chat_format import Llama2ChatFormat, Llama3ChatFormat, Llama4ChatFormat, chat_format_for
-from .checkpoint import detect_format, load, save
-from .checkpoint_io import CheckpointError
 from .config import ModelArgs, MoEArgs, RopeScaling, list_models
+from .formats import CheckpointError, detect_format, load, save
 from .generate import generate
 from .model import AttentionExtension, Transformer
 from .quantize import quantize_int8

@@ -3,7 +3,7 @@
 Shapes: B batch, T sequence, H heads, D head dim.
 
 Meta's convention rotates *adjacent* pairs (x_{2j}, x_{2j+1}) of each head vector by the angle m·θ_j at position m
-(Hugging Face's Llama instead rotates (x_j, x_{j+D/2}); `llama.checkpoint` permutes wq/wk rows between the two).
+(Hugging Face's Llama instead rotates (x_j, x_{j+D/2}); `llama.formats.checkpoint` permutes wq/wk rows between the two).
 Angles are computed in float32 as in both references, then applied in at least float32 precision.
 """
 

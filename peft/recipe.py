@@ -229,7 +229,7 @@ def build_tokenizer(cfg: DataSection):
 def build_model(cfg: ModelSection, vocab_size: int, seq_len: int) -> nn.Module:
     """The base model: loaded from `checkpoint`, or the preset (with overrides) freshly initialised."""
     from llama import Transformer
-    from llama.checkpoint import load
+    from llama.formats.checkpoint import load
     from llama.config import ModelArgs
 
     if cfg.checkpoint:
@@ -399,7 +399,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
     shutil.copyfile(tokenizer.path, final / "tokenizer.model")
     if cfg.method["name"] == "full":
         from llama import Transformer
-        from llama.checkpoint import save
+        from llama.formats.checkpoint import save
 
         base = Transformer(model.args)
         base.load_state_dict(sd)  # strict: every weight of the model must have been gathered
@@ -431,7 +431,7 @@ def load_run(run_dir: str | os.PathLike, merge: bool = False, device: str = "cpu
     cfg = build_config(raw)
     tokenizer = Tokenizer(final / "tokenizer.model")
     if cfg.method["name"] == "full":
-        from llama.checkpoint import load
+        from llama.formats.checkpoint import load
 
         return load(final / "model", device=device), tokenizer, cfg
     set_seed(cfg.train.seed)

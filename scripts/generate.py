@@ -42,7 +42,7 @@ def load(args):
         raise SystemExit("--merge needs --run (a checkpoint folder holds no adapter)")
     if not args.tokenizer:
         raise SystemExit("--checkpoint needs --tokenizer (the tokenizer.model the model was trained with)")
-    from llama.checkpoint import load as load_checkpoint
+    from llama.formats.checkpoint import load as load_checkpoint
     from llama.tokenizer import Tokenizer
 
     return load_checkpoint(args.checkpoint, device=args.device), Tokenizer(args.tokenizer)

@@ -1,6 +1,6 @@
 """Tiny random Hugging Face `LlamaForCausalLM` models: the independent reference for parity tests.
 
-The translation ModelArgs -> LlamaConfig below is written separately from `llama.hf_format` (which reads and
+The translation ModelArgs -> LlamaConfig below is written separately from `llama.formats.hf` (which reads and
 writes config.json for `llama.load` / `llama.save`), so a test that builds its reference here and loads it with
 `llama.load` checks our converter against Hugging Face's own reading of the config.
 

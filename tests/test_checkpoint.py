@@ -20,15 +20,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import llama.checkpoint as ckpt
+import llama.formats.checkpoint as ckpt
 from checkpoint_fixtures import hf_models  # noqa: F401 - pytest fixture
 from hf_reference import GENERATIONS, hf_logits, random_tokens, relative_error
 from llama import ModelArgs, RopeScaling, Transformer
-from llama.checkpoint_io import CheckpointError, expected_shapes
+from llama.formats.io import CheckpointError, expected_shapes
 from llama.config import PRESETS, count_parameters
-from llama.convert import main as convert_main
-from llama.hf_format import args_from_config, config_from_args
-from llama.meta_format import args_from_params, params_from_args
+from llama.formats.convert import main as convert_main
+from llama.formats.hf import args_from_config, config_from_args
+from llama.formats.meta import args_from_params, params_from_args
 
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import llama.checkpoint as ckpt
+import llama.formats.checkpoint as ckpt
 from checkpoint_fixtures import hf_models  # noqa: F401 - pytest fixture
 from hf_reference import GENERATIONS
 from llama import Transformer
-from llama.checkpoint_io import CheckpointError
+from llama.formats.io import CheckpointError
 
 
 @pytest.fixture()

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-import llama.checkpoint as ckpt
+import llama.formats.checkpoint as ckpt
 from hf_reference import GENERATIONS, hf_logits, random_hf_model, random_tokens, relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}

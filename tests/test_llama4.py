@@ -17,9 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
-from llama.checkpoint import load, save
+from llama.formats.checkpoint import load, save
 from llama import ModelArgs, Transformer
-from llama.checkpoint_io import CheckpointError
+from llama.formats.io import CheckpointError
 from llama.moe import MoE
 from llama.config import PRESETS, MoEArgs, RopeScaling, count_active_parameters, count_parameters
 

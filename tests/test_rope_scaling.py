@@ -19,7 +19,7 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from llama import ModelArgs, RopeScaling, Transformer
-from llama.checkpoint import load, save
+from llama.formats.checkpoint import load, save
 from llama.rope import RotaryEmbedding, base_frequencies, scaled_frequencies
 
 HEAD_DIM, THETA = 64, 10000.0
@@ -185,7 +185,7 @@ def test_hf_dynamic_config_reads_max_position_embeddings_as_l0():
     with no longest input recorded, ours accepts the design length s · L0."""
     from pathlib import Path
 
-    from llama.hf_format import args_from_config
+    from llama.formats.hf import args_from_config
 
     config = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=256,
                   max_position_embeddings=32, rope_scaling=dict(rope_type="dynamic", factor=4.0,

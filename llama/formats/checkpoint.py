@@ -2,9 +2,9 @@
 
 Two folder layouts exist for every dense LLaMA release (HF `convert_llama_weights_to_hf.py`):
   * Meta ("original"):  params.json + consolidated.00.pth … consolidated.NN.pth (one per model-parallel rank);
-                        see `llama.meta_format` for the per-weight shard merging.
+                        see `llama.formats.meta` for the per-weight shard merging.
   * Hugging Face:       config.json + model.safetensors, or model-0000k-of-0000n.safetensors + an index;
-                        see `llama.hf_format` for the names and the q/k RoPE row permutation.
+                        see `llama.formats.hf` for the names and the q/k RoPE row permutation.
 Both are translated to one in-memory form, a state dict with Meta's names and Meta's RoPE row order, which is
 exactly `Transformer.state_dict()`. The model is built on the meta device and the loaded tensors are assigned to
 it, so a checkpoint is never held twice in memory.
@@ -18,11 +18,11 @@ from typing import Optional, Union
 
 import torch
 
-from . import hf_format, llama4_checkpoint, meta_format
-from .checkpoint_io import CheckpointError, check_state_dict, expected_shapes, fsync_dir, require_dense
-from .config import ModelArgs
-from .model import Transformer
-from .rope import RotaryEmbedding
+from ..config import ModelArgs
+from ..model import Transformer
+from ..rope import RotaryEmbedding
+from . import hf, llama4, meta
+from .io import CheckpointError, check_state_dict, expected_shapes, fsync_dir, require_dense
 
 FORMATS = ("hf", "meta")
 PathLike = Union[str, os.PathLike]
@@ -35,21 +35,21 @@ def detect_format(path: PathLike) -> str:
     folder = Path(path)
     if not folder.exists():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist; pass the folder that holds params.json "
-                                f"(Meta) or config.json (Hugging Face)")
+                     f"(Meta) or config.json (Hugging Face)")
     if folder.is_file():
         raise CheckpointError(f"{folder} is a file; pass the checkpoint folder that contains it ({folder.parent})")
-    has_meta = (folder / meta_format.PARAMS_FILE).exists()
-    has_hf = (folder / hf_format.CONFIG_FILE).exists()
+    has_meta = (folder / meta.PARAMS_FILE).exists()
+    has_hf = (folder / hf.CONFIG_FILE).exists()
     if has_meta and has_hf:
         raise CheckpointError(f"{folder} holds both params.json (Meta) and config.json (Hugging Face); pass "
-                              f"format='meta' or format='hf' to choose")
+                   f"format='meta' or format='hf' to choose")
     if has_meta:
         return "meta"
     if has_hf:
         return "hf"
     found = sorted(p.name for p in folder.iterdir())[:10]
     hint = ""
-    if (folder / "original" / meta_format.PARAMS_FILE).exists():
+    if (folder / "original" / meta.PARAMS_FILE).exists():
         hint = f" (an HF download keeps Meta's files in {folder / 'original'}: pass that folder)"
     raise CheckpointError(f"{folder} is not a checkpoint folder: it has neither params.json + consolidated.NN.pth "
                           f"(Meta) nor config.json + model.safetensors (Hugging Face); found {found}{hint}")
@@ -67,13 +67,13 @@ def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[s
     fmt = format or detect_format(folder)
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS}")
-    if llama4_checkpoint.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/llama4_checkpoint.py)
-        args, sd = llama4_checkpoint.read(folder, fmt, max_seq_len=max_seq_len)
+    if llama4.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/formats/llama4.py)
+        args, sd = llama4.read(folder, fmt, max_seq_len=max_seq_len)
     elif fmt == "meta":
-        args, sd = meta_format.read_meta(folder, max_seq_len=max_seq_len)
-        check_state_dict(sd, args, config_file=str(folder / meta_format.PARAMS_FILE), weights=str(folder))
+        args, sd = meta.read_meta(folder, max_seq_len=max_seq_len)
+        check_state_dict(sd, args, config_file=str(folder / meta.PARAMS_FILE), weights=str(folder))
     else:
-        args, sd = hf_format.read_hf(folder)  # checked inside, with HF names in the messages
+        args, sd = hf.read_hf(folder)  # checked inside, with HF names in the messages
         if max_seq_len is not None:
             args.max_seq_len = max_seq_len
     return build_model(args, sd, dtype=dtype, device=device)
@@ -122,21 +122,21 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
                          "max_shard_size to split the safetensors files")
     args = model.args
-    llama4 = llama4_checkpoint.uses_llama4(args)  # Llama 4: its own writers (llama/llama4_checkpoint.py)
-    if not llama4:
+    is_llama4 = llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
+    if not is_llama4:
         require_dense(args, "this model")
     sd = _model_state_dict(model, dtype)
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    other = hf_format.CONFIG_FILE if format == "meta" else meta_format.PARAMS_FILE
+    other = hf.CONFIG_FILE if format == "meta" else meta.PARAMS_FILE
     if (folder / other).exists():
         raise CheckpointError(f"{folder} already holds a {'Hugging Face' if format == 'meta' else 'Meta'} "
-                              f"checkpoint ({other}); save into an empty folder so loaders are not confused")
+                   f"checkpoint ({other}); save into an empty folder so loaders are not confused")
     if format == "hf":
-        write_hf = llama4_checkpoint.write_hf if llama4 else hf_format.write_hf
-        written = write_hf(args, sd, folder, hf_format.parse_size(max_shard_size))
+        write_hf = llama4.write_hf if is_llama4 else hf.write_hf
+        written = write_hf(args, sd, folder, hf.parse_size(max_shard_size))
     else:
-        write_meta = llama4_checkpoint.write_meta if llama4 else meta_format.write_meta
+        write_meta = llama4.write_meta if is_llama4 else meta.write_meta
         written = write_meta(args, sd, folder, num_shards)
     _remove_stale(folder, format, written)
     fsync_dir(folder)
@@ -149,7 +149,7 @@ def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[
     if set(sd) != set(expected_shapes(model.args)):
         extra = sorted(set(sd) - set(expected_shapes(model.args)))
         raise CheckpointError(f"the model has parameters outside the base architecture ({extra[:5]}…): merge "
-                              f"adapter weights into the base layers (or save them separately) before saving")
+                   f"adapter weights into the base layers (or save them separately) before saving")
     check_state_dict(sd, model.args, config_file="model.args", weights="the model")
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
@@ -161,9 +161,9 @@ def _remove_stale(folder: Path, format: str, written: list[Path]) -> None:
     keep = {p.name for p in written}
     for p in folder.iterdir():
         if format == "meta":
-            is_weights = meta_format.SHARD_RE.match(p.name) or p.name == meta_format.SINGLE_FILE
+            is_weights = meta.SHARD_RE.match(p.name) or p.name == meta.SINGLE_FILE
         else:
-            is_weights = hf_format.SHARD_RE.match(p.name) or p.name in (hf_format.SAFETENSORS_FILE,
-                                                                       hf_format.SAFETENSORS_INDEX)
+            is_weights = hf.SHARD_RE.match(p.name) or p.name in (hf.SAFETENSORS_FILE,
+                                                            hf.SAFETENSORS_INDEX)
         if is_weights and p.name not in keep:
             p.unlink()

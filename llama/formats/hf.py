@@ -20,10 +20,10 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, require_dense,
-                            torch_load_tensors, write_json, write_safetensors)
-from .config import ModelArgs, RopeScaling
-from .meta_format import match_preset
+from ..config import ModelArgs, RopeScaling
+from .io import (CheckpointError, check_state_dict, iter_safetensors, read_json, require_dense,
+                 torch_load_tensors, write_json, write_safetensors)
+from .meta import match_preset
 
 CONFIG_FILE = "config.json"
 # Dynamic NTK: HF scales RoPE past `max_position_embeddings`, so for that scaling the field holds L0 and the longest
@@ -103,17 +103,17 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
     model_type = config.get("model_type", "llama")
     if model_type != "llama":
         raise CheckpointError(f"{path} describes a {model_type!r} model; only dense Llama checkpoints "
-                              f"(model_type 'llama', LlamaForCausalLM) can be loaded here")
+                   f"(model_type 'llama', LlamaForCausalLM) can be loaded here")
     unsupported = {k: config[k] for k in ("attention_bias", "mlp_bias") if config.get(k)}
     if config.get("hidden_act", "silu") != "silu":
         unsupported["hidden_act"] = config["hidden_act"]
     if unsupported:
         raise CheckpointError(f"{path} sets {unsupported}, which no LLaMA model uses (bias-free projections, SiLU "
-                              f"gate); this Transformer cannot represent it: use the model's own code")
+                   f"gate); this Transformer cannot represent it: use the model's own code")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size"):
         if key not in config:
             raise CheckpointError(f"{path} has no {key!r}; it is not a complete LlamaConfig (restore the original "
-                                  f"or re-save it with LlamaConfig.save_pretrained)")
+                       f"or re-save it with LlamaConfig.save_pretrained)")
     max_pos = config.get("max_position_embeddings", 2048)
     theta, scaling = rope_from_config(config, max_pos, path)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
@@ -150,7 +150,7 @@ def rope_from_config(config: dict, max_pos: int, path: Path, default_theta: floa
         return theta, RopeScaling.from_hf(scaling)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: cannot use its RoPE scaling {scaling}: {e}; llama.rope implements llama3, "
-                              f"linear, dynamic and yarn with HF's fields") from e
+                   f"linear, dynamic and yarn with HF's fields") from e
 
 
 def max_seq_len_from_config(config: dict, scaling: Optional[RopeScaling], default: int = 2048) -> int:
@@ -215,7 +215,7 @@ def weight_files(folder: Path) -> list[Path]:
             missing = [f for f in files if not (folder / f).exists()]
             if missing:
                 raise CheckpointError(f"{index} lists shard files that are not in {folder}: {missing}; download "
-                                      f"or copy every shard the index names")
+                           f"or copy every shard the index names")
             return [folder / f for f in files]
         if single.exists():
             return [single]
@@ -237,7 +237,7 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         for key, tensor in pairs:
             if key in seen:
                 raise CheckpointError(f"{key} appears in both {seen[key]} and {path.name}; the shards overlap: "
-                                      f"restore a matching set of shards")
+                           f"restore a matching set of shards")
             seen[key] = path.name
             if IGNORED_RE.search(key):
                 continue
@@ -250,12 +250,12 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
         absent = [k for k, f in expected_map.items() if seen.get(k) != f]
         if absent:
             raise CheckpointError(f"{index.name} places {absent[:5]} in shards that do not hold them; the index "
-                                  f"and the shards come from different saves: restore a matching set")
+                       f"and the shards come from different saves: restore a matching set")
     if args.tie_word_embeddings and "tok_embeddings.weight" in sd:
         lm_head = sd.pop("output.weight", None)
         if lm_head is not None and not torch.equal(lm_head, sd["tok_embeddings.weight"]):
             raise CheckpointError(f"{config_path} says tie_word_embeddings=true but lm_head.weight differs from "
-                                  f"model.embed_tokens.weight; set tie_word_embeddings to false in config.json")
+                       f"model.embed_tokens.weight; set tie_word_embeddings to false in config.json")
         sd["output.weight"] = sd["tok_embeddings.weight"]
     check_state_dict(sd, args, config_file=str(config_path), weights=str(folder), file_name=hf_name,
                      extra_unexpected=tuple(unexpected))

@@ -1,6 +1,6 @@
 """Llama 4 text checkpoints: Hugging Face `Llama4ForCausalLM` and Meta's Llama 4 layout <-> `Transformer`.
 
-`llama.load` / `llama.save` (llama/checkpoint.py) call `read_hf`, `read_meta`, `write_hf`, `write_meta` here when
+`llama.load` / `llama.save` (llama/formats/checkpoint.py) call `read_hf`, `read_meta`, `write_hf`, `write_meta` here when
 the folder or the model is a Llama 4 one; everything else (detection, building the model, atomic writes, stale
 files) stays in the shared code.
 
@@ -36,10 +36,11 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
-                            write_json, write_safetensors, write_torch)
-from .config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
-from .hf_format import max_seq_len_from_config, positions_config, rope_from_config, weight_files
+from ..config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
+from .hf import max_seq_len_from_config, positions_config, rope_from_config, weight_files
+from .io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
+                 write_json, write_safetensors, write_torch)
+from .meta import shard_paths  # consolidated.NN.pth listing, shared with the dense reader
 
 LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
 HF_MODEL_TYPES = ("llama4_text", "llama4")
@@ -135,14 +136,14 @@ def _interval_of(flags: list, n_layers: int, what: str, path) -> Optional[int]:
     n = flags.index(True) + 1
     if flags != [(i + 1) % n == 0 for i in range(n_layers)]:
         raise CheckpointError(f"{path}: {what} {flags} is not one layer in every n; this Transformer derives the "
-                              f"pattern from an interval (Meta's nope_layer_interval / interleave_moe_layer_step)")
+                   f"pattern from an interval (Meta's nope_layer_interval / interleave_moe_layer_step)")
     return n
 
 
 def _require_shared_expert(args: ModelArgs) -> None:
     if args.moe_args is not None and not args.moe_args.shared_expert:
         raise CheckpointError("this MoE has no shared expert (an ablation variant); neither HF's nor Meta's Llama 4 "
-                              "format can hold it: save it with torch.save(model.state_dict()) instead")
+                   "format can hold it: save it with torch.save(model.state_dict()) instead")
 
 
 def _config_error(path, e: Exception) -> CheckpointError:
@@ -165,13 +166,13 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
         raise CheckpointError(f"{path}: attention biases or a non-SiLU activation are not Llama 4; cannot load")
     L = config.get("num_hidden_layers", 48)
     no_rope = config.get("no_rope_layers") or [int((i + 1) % config.get("no_rope_layer_interval", 4) != 0)
-                                               for i in range(L)]
+                                    for i in range(L)]
     step = config.get("interleave_moe_layer_step", 1)
     moe_layers = config.get("moe_layers")
     if moe_layers is not None:  # an explicit list overrides the step in HF
         step = _interval_of([i in moe_layers for i in range(L)], L, "moe_layers", path)
     theta, scaling = rope_from_config(config, config.get("max_position_embeddings", 131072), path,
-                                      default_theta=500000.0)
+                           default_theta=500000.0)
     moe = None if step is None else MoEArgs(
         num_experts=config.get("num_local_experts", 16), top_k=config.get("num_experts_per_tok", 1),
         interleave_moe_layer_step=step, load_balance_coef=config.get("router_aux_loss_coef", 1e-3))
@@ -202,7 +203,7 @@ def _with_preset_rule(args: ModelArgs) -> ModelArgs:
         if same and p.moe_args is not None and args.moe_args is not None \
                 and p.moe_args.num_experts == args.moe_args.num_experts:
             return dataclasses.replace(args, multiple_of=p.multiple_of, ffn_dim_multiplier=p.ffn_dim_multiplier,
-                                       ffn_exp=p.ffn_exp, name=name)
+                            ffn_exp=p.ffn_exp, name=name)
     return args
 
 
@@ -213,7 +214,7 @@ def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
     _require_shared_expert(args)
     if args.floor_scale != int(args.floor_scale):
         raise CheckpointError(f"HF's Llama4TextConfig takes an integer floor_scale, got {args.floor_scale}; round it "
-                              f"or save with format='meta'")
+                   f"or save with format='meta'")
     return {
         "architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text",
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
@@ -298,7 +299,7 @@ _META_SCALING_KEYS = {"factor": "rope_scaling_factor", "high_freq_factor": "rope
                       "original_max_position_embeddings": "rope_original_max_position_embeddings"}  # Meta hard-codes
 # Llama 4 `args.py`: use_scaled_rope without explicit values means Scout's factor 16, high 1 (low 1, L0 8192 fixed).
 _META_L4_SCALING = RopeScaling("llama3", factor=16.0, low_freq_factor=1.0, high_freq_factor=1.0,
-                               original_max_position_embeddings=8192)
+                    original_max_position_embeddings=8192)
 _MOE_KEYS = ("num_experts", "capacity_factor", "auto_scale_F", "top_k", "interleave_moe_layer_step")
 
 
@@ -314,7 +315,7 @@ def _args_from_params(params: dict, max_seq_len: Optional[int]) -> ModelArgs:
     scaling = None
     if params.get("use_scaled_rope"):
         scaling = dataclasses.replace(_META_L4_SCALING, **{f: params[k] for f, k in _META_SCALING_KEYS.items()
-                                                           if params.get(k) is not None})
+                                                if params.get(k) is not None})
     moe = params.get("moe_args")
     args = ModelArgs(
         dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads"),
@@ -340,13 +341,13 @@ def params_from_args(args: ModelArgs) -> dict:
     m = args.moe_args
     _require_shared_expert(args)
     if m is not None and (args.ffn_exp is None or moe_hidden_size(args.dim, args.ffn_exp, args.ffn_dim_multiplier,
-                                                                   args.multiple_of, m) != args.moe_hidden_dim):
+                                                        args.multiple_of, m) != args.moe_hidden_dim):
         raise CheckpointError(f"expert hidden size {args.moe_hidden_dim} does not follow Meta's rule from ffn_exp="
-                              f"{args.ffn_exp}, multiple_of={args.multiple_of}; save with format='hf' instead")
+                   f"{args.ffn_exp}, multiple_of={args.multiple_of}; save with format='hf' instead")
     has_dense = any(not args.layer_spec(i).moe for i in range(args.n_layers))
     if has_dense and ffn_hidden_size(args.dim, args.multiple_of, args.ffn_dim_multiplier) != args.ffn_hidden_dim:
         raise CheckpointError(f"dense hidden size {args.ffn_hidden_dim} does not follow Meta's rule; save with "
-                              f"format='hf' instead")
+                   f"format='hf' instead")
     params = {"dim": args.dim, "n_layers": args.n_layers, "n_heads": args.n_heads, "n_kv_heads": args.n_kv_heads,
               "head_dim": args.head_dim, "vocab_size": args.vocab_size, "multiple_of": args.multiple_of,
               "ffn_dim_multiplier": args.ffn_dim_multiplier, "ffn_exp": args.ffn_exp, "norm_eps": args.norm_eps,
@@ -358,7 +359,7 @@ def params_from_args(args: ModelArgs) -> dict:
     if args.rope_scaling is not None:
         if args.rope_scaling.rope_type != "llama3":
             raise CheckpointError(f"Meta's params.json has no field for {args.rope_scaling.rope_type!r} RoPE scaling; "
-                                  f"save with format='hf' instead")
+                       f"save with format='hf' instead")
         params.update({k: getattr(args.rope_scaling, f) for f, k in _META_SCALING_KEYS.items()})
     if m is not None:
         params["moe_args"] = {k: getattr(m, k) for k in _MOE_KEYS}
@@ -370,7 +371,7 @@ def params_from_args(args: ModelArgs) -> dict:
 # along the model-parallel axis of each tensor (fairscale column-parallel: output rows; row-parallel: input columns).
 
 _IGNORED_META_RE = re.compile(r"(_extra_state|global_gate_stats_3E|running_gate_stats_3E|expert_activation_DE"
-                              r"|^rope\.freqs)$")
+                   r"|^rope\.freqs)$")
 _VISION_RE = re.compile(r"^(vision_embeddings|vision_projection)\.")
 _SPLIT_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
               "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
@@ -429,7 +430,7 @@ def merge_meta_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs) ->
     P = len(shards)
     if args.n_kv_heads % P:
         raise CheckpointError(f"{P} model-parallel shards for {args.n_kv_heads} KV heads: KV heads repeated across "
-                              f"ranks (P > Hkv) are not handled for Llama 4; re-shard the checkpoint to P <= Hkv")
+                   f"ranks (P > Hkv) are not handled for Llama 4; re-shard the checkpoint to P <= Hkv")
     local = [_unfuse_rank(s, args, P) for s in shards]
     merged = {}
     for key in local[0]:
@@ -486,8 +487,6 @@ def _fuse_rank(local: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 
 
 def read_meta(folder: Path, *, max_seq_len: Optional[int] = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
-    from .meta_format import shard_paths  # consolidated.NN.pth listing, shared with the dense reader
-
     params_path = folder / "params.json"
     args = args_from_params(read_json(params_path), path=params_path, max_seq_len=max_seq_len)
     shards, skipped = [], 0

@@ -21,8 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .config import ModelArgs
-from .model import Transformer
+from ..config import ModelArgs
+from ..model import Transformer
 
 
 class CheckpointError(ValueError):
@@ -39,7 +39,7 @@ def read_json(path: Path) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); the file is corrupt or truncated: restore it "
-                              f"from the original download or re-convert the checkpoint") from e
+                   f"from the original download or re-convert the checkpoint") from e
     if not isinstance(data, dict):
         raise CheckpointError(f"{path} must hold a JSON object, got {type(data).__name__}; restore the original file")
     return data
@@ -57,20 +57,20 @@ def torch_load_tensors(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         if not zipfile.is_zipfile(path):  # not a torch archive at all: random bytes, or cut before its directory
             raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated (not a PyTorch zip "
-                                  f"archive); re-download it (Meta folders ship checklist.chk with md5 sums) or "
-                                  f"re-convert the checkpoint (files saved by torch < 1.6 must be re-saved)") from e
+                       f"archive); re-download it (Meta folders ship checklist.chk with md5 sums) or "
+                       f"re-convert the checkpoint (files saved by torch < 1.6 must be re-saved)") from e
         raise CheckpointError(
             f"{path} contains objects other than tensors, which weights_only=True refuses to unpickle ({e}); "
             f"only load checkpoints you trust, and re-save them as a plain state dict of tensors") from e
     except Exception as e:  # noqa: BLE001  random bytes make the unpickler fail in many ways (IndexError, ...)
         raise CheckpointError(f"cannot read {path}: the file is corrupt or truncated ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0] if str(e) else ''}); re-download it (Meta folders ship "
-                              f"checklist.chk with md5 sums) or re-convert the checkpoint") from e
+                   f"{str(e).splitlines()[0] if str(e) else ''}); re-download it (Meta folders ship "
+                   f"checklist.chk with md5 sums) or re-convert the checkpoint") from e
     if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
         sd = sd["model"]  # training checkpoints sometimes wrap the weights
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{path} does not hold a flat dict of tensors (got {type(sd).__name__}); save the "
-                              f"model's state_dict() rather than the module or an optimizer state")
+                   f"model's state_dict() rather than the module or an optimizer state")
     return sd
 
 
@@ -82,7 +82,7 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield name, f.get_tensor(name)
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"cannot read {path}: the safetensors file is corrupt or truncated ({e}); "
-                              f"re-download or re-convert it") from e
+                   f"re-download or re-convert it") from e
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def require_dense(args: ModelArgs, what: str) -> None:
     used = [f for f in LLAMA4_FIELDS if getattr(args, f, None)]
     if used:
         raise CheckpointError(f"{what} uses Llama 4 features ({', '.join(used)}); llama.load / llama.save handle the "
-                              f"dense generations (LLaMA 1 to Llama 3.3) only")
+                   f"dense generations (LLaMA 1 to Llama 3.3) only")
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -166,7 +166,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n",
-                                                  encoding="utf-8"))
+                                       encoding="utf-8"))
 
 
 def write_torch(path: Path, tensors: dict[str, torch.Tensor]) -> None:

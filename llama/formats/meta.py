@@ -25,9 +25,9 @@ from typing import Optional
 
 import torch
 
-from .checkpoint_io import (LLAMA4_FIELDS, CheckpointError, read_json, require_dense, torch_load_tensors, write_json,
-                            write_torch)
-from .config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_size
+from ..config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_size
+from .io import (LLAMA4_FIELDS, CheckpointError, read_json, require_dense, torch_load_tensors, write_json,
+                 write_torch)
 
 PARAMS_FILE = "params.json"
 SINGLE_FILE = "consolidated.pth"  # accepted by the HF converter for unsharded checkpoints
@@ -40,7 +40,7 @@ REPLICATED = ("attention_norm", "ffn_norm", "norm")
 
 # Constants Meta's Llama 3 `apply_scaling` hard-codes for `use_scaled_rope: true`.
 META_LLAMA3_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                  original_max_position_embeddings=8192)
+                       original_max_position_embeddings=8192)
 # params.json keys for values that differ from those constants. `rope_scaling_factor` and `rope_high_freq_factor`
 # are Meta's own names (Llama 4 `args.py`); the other two exist only in folders this project writes.
 SCALING_KEYS = {"factor": "rope_scaling_factor", "high_freq_factor": "rope_high_freq_factor",
@@ -64,7 +64,7 @@ def args_from_params(params: dict, *, path: Path, vocab_size: Optional[int] = No
     other = [k for k in ("moe_args", "nope_layer_interval", "vision_args", "vision_chunk_size") if k in params]
     if other:
         raise CheckpointError(f"{path} describes a Llama 4 or Llama 3.2 Vision model ({other}); llama.load reads "
-                              f"the dense text generations (LLaMA 1 to Llama 3.3) only")
+                   f"the dense text generations (LLaMA 1 to Llama 3.3) only")
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(f"{path} has no {key!r} field; it is not a Meta params.json (restore the original)")
@@ -72,7 +72,7 @@ def args_from_params(params: dict, *, path: Path, vocab_size: Optional[int] = No
     if vocab is None or vocab <= 0:
         if vocab_size is None:
             raise CheckpointError(f"{path} has vocab_size {vocab} and no tokenizer or weights tell the real size; "
-                                  f"put the model's tokenizer.model next to params.json")
+                       f"put the model's tokenizer.model next to params.json")
         vocab = vocab_size
     scaling = None
     if params.get("use_scaled_rope", False):
@@ -126,7 +126,7 @@ def params_from_args(args: ModelArgs) -> dict:
     if scaling is not None:
         if scaling.rope_type != "llama3":
             raise CheckpointError(f"Meta's params.json has no field for {scaling.rope_type!r} RoPE scaling (Meta "
-                                  f"only ships 'llama3'); save this model with format='hf' instead")
+                       f"only ships 'llama3'); save this model with format='hf' instead")
         params["use_scaled_rope"] = True
         for field, key in SCALING_KEYS.items():
             value = getattr(scaling, field)
@@ -186,12 +186,12 @@ def shard_paths(folder: Path) -> list[Path]:
         if single.exists():
             return [single]
         raise CheckpointError(f"{folder} has {PARAMS_FILE} but no consolidated.NN.pth weight files; copy the "
-                              f"weights next to params.json")
+                   f"weights next to params.json")
     ranks = [r for r, _ in numbered]
     if ranks != list(range(len(ranks))):
         missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
         raise CheckpointError(f"{folder}: model-parallel shards are not numbered 0…{len(ranks) - 1} (found ranks "
-                              f"{ranks}, missing {missing}); restore the missing consolidated.NN.pth files")
+                   f"{ranks}, missing {missing}); restore the missing consolidated.NN.pth files")
     return [p for _, p in numbered]
 
 
@@ -218,12 +218,12 @@ def _vocab_size(folder: Path, params: dict, shards: list[dict]) -> Optional[int]
     rows = _embedding_rows(shards, params.get("model", params).get("dim"))
     for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):  # LLaMA 1 kept it one up
         if candidate.exists():
-            from .tokenizer import Tokenizer  # local import: only this rare path needs the tokenizer libraries
+            from ..tokenizer import Tokenizer  # local import: only this rare path needs the tokenizer libraries
 
             n_words = Tokenizer(candidate).n_words
             if rows is not None and n_words != rows:
                 raise CheckpointError(f"{candidate} has {n_words} tokens but the embedding in {folder} has {rows} "
-                                      f"rows; use the tokenizer.model that was released with these weights")
+                           f"rows; use the tokenizer.model that was released with these weights")
             return n_words
     return rows  # no tokenizer: the embedding's row count is the vocab
 
@@ -247,8 +247,8 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs,
         if set(shard) != set(keys):
             only0, only_r = sorted(set(keys) - set(shard)), sorted(set(shard) - set(keys))
             raise CheckpointError(f"shards disagree on their keys: {paths[0].name} has {only0[:5]} that "
-                                  f"{path.name} lacks, {path.name} has {only_r[:5]} that {paths[0].name} lacks; "
-                                  f"the shards come from different checkpoints: restore a matching set")
+                       f"{path.name} lacks, {path.name} has {only_r[:5]} that {paths[0].name} lacks; "
+                       f"the shards come from different checkpoints: restore a matching set")
     merged = {}
     for key in keys:
         parts = [s[key] for s in shards]
@@ -257,7 +257,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs,
             for path, part in zip(paths[1:], parts[1:]):
                 if part.shape != parts[0].shape or not torch.equal(part, parts[0]):
                     raise CheckpointError(f"{key} is replicated on every rank but {path.name} differs from "
-                                          f"{paths[0].name}; the shards come from different checkpoints")
+                               f"{paths[0].name}; the shards come from different checkpoints")
             merged[key] = parts[0]
             continue
         dim = _embedding_dim(parts, args, key) if name == "tok_embeddings" else SPLIT_DIM.get(name)
@@ -268,7 +268,7 @@ def merge_shards(shards: list[dict[str, torch.Tensor]], args: ModelArgs,
         if len({tuple(p.shape) for p in parts}) != 1 or len(set(other)) != 1:
             shapes = ", ".join(f"{path.name}: {list(p.shape)}" for path, p in zip(paths, parts))
             raise CheckpointError(f"shards of {key} have mismatched shapes ({shapes}); model-parallel ranks of one "
-                                  f"checkpoint split it evenly along dim {dim}: restore a matching set of shards")
+                       f"checkpoint split it evenly along dim {dim}: restore a matching set of shards")
         merged[key] = torch.cat(parts, dim=dim)
         if name in ("wk", "wv"):
             merged[key] = _drop_repeated_kv(merged[key], args, P, key)
@@ -298,7 +298,7 @@ def _drop_repeated_kv(w: torch.Tensor, args: ModelArgs, P: int, key: str) -> tor
     for r in range(P):
         if not torch.equal(heads[r], heads[r - r % rep]):
             raise CheckpointError(f"{key}: {P} ranks for {Hkv} KV heads should repeat each head on {rep} ranks, "
-                                  f"but rank {r} differs from rank {r - r % rep}; check n_kv_heads in params.json")
+                       f"but rank {r} differs from rank {r - r % rep}; check n_kv_heads in params.json")
     return heads[::rep].reshape(Hkv * D, -1)
 
 
@@ -325,7 +325,7 @@ def split_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, num_shards: i
         bad.append(f"n_kv_heads={args.n_kv_heads}")
     if bad:
         raise CheckpointError(f"cannot split into {P} model-parallel shards: {', '.join(bad)} not divisible by {P} "
-                              f"(n_kv_heads must divide or be divided by it); choose num_shards dividing all of them")
+                   f"(n_kv_heads must divide or be divided by it); choose num_shards dividing all of them")
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(P)]
     for key, w in sd.items():
         name = module_name(key)
