@@ -27,32 +27,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from llama.formats import load as load_checkpoint  # noqa: E402
 from llama.generate import generate  # noqa: E402
+from llama.tokenizer import Tokenizer  # noqa: E402
+from peft.training.data import _check_file  # noqa: E402
+from peft.training.recipe import load_run  # noqa: E402
 
 
 def load(args):
     if bool(args.run) == bool(args.checkpoint):
         raise SystemExit("give exactly one of --run (a training run folder) or --checkpoint (a model folder)")
     if args.run:
-        from peft.recipe import load_run
-
         model, tokenizer, _ = load_run(args.run, merge=args.merge, device=args.device)
         return model, tokenizer
     if args.merge:
         raise SystemExit("--merge needs --run (a checkpoint folder holds no adapter)")
     if not args.tokenizer:
         raise SystemExit("--checkpoint needs --tokenizer (the tokenizer.model the model was trained with)")
-    from llama.formats.checkpoint import load as load_checkpoint
-    from llama.tokenizer import Tokenizer
-
     return load_checkpoint(args.checkpoint, device=args.device), Tokenizer(args.tokenizer)
 
 
 def read_prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        from peft.data import _check_file
-
         path = _check_file(args.prompts_file)
         for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             if line.strip():

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.config import ModelArgs  # noqa: E402
-from peft.memory import DTYPE_BYTES, ESTIMATE_METHODS, estimate, table  # noqa: E402
+from peft.training.memory import DTYPE_BYTES, ESTIMATE_METHODS, estimate, table  # noqa: E402
 
 
 def qlora_claims() -> list[dict]:

@@ -5,7 +5,7 @@
 
 The resolved config is printed first; unknown sections or keys are errors. With train.out_dir set, the run writes
 metrics.jsonl / metrics.csv, crash-safe checkpoints (resume with --train.resume=true) and final/ (see
-peft.recipe.export), and a summary JSON. All the work happens in peft.recipe and peft.train.
+peft.training.recipe.export), and a summary JSON. All the work happens in peft.training.recipe and peft.training.loop.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peft.recipe import format_config, load_config, run  # noqa: E402
-from peft.train import init_distributed  # noqa: E402
+from peft.training.recipe import format_config, load_config, run  # noqa: E402
+from peft.training.loop import init_distributed  # noqa: E402
 
 
 def main(argv=None) -> dict:

@@ -5,21 +5,14 @@ import json
 
 import pytest
 
-from peft.ablation import METHODS, AblationConfig, run_ablation
+from scripts.ablate_peft import METHODS, AblationConfig, main, run_ablation
 
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """scripts/ablate_peft.py itself, shrunk with --max-steps (the README's smoke command)."""
-    import importlib.util
-    from pathlib import Path
-
     root = tmp_path_factory.mktemp("ablation")
-    spec = importlib.util.spec_from_file_location("ablate_peft", Path(__file__).resolve().parents[1] / "scripts" /
-                                                  "ablate_peft.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    report = script.main(["--max-steps", "2", "--n-eval", "6", "--cache-dir", str(root / "cache"), "--out",
+    report = main(["--max-steps", "2", "--n-eval", "6", "--cache-dir", str(root / "cache"), "--out",
                           str(root / "out"), "--no-progress", "--seed", "3"])
     return root, report
 

@@ -7,8 +7,8 @@ import torch
 
 import peft
 from peft.adapter_v1 import AdaptionPrompt, set_visual_prompts
-from test_peft_reference import (GATE_FNS, PRESETS, Adapters, base_weights, check_against_reference, make_model,
-                                 max_rel_error, reference_forward, tokens)
+from tests.reference.paper_peft import (GATE_FNS, PRESETS, Adapters, base_weights, check_against_reference, make_model,
+                                        max_rel_error, reference_forward, tokens)
 
 
 def config(**kw) -> peft.AdapterV1Config:

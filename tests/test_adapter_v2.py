@@ -8,8 +8,8 @@ import torch
 import peft
 from peft.adapter_v1 import AdaptionPrompt
 from peft.adapter_v2 import BiasScaleLinear, parameter_groups
-from test_peft_reference import (GATE_FNS, PRESETS, Adapters, check_against_reference, forward_with_hidden,
-                                 make_model, max_rel_error, tokens)
+from tests.reference.paper_peft import (GATE_FNS, PRESETS, Adapters, check_against_reference, forward_with_hidden,
+                                        make_model, max_rel_error, tokens)
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 

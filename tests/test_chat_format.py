@@ -8,15 +8,8 @@ import tiktoken
 
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat, Llama4ChatFormat, chat_format_for
 from llama.tokenizer import Tokenizer
-from tests.tokenizer_files import (
-    META_LLAMA3_PATTERN,
-    META_LLAMA4_PATTERN,
-    hand_written_ranks,
-    sample_text,
-    train_bpe_ranks,
-    train_sentencepiece,
-    write_ranks,
-)
+from tests.tokenizer_files import (META_LLAMA3_PATTERN, META_LLAMA4_PATTERN, hand_written_ranks, sample_text,
+                                   train_bpe_ranks, train_sentencepiece, write_ranks)
 
 DIALOG = [
     {"role": "system", "content": "You are a helpful llama"},

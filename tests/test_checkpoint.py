@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import load_file
 
 import llama.formats.checkpoint as ckpt
-from checkpoint_fixtures import hf_models  # noqa: F401 - pytest fixture
-from hf_reference import GENERATIONS, hf_logits, random_tokens, relative_error
+from tests.reference.hf import hf_models  # noqa: F401 - pytest fixture
+from tests.reference.hf import GENERATIONS, hf_logits, random_tokens, relative_error
 from llama import ModelArgs, RopeScaling, Transformer
 from llama.formats.io import CheckpointError, expected_shapes
 from llama.config import PRESETS, count_parameters

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import llama.formats.checkpoint as ckpt
-from checkpoint_fixtures import hf_models  # noqa: F401 - pytest fixture
-from hf_reference import GENERATIONS
+from tests.reference.hf import hf_models  # noqa: F401 - pytest fixture
+from tests.reference.hf import GENERATIONS
 from llama import Transformer
 from llama.formats.io import CheckpointError
 

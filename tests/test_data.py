@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from peft import data as D
+from peft.training import data as D
 
 
 class CharTokenizer:
@@ -23,7 +23,7 @@ class CharTokenizer:
 
 
 def _answer(prompt: str) -> str:
-    """Solve a task prompt independently of peft.data (parse the text, compute the answer)."""
+    """Solve a task prompt independently of peft.training.data (parse the text, compute the answer)."""
     kind, body = re.match(r"(\w+): (.*)\nAnswer:", prompt, re.S).groups()
     if kind == "Reverse":
         return "".join(reversed(body))

@@ -1,6 +1,6 @@
 """Parity with Hugging Face `transformers` through real checkpoint files.
 
-Each tiny config (one per generation's distinguishing feature, `hf_reference.GENERATIONS`) is built as a random
+Each tiny config (one per generation's distinguishing feature, `tests.reference.hf.GENERATIONS`) is built as a random
 HF `LlamaForCausalLM`, written with `save_pretrained` (config.json + safetensors) and read back with `llama.load`.
 Logits must agree to a relative error of 1e-10 in float64 and 1e-5 in float32, for both of our attention paths
 against both of HF's (HF's "eager" path takes its softmax in float32 even for float64 models, so against it the
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 import llama.formats.checkpoint as ckpt
-from hf_reference import GENERATIONS, hf_logits, random_hf_model, random_tokens, relative_error
+from tests.reference.hf import GENERATIONS, hf_logits, random_hf_model, random_tokens, relative_error
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 DTYPE_IDS = {torch.float64: "float64", torch.float32: "float32"}

@@ -104,15 +104,14 @@ def test_32k_forward_fits_in_a_few_hundred_mib():
     assert peak < 2 * 2**30
 
 
-# -- the context-extension ablation (llama.context_ablation, scripts/ablate_context.py) ---------------------------
+# -- the context-extension ablation (scripts/ablate_context.py) ----------------------------------------------------
 
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
 
-from llama.context_ablation import (VARIANTS, ContextAblationConfig, base_args, format_table,  # noqa: E402
-                                    passkey_document, passkey_example, plot, run, scaling_for)
-from tests.ablation_testing import adamw_loop, toy_docs  # noqa: E402
+from scripts.ablate_context import (VARIANTS, ContextAblationConfig, base_args, format_table,  # noqa: E402
+                                    main, passkey_document, passkey_example, plot, run, scaling_for)
+from tests.ablation_testing import toy_docs  # noqa: E402
 
 DOCS = toy_docs(300)
 
@@ -152,7 +151,7 @@ def test_variants_and_base_layouts():
 def test_tiny_context_run_report_table_and_plot(tmp_path):
     cfg = ContextAblationConfig(train_len=56, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
                                 base_steps=2, ft_steps=1, eval_tokens=192, n_passkey=2)
-    report = run(cfg, DOCS, adamw_loop, log=lambda *a: None)
+    report = run(cfg, DOCS, log=lambda *a: None)
     assert list(report["results"]) == list(VARIANTS) and report["lengths"] == [56, 112]
     for res in report["results"].values():
         for stage in ("no_ft", "ft"):
@@ -173,11 +172,7 @@ def test_bad_context_config(kw, message):
 
 
 def test_context_script_end_to_end_through_the_project_training_loop(tmp_path):
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("ablate_context", root / "scripts" / "ablate_context.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    script.main(["--train-len", "56", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
+    main(["--train-len", "56", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
                  "--base-steps", "2", "--ft-steps", "1", "--eval-tokens", "192", "--n-passkey", "2",
                  "--variants", "none", "linear", "--corpus-chars", "100000", "--threads", "1", "--seed", "5",
                  "--out", str(tmp_path)])

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import peft
 from peft import lora as lora_module
-from test_peft_reference import (PRESETS, Adapters, base_weights, check_against_reference, forward_with_hidden,
-                                 make_model, max_rel_error, reference_forward, tokens)
+from tests.reference.paper_peft import (PRESETS, Adapters, base_weights, check_against_reference, forward_with_hidden,
+                                        make_model, max_rel_error, reference_forward, tokens)
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 VARIANTS = {

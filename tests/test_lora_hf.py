@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peft
-from test_peft_reference import forward_with_hidden, make_model, max_rel_error, tokens
+from tests.reference.paper_peft import forward_with_hidden, make_model, max_rel_error, tokens
 
 HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
 

@@ -8,7 +8,7 @@ import torch
 import kernels
 import peft
 from peft.qlora import NF4Linear, QLoRALinear
-from test_peft_reference import make_model, max_rel_error, tokens
+from tests.reference.paper_peft import make_model, max_rel_error, tokens
 
 ALL_BLOCK = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 

@@ -11,9 +11,9 @@ import torch
 
 import peft
 from llama import ModelArgs, Transformer
-from peft import data as D
-from peft.memory import NF4_DQ_BITS, TensorMemoryTracker, estimate, measure_peak, parameter_counts
-from peft.train import Dist, TrainConfig, train
+from peft.training import data as D
+from peft.training.memory import NF4_DQ_BITS, TensorMemoryTracker, estimate, measure_peak, parameter_counts
+from peft.training.loop import Dist, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
 P65 = 65_285_660_672  # LLaMA-65B, exact count from the released shapes (llama.config preset table)

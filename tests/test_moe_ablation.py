@@ -1,16 +1,13 @@
-"""`llama.moe_ablation` and `scripts/ablate_moe.py`: equal active parameters, load statistics, a tiny end-to-end run."""
+"""`scripts/ablate_moe.py`: equal active parameters, load statistics, a tiny end-to-end run."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from llama.config import count_active_parameters
-from llama.moe_ablation import VARIANTS, MoEAblationConfig, format_table, imbalance, plot, run, variant_args
-from tests.ablation_testing import adamw_loop, toy_docs
+from scripts.ablate_moe import VARIANTS, MoEAblationConfig, format_table, imbalance, main, plot, run, variant_args
+from tests.ablation_testing import toy_docs
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCS = toy_docs(200)
 
 
@@ -33,7 +30,7 @@ def test_imbalance_by_hand():
 def test_tiny_run_report_table_and_plot(tmp_path):
     cfg = MoEAblationConfig(dim=32, n_layers=2, n_heads=2, ffn_hidden=64, n_experts=4, seq_len=16, batch_size=4,
                             steps=3, eval_tokens=256, capacity_factor=1.0)
-    report = run(cfg, DOCS, adamw_loop, log=lambda *a: None)
+    report = run(cfg, DOCS, log=lambda *a: None)
     assert list(report["results"]) == list(VARIANTS)
     moe = report["results"]["moe"]
     assert len(moe["loss_curve"]) == 3 and len(moe["shares"]) == 3 and len(moe["load_balance"]) == 3
@@ -55,10 +52,7 @@ def test_bad_config():
 
 
 def test_script_end_to_end_through_the_project_training_loop(tmp_path):
-    spec = importlib.util.spec_from_file_location("ablate_moe", ROOT / "scripts" / "ablate_moe.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    report = script.main(["--steps", "2", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
+    report = main(["--steps", "2", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--ffn-hidden", "64",
                           "--n-experts", "4", "--batch-size", "4", "--seq-len", "16", "--eval-tokens", "256",
                           "--variants", "dense", "moe", "--corpus-chars", "100000", "--threads", "1",
                           "--seed", "3", "--out", str(tmp_path)])

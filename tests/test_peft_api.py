@@ -10,7 +10,7 @@ import torch
 import llama
 import peft
 from peft import count
-from test_peft_reference import make_model, max_rel_error, tokens
+from tests.reference.paper_peft import make_model, max_rel_error, tokens
 
 CONFIGS = {
     "lora": peft.LoraConfig(r=4, alpha=8, target_modules=("wq", "wv", "w2"), use_rslora=True),

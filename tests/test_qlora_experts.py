@@ -20,7 +20,7 @@ from peft.lora_experts import LoRAExperts, iter_experts
 from peft.qlora import BLOCK_LINEARS, dequantize_model
 from peft.qlora_experts import NF4Experts, QLoRAExperts
 from peft.targets import iter_linears
-from tests.test_lora_experts import PRESETS, make_model, randomize, rel_error, tokens
+from tests.reference.moe import PRESETS, make_model, randomize, rel_error, tokens
 
 
 def nf4_round_trip(w: torch.Tensor) -> torch.Tensor:

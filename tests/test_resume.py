@@ -12,9 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft import data as D
-from peft import checkpointing
-from peft.recipe import load_config, run
+from peft.training import data as D
+from peft.training import checkpointing
+from peft.training.recipe import load_config, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,8 +25,8 @@ import os, signal, sys
 sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
-from peft import checkpointing
-from peft.recipe import load_config, run
+from peft.training import checkpointing
+from peft.training.recipe import load_config, run
 kill_after = int(os.environ.get("KILL_AFTER_STEP", "0"))
 kill_save = os.environ.get("KILL_WRITING_POINTER", "")
 if kill_save:

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from llama import ModelArgs, Transformer
-from peft import data as D
-from peft.train import forward, token_loss_sum
+from peft.training import data as D
+from peft.training.loop import forward, token_loss_sum
 
 
 class SmallCharTokenizer:

@@ -13,16 +13,8 @@ import tiktoken
 
 from llama import ModelArgs
 from llama.tokenizer import LLAMA3_PATTERN, LLAMA4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
-from tests.tokenizer_files import (
-    META_LLAMA3_PATTERN,
-    META_LLAMA4_PATTERN,
-    sample_text,
-    single_byte_ranks,
-    train_bpe_ranks,
-    train_sentencepiece,
-    write_llama3_sized_ranks,
-    write_ranks,
-)
+from tests.tokenizer_files import (META_LLAMA3_PATTERN, META_LLAMA4_PATTERN, sample_text, single_byte_ranks,
+                                   train_bpe_ranks, train_sentencepiece, write_llama3_sized_ranks, write_ranks)
 
 TRICKY = [
     "",

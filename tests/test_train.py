@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from llama import ModelArgs, Transformer
-from peft import data as D
-from peft.train import (Dist, NonFiniteLoss, TrainConfig, WarmupCosine, accumulate_gradients, build_optimizer,
-                        train)
+from peft.training import data as D
+from peft.training.loop import (Dist, NonFiniteLoss, TrainConfig, WarmupCosine, accumulate_gradients, build_optimizer,
+                                train)
 
 V = 40
 

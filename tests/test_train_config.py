@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft import data as D
-from peft.recipe import build_config, format_config, load_config, load_run, parse_value, run
+from peft.training import data as D
+from peft.training.recipe import build_config, format_config, load_config, load_run, parse_value, run
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from ..config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_size
+from ..tokenizer import Tokenizer
 from .io import (LLAMA4_FIELDS, CheckpointError, read_json, require_dense, torch_load_tensors, write_json,
                  write_torch)
 
@@ -218,8 +219,6 @@ def _vocab_size(folder: Path, params: dict, shards: list[dict]) -> Optional[int]
     rows = _embedding_rows(shards, params.get("model", params).get("dim"))
     for candidate in (folder / "tokenizer.model", folder.parent / "tokenizer.model"):  # LLaMA 1 kept it one up
         if candidate.exists():
-            from ..tokenizer import Tokenizer  # local import: only this rare path needs the tokenizer libraries
-
             n_words = Tokenizer(candidate).n_words
             if rows is not None and n_words != rows:
                 raise CheckpointError(f"{candidate} has {n_words} tokens but the embedding in {folder} has {rows} "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -96,3 +97,18 @@ def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
 def random_tokens(args: ModelArgs, batch: int = 2, length: int = 40, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, args.vocab_size, (batch, length), generator=gen)
+
+
+# The `hf_models` fixture of test_checkpoint.py and test_checkpoint_errors.py: random float64 HF models, built once
+# per test module and per `ModelArgs`.
+@pytest.fixture(scope="module")
+def hf_models():
+    cache = {}
+
+    def get(args: ModelArgs):
+        key = repr(args)
+        if key not in cache:
+            cache[key] = random_hf_model(args, dtype=torch.float64)
+        return cache[key]
+
+    return get

@@ -9,7 +9,7 @@ Config file format: TOML, one table per section (see `configs/`):
     [data]    source = "task" | "jsonl" (SFT) or "corpus" | "text" (pre-training), sequence length, packing
     [method]  name = "full" | "lora" | "qlora" | "adapter_v1" | "adapter_v2" | "excitor"; every other key is passed
               to that method's config class (peft.LoraConfig, …) and checked against its fields
-    [train]   peft.train.TrainConfig
+    [train]   peft.training.TrainConfig
     [eval]    exact-match generation settings
 
 Unknown sections and keys are errors that name the closest valid key.
@@ -28,10 +28,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+import llama
+
+from ..adapter_v1 import AdapterV1Config
+from ..adapter_v2 import AdapterV2Config
+from ..api import apply
+from ..api import merge as merge_adapter
+from ..excitor import ExcitorConfig
+from ..lora import LoraConfig
 from . import data as D
-from .train import Dist, TrainConfig, TrainResult, init_distributed, set_seed, train
+from .checkpointing import check_writable, trainable_names, write_bytes_atomic
+from .loop import Dist, TrainConfig, TrainResult, init_distributed, set_seed, train
 
 METHODS = ("full", "lora", "qlora", "adapter_v1", "adapter_v2", "excitor")
 SFT_SOURCES, PRETRAIN_SOURCES = ("task", "jsonl"), ("corpus", "text")
@@ -189,11 +200,8 @@ def method_config(method: dict):
         if options:
             raise ValueError(f"method 'full' takes no options, got {sorted(options)}; remove them from [method]")
         return None
-    import peft
-
-    cls = {"lora": "LoraConfig", "qlora": "LoraConfig", "adapter_v1": "AdapterV1Config",
-           "adapter_v2": "AdapterV2Config", "excitor": "ExcitorConfig"}[name]
-    cls = getattr(peft, cls)
+    cls = {"lora": LoraConfig, "qlora": LoraConfig, "adapter_v1": AdapterV1Config,
+           "adapter_v2": AdapterV2Config, "excitor": ExcitorConfig}[name]
     valid = [f.name for f in dataclasses.fields(cls)]
     for key in options:
         if key not in valid:
@@ -212,28 +220,20 @@ def apply_method(model: nn.Module, method: dict) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    import peft
-
-    return peft.apply(model, config) or model
+    return apply(model, config)
 
 
 def build_tokenizer(cfg: DataSection):
     if cfg.tokenizer:
-        from llama.tokenizer import Tokenizer
-
-        return Tokenizer(cfg.tokenizer)
+        return llama.Tokenizer(cfg.tokenizer)
     docs = D.builtin_corpus(cfg.cache_dir, cfg.corpus_chars)
     return D.builtin_tokenizer(cfg.cache_dir, cfg.vocab_size, docs)
 
 
 def build_model(cfg: ModelSection, vocab_size: int, seq_len: int) -> nn.Module:
     """The base model: loaded from `checkpoint`, or the preset (with overrides) freshly initialised."""
-    from llama import Transformer
-    from llama.formats.checkpoint import load
-    from llama.config import ModelArgs
-
     if cfg.checkpoint:
-        model = load(cfg.checkpoint, device=cfg.device)
+        model = llama.load(cfg.checkpoint, device=cfg.device)
         if model.args.vocab_size < vocab_size:
             raise ValueError(f"the tokenizer has {vocab_size} ids but the checkpoint's vocab_size is "
                              f"{model.args.vocab_size}; use the tokenizer the checkpoint was trained with "
@@ -241,9 +241,9 @@ def build_model(cfg: ModelSection, vocab_size: int, seq_len: int) -> nn.Module:
     else:
         overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                                   "max_seq_len") if getattr(cfg, k) is not None}
-        args = ModelArgs.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
+        args = llama.ModelArgs.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
         with torch.device(cfg.device):
-            model = Transformer(args)
+            model = llama.Transformer(args)
     if model.args.max_seq_len < seq_len:
         raise ValueError(f"data.seq_len={seq_len} exceeds the model context max_seq_len={model.args.max_seq_len}; "
                          f"lower data.seq_len or raise model.max_seq_len")
@@ -305,15 +305,13 @@ def _require(path: Optional[str], source: str) -> str:
 def exact_match_accuracy(model: nn.Module, tokenizer, examples: Sequence[D.Example], max_new_tokens: int,
                          batch_size: int = 64) -> tuple[float, list[str]]:
     """Greedy-decode each prompt (KV cache, stops at EOS) and compare with the reference answer."""
-    from llama.generate import generate
-
     was_training = model.training
     model.eval()
     predictions = []
     for i in range(0, len(examples), batch_size):
         chunk = examples[i:i + batch_size]
         prompts = [tokenizer.encode(e.prompt, bos=True, eos=False) for e in chunk]
-        outs = generate(model, prompts, max_new_tokens, temperature=0.0, stop_tokens=tokenizer.stop_tokens)
+        outs = llama.generate(model, prompts, max_new_tokens, temperature=0.0, stop_tokens=tokenizer.stop_tokens)
         predictions += [tokenizer.decode([t for t in o if t not in tokenizer.stop_tokens]) for o in outs]
     model.clear_cache()
     model.train(was_training)
@@ -347,8 +345,6 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
     ctx = ctx or init_distributed()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if ctx.is_main and not quiet else (lambda *a: None)
     if cfg.train.out_dir and ctx.is_main:
-        from .checkpointing import check_writable
-
         check_writable(Path(cfg.train.out_dir))
     tokenizer = build_tokenizer(cfg.data)
     data = build_data(cfg.data, tokenizer)
@@ -384,11 +380,6 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
     model.checkpoint=...). PEFT: only the trainable tensors (`final/adapter.safetensors`), gathered from every rank
     and checked to be non-empty, plus the method config; the base is the run's model.checkpoint.
     """
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from safetensors.torch import save_file
-
-    from .checkpointing import trainable_names, write_bytes_atomic
-
     sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not ctx.is_main:
         ctx.barrier()
@@ -398,12 +389,9 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
     write_bytes_atomic(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
     shutil.copyfile(tokenizer.path, final / "tokenizer.model")
     if cfg.method["name"] == "full":
-        from llama import Transformer
-        from llama.formats.checkpoint import save
-
-        base = Transformer(model.args)
+        base = llama.Transformer(model.args)
         base.load_state_dict(sd)  # strict: every weight of the model must have been gathered
-        save(base, final / "model", format="hf")
+        llama.save(base, final / "model", format="hf")
     else:
         names = trainable_names(model)
         tensors = {n: sd[n].contiguous() for n in names}
@@ -420,20 +408,14 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
 
 def load_run(run_dir: str | os.PathLike, merge: bool = False, device: str = "cpu"):
     """(model, tokenizer, config) of a finished run: base + adapter attached (or merged, where the method can)."""
-    from safetensors.torch import load_file
-
-    from llama.tokenizer import Tokenizer
-
     final = Path(run_dir) / "final"
     if not (final / "run.json").is_file():
         raise FileNotFoundError(f"{final / 'run.json'} not found; pass the train.out_dir of a finished run")
     raw = json.loads((final / "run.json").read_text())
     cfg = build_config(raw)
-    tokenizer = Tokenizer(final / "tokenizer.model")
+    tokenizer = llama.Tokenizer(final / "tokenizer.model")
     if cfg.method["name"] == "full":
-        from llama.formats.checkpoint import load
-
-        return load(final / "model", device=device), tokenizer, cfg
+        return llama.load(final / "model", device=device), tokenizer, cfg
     set_seed(cfg.train.seed)
     model = build_model(dataclasses.replace(cfg.model, device=device), tokenizer.n_words, cfg.data.seq_len)
     model = apply_method(model, cfg.method)
@@ -444,7 +426,5 @@ def load_run(run_dir: str | os.PathLike, merge: bool = False, device: str = "cpu
                          f"{sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]}")
     model.load_state_dict(tensors, strict=False)
     if merge:
-        import peft
-
-        peft.merge(model)
+        merge_adapter(model)
     return model, tokenizer, cfg

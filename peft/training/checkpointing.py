@@ -30,6 +30,8 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 POINTER = "latest"
 
@@ -112,9 +114,6 @@ def _set_rng_state(state: dict) -> None:
 
 def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Unsharded, CPU copies of the trainable parameters and of the optimizer state (a collective under FSDP)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     names = set(trainable_names(model))
     model_sd = {k: v.detach().contiguous() for k, v in get_model_state_dict(model, options=options).items()
@@ -206,9 +205,6 @@ def _check_compatible(path: Path, model: nn.Module, meta: dict) -> None:
 
 def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, meta: dict, ctx) -> int:
     """Restore everything `save` wrote (on every rank) and return the global step to continue from."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                         set_optimizer_state_dict)
-
     _check_compatible(path, model, meta)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     options = StateDictOptions(full_state_dict=True, strict=False)

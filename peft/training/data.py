@@ -32,7 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
+import sentencepiece
 import torch
+
+import llama
 
 from .checkpointing import write_bytes_atomic
 
@@ -114,8 +117,6 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> bytes:
     real pad piece (3) that differs from every stop token, so padding can never mask an EOS target (unsloth #416).
     Newlines are kept as a piece of their own. One thread and no input shuffling make training deterministic.
     """
-    import sentencepiece
-
     if vocab_size < 300:
         raise ValueError(f"vocab_size={vocab_size} is too small for a byte-fallback BPE (256 byte pieces + specials "
                          f"+ merges); use at least 300")
@@ -138,14 +139,12 @@ def train_tokenizer(documents: Sequence[str], vocab_size: int) -> bytes:
 def builtin_tokenizer(cache: Optional[str | os.PathLike] = None, vocab_size: int = 1024,
                       documents: Optional[Sequence[str]] = None):
     """A `llama.Tokenizer` trained on `documents` (default: the stdlib corpus), cached by content hash."""
-    from llama.tokenizer import Tokenizer
-
     documents = builtin_corpus(cache) if documents is None else documents
     digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
     path = cache_dir(cache) / f"tokenizer-bpe{vocab_size}-{digest}.model"
     if not path.exists():
         write_bytes_atomic(path, train_tokenizer(documents, vocab_size))
-    return Tokenizer(path)
+    return llama.Tokenizer(path)
 
 
 # =====================================================================================================================

@@ -35,8 +35,19 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
-from .lora_experts import MATRICES, iter_experts
+from llama.config import ModelArgs
+from llama.model import Transformer
+
+from ..adapter_v1 import AdapterV1Config
+from ..adapter_v2 import AdapterV2Config
+from ..api import apply
+from ..excitor import ExcitorConfig
+from ..lora import LoraConfig
+from ..lora_experts import MATRICES, iter_experts
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA §3: 4-bit codes, 8-bit block constants (64), fp32 (256 × 64)
@@ -60,31 +71,25 @@ class MemoryEstimate:
 
 def default_method_config(method: str, args):
     """The config a method gets in the memory table: each paper's main setting, adapted layers capped at L."""
-    import peft
-
     L = args.n_layers
     if method in ("lora", "qlora"):  # the QLoRA recipe: r = 64 on every block linear (artidoro/qlora Guanaco scripts)
-        return peft.LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS, quantize_base=method == "qlora")
+        return LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS, quantize_base=method == "qlora")
     if method == "adapter_v1":
-        return peft.AdapterV1Config(adapter_layers=min(30, L))
+        return AdapterV1Config(adapter_layers=min(30, L))
     if method == "adapter_v2":
-        return peft.AdapterV2Config(adapter_layers=min(31, L))
+        return AdapterV2Config(adapter_layers=min(31, L))
     if method == "excitor":
-        return peft.ExcitorConfig(adapter_layers=min(30, L))
+        return ExcitorConfig(adapter_layers=min(30, L))
     raise ValueError(f"unknown method {method!r}; use one of {ESTIMATE_METHODS}")
 
 
 def parameter_counts(args, method: str, config=None) -> tuple[int, int, int]:
     """(trainable, frozen base parameters stored in NF4, total base parameters), counted on the meta device."""
-    from llama.model import Transformer
-
     with torch.device("meta"):
         model = Transformer(args)
         base = sum(p.numel() for p in model.parameters())
         if method == "full":
             return base, 0, base
-        import peft
-
         config = config or default_method_config(method, args)
         quantized = 0
         if getattr(config, "quantize_base", False):  # block linears, and Llama 4's routed experts (peft.qlora_experts)
@@ -92,7 +97,7 @@ def parameter_counts(args, method: str, config=None) -> tuple[int, int, int]:
                             if n.split(".")[-1] in BLOCK_LINEARS)
             quantized += sum(getattr(experts, w).numel() for _, _, experts in iter_experts(model) for w in MATRICES)
             config = dataclasses.replace(config, quantize_base=False)  # the NF4 packing itself needs real data
-        peft.apply(model, config)
+        apply(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, quantized, base
 
@@ -151,10 +156,6 @@ class TensorMemoryTracker:
     """
 
     def __init__(self):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
         tracker = self
         self._ref, self._flatten = StorageWeakRef, tree_flatten
         self.live: dict[int, tuple] = {}
@@ -226,8 +227,6 @@ def measure_peak(fn: Callable[[], object], model: Optional[nn.Module] = None, de
 def table(presets, methods=ESTIMATE_METHODS, dtypes=("bf16",), batches=(1,), seq_lens=(512,),
           grad_checkpointing: bool = True) -> list[dict]:
     """One row per preset × method × dtype × batch × seq_len, sizes in GB (1e9 bytes, as the QLoRA paper)."""
-    from llama.config import ModelArgs
-
     rows = []
     for name in presets:
         args = ModelArgs.from_name(name)

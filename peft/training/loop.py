@@ -36,7 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 
 from . import checkpointing
 from .data import IGNORE_INDEX, Batch, Row, RowOrder, collate
@@ -46,7 +48,7 @@ PRECISIONS = ("fp32", "bf16-mixed")
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping settings of one run (model, data and method live in `peft.recipe`)."""
+    """Optimisation and bookkeeping settings of one run (model, data and method live in `peft.training.recipe`)."""
 
     steps: int = 100
     batch_size: int = 16  # rows per optimizer step, all micro-batches and ranks together
@@ -167,8 +169,6 @@ def init_distributed() -> Dist:
 
 def shard_model(model: nn.Module) -> nn.Module:
     """FSDP2: one shard group per transformer block, then the root (embeddings, final norm, head)."""
-    from torch.distributed.fsdp import fully_shard
-
     for block in model.layers:
         fully_shard(block)
     fully_shard(model)
@@ -371,7 +371,6 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
                 else nullcontext())
     bar = None
     if cfg.progress and ctx.is_main:
-        from tqdm.auto import tqdm
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     model.train()
@@ -438,13 +437,13 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-
-def train_examples(model: nn.Module, examples, spec, on_step=None) -> list[float]:
-    """The loop above on plain (inputs, targets) token lists; `spec` has steps, lr, batch_size and seed
-    (`llama.toy_data.TrainSpec`). Returns the loss of every step. This is the `train_fn` that the model ablations in
-    `llama/` receive, since llama/ never imports peft/."""
+def train_examples(model: nn.Module, examples, *, steps: int, lr: float, batch_size: int, seed: int,
+                   on_step: Optional[Callable[[int], None]] = None) -> list[float]:
+    """The loop above on plain (input ids, target ids) pairs of equal length (targets IGNORE_INDEX where no loss is
+    taken), `batch_size` of them per optimizer step with warmup over the first tenth: what the model ablations in
+    `scripts/` train with. `on_step(step)` runs after each optimizer step. Returns the loss of every step."""
     rows = [Row(list(x), list(y)) for x, y in examples]
-    cfg = TrainConfig(steps=spec.steps, batch_size=spec.batch_size, micro_batch_size=spec.batch_size, lr=spec.lr,
-                      warmup_steps=max(1, spec.steps // 10), seed=spec.seed, progress=False)
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, micro_batch_size=batch_size, lr=lr,
+                      warmup_steps=max(1, steps // 10), seed=seed, progress=False)
     callbacks = [lambda step, record: on_step(step)] if on_step else []
     return [r["loss"] for r in train(model, rows, cfg, pad_id=0, callbacks=callbacks).history]

@@ -1,0 +1,7 @@
+"""Independent references the tests compare against, each written without calling the code under test.
+
+    hf            tiny random Hugging Face `LlamaForCausalLM` models (our converters are checked against HF's reading)
+    meta_forward  a float64 LLaMA forward in Meta's form: per-head loop, complex-number RoPE, llama3 frequencies
+    paper_peft    the same forward with every PEFT method in its paper's form (LoRA, DoRA, Adapter V1/V2, Excitor)
+    moe           one Llama 4 MoE layer with LoRA experts, from the equations
+"""
