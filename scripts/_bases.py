@@ -73,23 +73,31 @@ def tokenizer(cache: Optional[str]) -> llama.Tokenizer:
     return D.builtin_tokenizer(cache, VOCAB_SIZE, D.builtin_corpus(cache))
 
 
-def pretraining_rows(cfg: BaseConfig, tok, cache: Optional[str]) -> tuple[list[D.Row], dict[str, list[D.Row]]]:
-    """(training rows, held-out rows per text). Every 20th docstring is held out; held-out raw text is drawn from
-    another seed, on training-split digits like the rest (the held-out split of the task stays unseen)."""
-    train_docs, held_docs = split_documents(D.builtin_corpus(cache))
+def training_rows(cfg: BaseConfig, tok, cache: Optional[str]) -> list[D.Row]:
+    """The pre-training rows: every docstring but each 20th, plus (skill base) raw skill text for `skill_fraction` of
+    all rows."""
+    train_docs, _ = split_documents(D.builtin_corpus(cache))
     rows = D.single_rows(D.encode_documents(train_docs, tok, cfg.seq_len))
+    if cfg.skill is None:
+        return rows
+    n_skill = round(len(rows) * cfg.skill_fraction / (1 - cfg.skill_fraction))
+    # a document is 2-5 sentences of ~15 tokens: 3 documents per 128 tokens are more than enough
+    docs = D.raw_skill_documents(cfg.skill, max(1, 3 * cfg.seq_len // 128) * n_skill, seed=cfg.seed)
+    skill = D.encode_documents(docs, tok, cfg.seq_len)
+    if len(skill) < n_skill:
+        raise RuntimeError(f"generated {len(skill)} rows of raw skill text, fewer than the {n_skill} needed")
+    return rows + D.single_rows(skill[:n_skill])
+
+
+def heldout_rows(cfg: BaseConfig, tok, cache: Optional[str], skill: Optional[str]) -> dict[str, list[D.Row]]:
+    """Held-out rows per text: the 20th docstrings, and raw text of `skill` drawn from another seed (on
+    training-split digits like all raw text: the task's held-out split stays unseen)."""
+    _, held_docs = split_documents(D.builtin_corpus(cache))
     held = {"docs": D.single_rows(D.encode_documents(held_docs, tok, cfg.seq_len))[:HELD_OUT_ROWS]}
-    if cfg.skill is not None:
-        n_skill = round(len(rows) * cfg.skill_fraction / (1 - cfg.skill_fraction))
-        # a document is 2-5 sentences of ~15 tokens: 3 documents per row of 128 tokens is more than enough
-        per_row = max(1, 3 * cfg.seq_len // 128)
-        skill = D.encode_documents(D.raw_skill_documents(cfg.skill, per_row * n_skill, seed=cfg.seed), tok, cfg.seq_len)
-        if len(skill) < n_skill:
-            raise RuntimeError(f"generated {len(skill)} raw-text rows, fewer than the {n_skill} needed")
-        rows += D.single_rows(skill[:n_skill])
-        held_skill = D.raw_skill_documents(cfg.skill, 3 * HELD_OUT_ROWS, seed=cfg.seed + 1_000_003)
-        held[cfg.skill] = D.single_rows(D.encode_documents(held_skill, tok, cfg.seq_len))[:HELD_OUT_ROWS]
-    return rows, held
+    if skill is not None:
+        docs = D.raw_skill_documents(skill, 3 * HELD_OUT_ROWS, seed=cfg.seed + 1_000_003)
+        held[skill] = D.single_rows(D.encode_documents(docs, tok, cfg.seq_len))[:HELD_OUT_ROWS]
+    return held
 
 
 def base_key(cfg: BaseConfig, tok, cache: Optional[str]) -> str:
@@ -124,7 +132,7 @@ def pretrained_base(cfg: BaseConfig, cache: Optional[str], probe_task: str, prog
     say(f"base {cfg.name}: pre-training a {cfg.dim}-dim {cfg.n_layers}-layer LLaMA for {cfg.steps} steps of "
         f"{cfg.batch_size} x {cfg.seq_len} tokens (cached afterwards)")
     t0, c0 = time.perf_counter(), time.process_time()
-    rows, held = pretraining_rows(cfg, tok, cache)
+    rows, held = training_rows(cfg, tok, cache), heldout_rows(cfg, tok, cache, probe_task)
     set_seed(cfg.seed)
     args = llama.ModelArgs.from_name("tiny-llama-2-gqa", vocab_size=tok.n_words, dim=cfg.dim, n_layers=cfg.n_layers,
                                      n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, max_seq_len=cfg.seq_len)

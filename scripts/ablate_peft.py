@@ -108,10 +108,10 @@ class MainJobConfig:
     resweep: bool = False
     progress: bool = True
     # the bases (scripts/_bases.py)
-    dim: int = 128
-    n_layers: int = 4
-    base_steps: int = 400
-    skill_fraction: float = 0.5
+    dim: int = BaseConfig.dim
+    n_layers: int = BaseConfig.n_layers
+    base_steps: int = BaseConfig.steps
+    skill_fraction: float = BaseConfig.skill_fraction
     # fine-tuning: identical for every method, seed and regime
     steps: int = 150
     batch_size: int = 16
