@@ -1,4 +1,5 @@
-"""The main job's two tiny pre-trained bases, cached on disk (used by ablate_peft.py, ablate_zero_init.py, ablate_quant.py).
+"""The main job's two tiny pre-trained bases, cached on disk (ablate_peft.py; ablate_zero_init.py and ablate_quant.py
+use the "skill" one).
 
 Shapes: B rows per step, T tokens per row.
 

@@ -20,11 +20,13 @@ def regime_table(report: dict, regime: str) -> str:
     lines = [f"### {regime}: {report['regimes'][regime]}", "",
              f"Base `{base['name']}`: {base['config']['steps']} pre-training steps; asked in raw form, it completes "
              f"{_pct(base['raw_probe_exact_match'])}% of the held-out inputs correctly. Test split: "
-             f"{report['config']['n_test']} held-out prompts; {n} seed(s) per method; mean ± sample std over seeds.", "",
+             f"{report['config']['n_test']} held-out prompts; {n} seed(s) per method; mean ± sample std over seeds.",
+             "",
              "| method | trainable (% of base) | lr | test loss | exact match (%) | per seed (%) | "
              "Δ exact match vs full (points) |",
              "| --- | --- | --- | --- | --- | --- | --- |",
-             f"| base (no fine-tuning) | 0 | – | {base['test_loss']:.3f} | {_pct(base['test_exact_match'])} | – | – |"]
+             f"| base (no fine-tuning) | 0 | – | {base['test_loss']:.3f} | {_pct(base['test_exact_match'])} | – "
+             f"| – |"]
     for r in rows:
         lr = f"{r['lr']:g}" + (" (grid edge)" if r["lr_at_grid_edge"] else "")
         delta = "–" if r["method"] == "full" or "delta_exact_match_vs_full_mean" not in r else \
@@ -45,7 +47,8 @@ def sweep_table(report: dict) -> str:
     for s in report["sweep"]:
         cells = [f"{g['lr']:g}{'*' if g['lr'] == s['chosen_lr'] else ''}: {g['val_loss']:.3f} / "
                  f"{_pct(g['val_exact_match'])}" for g in s["grid"]]
-        lines.append(f"| {s['regime']} | {s['method']} | " + " | ".join(cells) + f" | {'yes' if s['cached'] else 'no'} |")
+        cached = "yes" if s["cached"] else "no"
+        lines.append(f"| {s['regime']} | {s['method']} | " + " | ".join(cells) + f" | {cached} |")
     return "\n".join(lines)
 
 
@@ -55,8 +58,8 @@ def cost_table(report: dict) -> str:
              "| --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         if r["regime"] == report["rows"][0]["regime"]:
-            lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_memory_mb']:.1f} | "
-                         f"{r['step_time_ms']:.1f} |")
+            lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | "
+                         f"{r['peak_memory_mb']:.1f} | {r['step_time_ms']:.1f} |")
     return "\n".join(lines)
 
 

@@ -63,7 +63,7 @@ import llama  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
-from peft.training.recipe import apply_method, count_parameters, exact_match_accuracy  # noqa: E402
+from peft.training.recipe import apply_method, exact_match_accuracy  # noqa: E402
 from scripts._bases import BaseConfig, pretrained_base, tokenizer  # noqa: E402
 from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
 from scripts._peft_report import format_tables, plot_results, plot_sweep  # noqa: E402
@@ -102,7 +102,7 @@ class MainJobConfig:
     methods: tuple = tuple(METHODS)
     seeds: int = 3  # seeds per method: seed, seed+1, …
     seed: int = 0  # the bases' pre-training seed and the first fine-tuning seed (also the sweep's)
-    jobs: int = 2  # worker processes
+    jobs: int = min(2, os.cpu_count() or 1)  # worker processes
     threads: int = 1  # torch threads per process
     cache_dir: Optional[str] = None
     resweep: bool = False

@@ -159,7 +159,8 @@ def excess_kurtosis(weights: list[torch.Tensor]) -> float:
 # The experiment
 # =====================================================================================================================
 
-def run(n: int, seed: int, cache, progress: bool, base_steps: int = BaseConfig.steps) -> dict:
+def run(n: int, seed: int, cache, progress: bool, base_steps: int = BaseConfig.steps,
+        n_probe: int = 200) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     gen = torch.Generator().manual_seed(seed)
     gaussian = [torch.randn(n // 1024, 1024, generator=gen)]  # [n/1024, 1024]
@@ -173,7 +174,7 @@ def run(n: int, seed: int, cache, progress: bool, base_steps: int = BaseConfig.s
 
     def evaluate(m) -> dict:
         out = {f"heldout_loss_{k}": evaluate_loss(m, rows, 16, tok.pad_id) for k, rows in held.items()}
-        return {**out, "raw_probe_exact_match": raw_probe_accuracy(m, tok, "sort", 200, 12)}
+        return {**out, "raw_probe_exact_match": raw_probe_accuracy(m, tok, "sort", n_probe, 12)}
 
     rows = [{"format": "float32", "bits": 32.0, "definition": "no quantisation", "levels": None,
              "rel_error_gaussian": 0.0, "rel_error_trained": 0.0, **evaluate(model)}]
@@ -197,8 +198,8 @@ def format_table(report: dict) -> str:
              f"{report['n_gaussian']:,} N(0, 1) weights and on the {tw['count']:,} block-linear weights of the trained "
              f"base `{report['base']['name']}` (excess kurtosis {tw['excess_kurtosis']:.2f}; 0 for a normal "
              f"distribution). Held-out loss and the raw-form sort probe: the base with every block linear quantised.",
-             "", "| format | definition | bits / weight | rel. error N(0,1) | rel. error trained | held-out loss docs | "
-             "held-out loss sort text | raw-form sort probe (%) |",
+             "", "| format | definition | bits / weight | rel. error N(0,1) | rel. error trained | "
+             "held-out loss docs | held-out loss sort text | raw-form sort probe (%) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
         lines.append(f"| {r['format']} | {r['definition']} | {r['bits']:.3f} | {r['rel_error_gaussian']:.5f} | "
@@ -249,6 +250,7 @@ def main(argv=None) -> dict:
     p.add_argument("--n", type=positive(), default=1 << 22, help="normally distributed weights (a multiple of 1024)")
     p.add_argument("--base-steps", type=positive(), default=BaseConfig.steps,
                    help="pre-training steps of the base (the main job's --base-steps; its cached base is reused)")
+    p.add_argument("--n-probe", type=positive(), default=200, help="held-out inputs of the raw-form sort probe")
     p.add_argument("--cache-dir", default=None, help="where the main job's bases are cached "
                    "(default $LLAMA_PEFT_CACHE or ~/.cache/llama-peft-zoo)")
     a = p.parse_args(argv)
@@ -256,7 +258,7 @@ def main(argv=None) -> dict:
         raise UsageError(f"--n must be a multiple of 1024, got {a.n}")
     out = start(a)
     torch.set_flush_denormal(True)
-    report = run(a.n, a.seed, a.cache_dir, not a.no_progress, a.base_steps)
+    report = run(a.n, a.seed, a.cache_dir, not a.no_progress, a.base_steps, a.n_probe)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = format_table(report)
     (out / "results.md").write_text(table + "\n")

@@ -120,8 +120,9 @@ def format_table(report: dict) -> str:
              " | ".join(f"train loss, step {s}" for s in early) + " | final test loss | exact match (%) |",
              "| --- | --- | --- | " + "--- | " * len(early) + "--- | --- |"]
     for s in summary:
-        lines.append(f"| {s['init']} | {ms(s['step0_test_loss'], f='.4f')} | {'yes' if s['step0_equals_base'] else 'no'}"
-                     f" | " + " | ".join(ms(s["train_loss_at_step"][k]) for k in early) +
+        equal = "yes" if s["step0_equals_base"] else "no"
+        lines.append(f"| {s['init']} | {ms(s['step0_test_loss'], f='.4f')} | {equal} | " +
+                     " | ".join(ms(s["train_loss_at_step"][k]) for k in early) +
                      f" | {ms(s['test_loss'])} | {ms(s['test_exact_match'], 100, '.1f')} |")
     return "\n".join(lines)
 
