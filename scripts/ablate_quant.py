@@ -159,22 +159,22 @@ def excess_kurtosis(weights: list[torch.Tensor]) -> float:
 # The experiment
 # =====================================================================================================================
 
-def run(n: int, seed: int, cache, progress: bool, base_steps: int = BaseConfig.steps,
-        n_probe: int = 200) -> dict:
+def run(base_cfg: BaseConfig, n: int, seed: int, cache, n_probe: int = 200, progress: bool = False) -> dict:
+    """Every format on `n` N(0, 1) weights (seeded by `seed`) and on the base `base_cfg` (pre-trained if missing)."""
     t0, c0 = time.perf_counter(), time.process_time()
     gen = torch.Generator().manual_seed(seed)
     gaussian = [torch.randn(n // 1024, 1024, generator=gen)]  # [n/1024, 1024]
-    base_cfg = BaseConfig(skill="sort", steps=base_steps)  # the main job's "skill" base
-    path, info = pretrained_base(base_cfg, cache, "sort", progress=progress,
+    path, info = pretrained_base(base_cfg, cache, base_cfg.skill, progress=progress,
                                  say=lambda *a: print(*a, file=sys.stderr, flush=True))
     model = llama.load(path)
     tok = tokenizer(cache)
     trained = [m.weight.detach() for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in BLOCK_LINEARS]
-    held = heldout_rows(base_cfg, tok, cache, "sort")
+    skill = base_cfg.skill
+    held = heldout_rows(base_cfg, tok, cache, skill)
 
     def evaluate(m) -> dict:
         out = {f"heldout_loss_{k}": evaluate_loss(m, rows, 16, tok.pad_id) for k, rows in held.items()}
-        return {**out, "raw_probe_exact_match": raw_probe_accuracy(m, tok, "sort", n_probe, 12)}
+        return {**out, "raw_probe_exact_match": raw_probe_accuracy(m, tok, skill, n_probe, 12)}
 
     rows = [{"format": "float32", "bits": 32.0, "definition": "no quantisation", "levels": None,
              "rel_error_gaussian": 0.0, "rel_error_trained": 0.0, **evaluate(model)}]
@@ -184,7 +184,7 @@ def run(n: int, seed: int, cache, progress: bool, base_steps: int = BaseConfig.s
                      "rel_error_gaussian": relative_error(gaussian, quantize),
                      "rel_error_trained": relative_error(trained, quantize),
                      **evaluate(quantized_copy(model, quantize))})
-    return {"n_gaussian": n, "seed": seed, "block": BLOCK, "base": {**info, "path": str(path)},
+    return {"n_gaussian": n, "seed": seed, "block": BLOCK, "skill": skill, "base": {**info, "path": str(path)},
             "trained_weights": {"count": sum(w.numel() for w in trained),
                                 "excess_kurtosis": excess_kurtosis(trained)},
             "rows": rows, "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0,
@@ -197,13 +197,14 @@ def format_table(report: dict) -> str:
     lines = [f"Blocks of {report['block']} weights, absmax scaling. Relative error = ||W - Q(W)||² / ||W||² on "
              f"{report['n_gaussian']:,} N(0, 1) weights and on the {tw['count']:,} block-linear weights of the trained "
              f"base `{report['base']['name']}` (excess kurtosis {tw['excess_kurtosis']:.2f}; 0 for a normal "
-             f"distribution). Held-out loss and the raw-form sort probe: the base with every block linear quantised.",
+             f"distribution). Held-out loss and the raw-form probe: the base with every block linear quantised.",
              "", "| format | definition | bits / weight | rel. error N(0,1) | rel. error trained | "
-             "held-out loss docs | held-out loss sort text | raw-form sort probe (%) |",
+             f"held-out loss docs | held-out loss {report['skill']} text | raw-form {report['skill']} probe (%) |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["rows"]:
+        skill_loss = r[f"heldout_loss_{report['skill']}"]
         lines.append(f"| {r['format']} | {r['definition']} | {r['bits']:.3f} | {r['rel_error_gaussian']:.5f} | "
-                     f"{r['rel_error_trained']:.5f} | {r['heldout_loss_docs']:.4f} | {r['heldout_loss_sort']:.4f} | "
+                     f"{r['rel_error_trained']:.5f} | {r['heldout_loss_docs']:.4f} | {skill_loss:.4f} | "
                      f"{100 * r['raw_probe_exact_match']:.1f} |")
     return "\n".join(lines)
 
@@ -223,7 +224,8 @@ def plot(report: dict, path: Path) -> None:
     axes[0].set_ylabel("||W - Q(W)||² / ||W||²")
     axes[0].set_title(f"quantisation error (blocks of {report['block']}, absmax)")
     ref = report["rows"][0]
-    for key, offset, label in (("heldout_loss_docs", -0.2, "docstrings"), ("heldout_loss_sort", 0.2, "raw sort text")):
+    for key, offset, label in (("heldout_loss_docs", -0.2, "docstrings"),
+                               (f"heldout_loss_{report['skill']}", 0.2, f"raw {report['skill']} text")):
         axes[1].bar([i + offset for i in x], [r[key] - ref[key] for r in rows], 0.4, label=label)
     axes[1].set_ylabel("held-out loss − float32 base's (nats)")
     axes[1].set_title("the base with quantised block linears")
@@ -258,7 +260,8 @@ def main(argv=None) -> dict:
         raise UsageError(f"--n must be a multiple of 1024, got {a.n}")
     out = start(a)
     torch.set_flush_denormal(True)
-    report = run(a.n, a.seed, a.cache_dir, not a.no_progress, a.base_steps, a.n_probe)
+    base = BaseConfig(skill="sort", steps=a.base_steps)  # the main job's "skill" base at its default shape
+    report = run(base, a.n, a.seed, a.cache_dir, a.n_probe, not a.no_progress)
     (out / "results.json").write_text(json.dumps(report, indent=1))
     table = format_table(report)
     (out / "results.md").write_text(table + "\n")

@@ -62,7 +62,7 @@ def adapted_model(base: Path, init: str, seed: int, random_std: float) -> torch.
     return model
 
 
-def run(cfg: MainJobConfig, seeds: list[int], lr: float, random_std: float, progress: bool) -> dict:
+def run(cfg: MainJobConfig, seeds: list[int], lr: float, random_std: float, progress: bool = False) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     base, info = pretrained_base(cfg.base("skill"), cfg.cache_dir, cfg.task, progress=progress,
                                  say=lambda *a: print(*a, file=sys.stderr, flush=True))

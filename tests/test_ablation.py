@@ -10,9 +10,11 @@ import statistics
 import pytest
 
 from scripts import ablate_quant, ablate_zero_init
+from scripts._cli import run_cli
 from scripts.ablate_peft import LR_GRID, METHODS, REGIMES, MainJobConfig, choose, main, run_main_job
 
-SMOKE = dict(max_steps=1, seeds=2, seed=3, n_train=40, n_val=4, n_test=6, progress=False)
+SMOKE = dict(max_steps=1, seeds=2, seed=3, n_train=40, n_val=4, n_test=6, max_new_tokens=4, dim=32, n_layers=2,
+             progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +63,7 @@ def test_rows_carry_seeds_spread_lr_and_paired_differences(first):
 
 def test_rerun_in_worker_processes_reuses_the_caches_and_reproduces_every_number(first):
     root, cfg, report = first
-    subset = ("full", "lora")
+    subset = ("lora",)
     # --resweep in two worker processes: the sweep runs again, in other processes, and gives the same bits
     again = run_main_job(MainJobConfig(cache_dir=cfg.cache_dir, jobs=2, methods=subset, resweep=True, **SMOKE),
                          root / "again")
@@ -88,8 +90,6 @@ def test_choice_is_the_lowest_validation_loss():
 
 def test_user_errors_exit_with_one_line(capsys, tmp_path):
     with pytest.raises(SystemExit) as err:
-        from scripts._cli import run_cli
-
         run_cli(main, ["--task", "add", "--out", str(tmp_path / "o")])
     assert err.value.code == 2 and "invalid choice: 'add'" in capsys.readouterr().err
     with pytest.raises(ValueError, match=r"unknown method\(s\) \['prefix'\]"):
@@ -98,22 +98,25 @@ def test_user_errors_exit_with_one_line(capsys, tmp_path):
         MainJobConfig(seeds=0)
 
 
-def test_zero_init_gate_starts_at_the_base_exactly_and_random_does_not(first):
-    root, cfg, _ = first
-    report = ablate_zero_init.main(["--base-steps", "2", "--steps", "3", "--seeds", "2", "--n-test", "6",
-                                    "--cache-dir", cfg.cache_dir, "--out", str(root / "zero_init"), "--no-progress"])
+def test_zero_init_gate_starts_at_the_base_exactly_and_random_does_not(first, tmp_path):
+    root, cfg, _ = first  # the main job's (cached) tiny skill base
+    three_steps = MainJobConfig(cache_dir=cfg.cache_dir, **{**SMOKE, "max_steps": None, "base_steps": 1, "steps": 3})
+    assert three_steps.base("skill") == cfg.base("skill")
+    report = ablate_zero_init.run(three_steps, [0, 1], lr=0.1, random_std=1.0)
     zero, rand = report["summary"]
-    assert zero["init"] == "zero" and zero["step0_equals_base"]
+    assert report["base"]["cached"] and zero["init"] == "zero" and zero["step0_equals_base"]
     assert zero["step0_test_loss"]["values"] == [report["base"]["test_loss"]] * 2
     assert not rand["step0_equals_base"] and rand["step0_test_loss"]["std"] > 0
     assert all(len(r["curve"]) == 3 for r in report["runs"])  # every step's training loss
-    assert (root / "zero_init" / "zero_init.png").exists() and (root / "zero_init" / "results.md").exists()
+    assert "| zero | " in ablate_zero_init.format_table(report)
+    ablate_zero_init.plot(report, tmp_path / "zero_init.png")
+    assert (tmp_path / "zero_init.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quant_script_end_to_end(first):
+def test_quant_formats_on_the_trained_base(first, tmp_path):
     root, cfg, _ = first
-    report = ablate_quant.main(["--base-steps", "2", "--n", "65536", "--n-probe", "8", "--cache-dir", cfg.cache_dir,
-                                "--out", str(root / "quant"), "--no-progress"])
+    report = ablate_quant.run(cfg.base("skill"), 65536, seed=0, cache=cfg.cache_dir, n_probe=4)
+    assert report["base"]["cached"]
     rows = {r["format"]: r for r in report["rows"]}
     assert rows["float32"]["rel_error_trained"] == 0
     gaussian = {name: r["rel_error_gaussian"] for name, r in rows.items()}
@@ -121,4 +124,14 @@ def test_quant_script_end_to_end(first):
     for name in ablate_quant.FORMATS:
         assert 0 < rows[name]["rel_error_trained"] < 0.05
         assert rows[name]["heldout_loss_docs"] != rows["float32"]["heldout_loss_docs"]  # the base really changed
-    assert (root / "quant" / "quantisation.png").exists()
+    assert "| nf4_dq | NF4 + double quantisation | 4.127 |" in ablate_quant.format_table(report)
+    ablate_quant.plot(report, tmp_path / "q.png")
+    assert (tmp_path / "q.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_claim_scripts_refuse_bad_arguments(capsys, tmp_path):
+    for module, argv, message in ((ablate_quant, ["--n", "1000"], "--n must be a multiple of 1024"),
+                                  (ablate_zero_init, ["--seeds", "0"], "must be > 0")):
+        with pytest.raises(SystemExit) as err:
+            run_cli(module.main, argv + ["--out", str(tmp_path / "o")])
+        assert err.value.code == 2 and message in capsys.readouterr().err
