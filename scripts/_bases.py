@@ -39,7 +39,7 @@ from peft.training.recipe import exact_match_accuracy
 from scripts._ablation import split_documents
 
 VOCAB_SIZE = 1024  # the built-in BPE's size
-HELD_OUT_ROWS = 64  # held-out rows of each text for the bases' eval loss
+HELD_OUT_ROWS = 256  # held-out rows (of T tokens) per text for the bases' eval loss
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def heldout_rows(cfg: BaseConfig, tok, cache: Optional[str], skill: Optional[str
     _, held_docs = split_documents(D.builtin_corpus(cache))
     held = {"docs": D.single_rows(D.encode_documents(held_docs, tok, cfg.seq_len))[:HELD_OUT_ROWS]}
     if skill is not None:
-        docs = D.raw_skill_documents(skill, 3 * HELD_OUT_ROWS, seed=cfg.seed + 1_000_003)
+        docs = D.raw_skill_documents(skill, 4 * HELD_OUT_ROWS, seed=cfg.seed + 1_000_003)
         held[skill] = D.single_rows(D.encode_documents(docs, tok, cfg.seq_len))[:HELD_OUT_ROWS]
     return held
 
