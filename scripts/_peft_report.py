@@ -46,7 +46,7 @@ def sweep_table(report: dict) -> str:
              "| --- | --- | " + "--- | " * width + "--- |"]
     for s in report["sweep"]:
         cells = [f"{g['lr']:g}{'*' if g['lr'] == s['chosen_lr'] else ''}: {g['val_loss']:.3f} / "
-                 f"{_pct(g['val_exact_match'])}" for g in s["grid"]]
+                 f"{_pct(g['val_exact_match'])}" for g in s["grid"]] + ["–"] * (width - len(s["grid"]))
         cached = "yes" if s["cached"] else "no"
         lines.append(f"| {s['regime']} | {s['method']} | " + " | ".join(cells) + f" | {cached} |")
     return "\n".join(lines)

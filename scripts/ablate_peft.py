@@ -18,8 +18,8 @@ Everything else is identical: the tokenizer, the model shape, the pre-training s
 its order per seed, the number of steps, the batch and the sequence length. Per regime and method (full fine-tuning,
 LoRA, QLoRA, LLaMA-Adapter V1 and V2, Excitor):
 
-  1. Learning rate. One run per point of the method's grid (LR_GRID: three rates half a decade apart around the
-     method's usual scale) at the first seed; the rate with the lowest loss on a validation split (training-side
+  1. Learning rate. One run per point of the method's grid (LR_GRID: three or four rates half a decade apart around
+     the method's usual scale) at the first seed; the rate with the lowest loss on a validation split (training-side
      examples that are never trained on) is chosen. A choice on the edge of the grid is flagged. The sweep is cached
      under <cache>/sweeps/ and reused by later runs with identical settings, which say so; `--resweep` reruns it.
   2. Seeds. The chosen rate at `--seeds` seeds (the first is the sweep's own run): seed s fixes the adapter's
@@ -115,7 +115,7 @@ class MainJobConfig:
     skill_fraction: float = BaseConfig.skill_fraction
     # fine-tuning: identical for every method, seed and regime
     steps: int = 100
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 64
     n_train: int = 1000
     n_val: int = 100

@@ -155,7 +155,8 @@ def main(argv=None) -> dict:
     d = MainJobConfig()
     p = experiment_parser(__doc__, "ablate_zero_init")
     p.add_argument("--seeds", type=positive(), default=3, help="seeds per initialisation: seed, seed+1, …")
-    p.add_argument("--lr", type=positive(float), default=1e-1, help="peak learning rate")
+    p.add_argument("--lr", type=positive(float), default=0.3,
+                   help="peak learning rate (the main job's choice for adapter_v1 on this base)")
     p.add_argument("--steps", type=positive(), default=d.steps, help="fine-tuning steps (the main job's budget)")
     p.add_argument("--random-std", type=positive(float), default=1.0, help="std of the random gate")
     p.add_argument("--base-steps", type=positive(), default=BaseConfig.steps,
