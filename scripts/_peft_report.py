@@ -93,6 +93,9 @@ def plot_results(report: dict, path: Path) -> None:
                             capsize=5, color="tab:blue", zorder=4)
             ax.axhline(scale * base["test_" + ("exact_match" if key == "exact_match" else "loss")], ls="--",
                        color="tab:red", lw=1, label="base, no fine-tuning")
+            if key == "exact_match" and base["raw_probe_exact_match"] > 0:
+                ax.axhline(scale * base["raw_probe_exact_match"], ls=":", color="tab:green", lw=1,
+                           label="base, the same inputs asked in raw form")
             ax.set_xticks(range(len(rows)), [r["method"] for r in rows], rotation=20)
             ax.set_ylabel(label)
             ax.grid(alpha=0.3, axis="y")

@@ -343,6 +343,7 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
         # -- 1. the two bases, side by side ---------------------------------------------------------------------------
         bases = dict(zip(REGIMES, workers.map(
             pretrain, [(cfg.base(r), cfg.cache_dir, cfg.task, False) for r in REGIMES], "bases")))
+        phases = {"tokenizer_and_bases_s": time.perf_counter() - t0}
         for regime, (path, info) in bases.items():
             _say(f"base {info['name']} ({regime}): raw-form probe {100 * info['raw_probe_exact_match']:.1f}% exact, "
                  f"held-out loss {info['heldout_loss']}" + (" (cached)" if info["cached"] else ""))
@@ -366,7 +367,9 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
         if n_cached:
             _say(f"learning rates: reusing {n_cached} cached sweep(s) of {len(sweeps)} from {root} "
                  f"(pass --resweep to rerun them)")
+        t1 = time.perf_counter()
         done = workers.map(fine_tune, todo, "sweep")
+        phases["sweep_s"] = time.perf_counter() - t1
         base_evals = {r["regime"]: r for r in done[:len(REGIMES)]}
         for key, sweep in sweeps.items():
             if sweep["runs"] is None:
@@ -380,8 +383,10 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
         chosen = {key: choose(s["runs"]) for key, s in sweeps.items()}
         runs = {(r, m, cfg.seed): c for (r, m), c in chosen.items()}
         extra = [job(r, m, c["lr"], cfg.seed + i) for (r, m), c in chosen.items() for i in range(1, cfg.seeds)]
+        t1 = time.perf_counter()
         for record in workers.map(fine_tune, extra, "seeds"):
             runs[record["regime"], record["method"], record["seed"]] = record
+        phases["seeds_s"] = time.perf_counter() - t1
         # -- 4. peak memory of one training step per method (regime-independent) -----------------------------------
         memory = dict(zip(cfg.methods, workers.map(
             peak_memory, [job("skill", m, chosen["skill", m]["lr"], cfg.seed) for m in cfg.methods], "memory")))
@@ -407,6 +412,7 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
         "rows": rows,
         "runs": list(runs.values()),
         "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0 + children_cpu_s(),
+        "phase_wall_s": phases,
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "jobs": cfg.jobs,
                         "threads": cfg.threads, "cpu_count": os.cpu_count(), "processor": platform.processor()}}
     (out / "results.json").write_text(json.dumps(report, indent=1))
