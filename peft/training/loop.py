@@ -14,6 +14,11 @@ Dividing every micro-batch's *sum* by the step's global token count N makes k mi
 exactly the gradient of one batch of k·b rows, even when micro-batches hold different numbers of target tokens
 (the mean-of-means bug: torchtune PR #1875, transformers PR #34191).
 
+Other objectives plug in through `Objective` (how to batch rows, what to count, what to sum): the reward model's
+pairwise loss and DPO (`peft.training.reward_model`, `peft.training.dpo`) count preference pairs, and DPO's NLL
+term counts chosen tokens. Each kind of count k gets its own step-global N_k, and the step minimises
+Σ_k (Σ over the step of the k-terms) / N_k, so the accumulation identity above holds for every objective.
+
 Multi-process runs (`torchrun --nproc_per_node N`) shard every transformer block and then the root with FSDP2
 (`torch.distributed.fsdp.fully_shard`). FSDP averages gradients over ranks, so each rank's loss is multiplied by the
 world size to keep the "sum / global N" normalisation. Only rank 0 writes files, logs and shows the progress bar.
@@ -28,7 +33,7 @@ import random
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -200,25 +205,74 @@ def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]
     return logits, aux
 
 
-def accumulate_gradients(model: nn.Module, micro: Sequence[Batch], n_global: float, world_size: int = 1,
-                         autocast=None) -> tuple[float, bool]:
-    """Forward/backward every micro-batch of one optimizer step; returns (Σ CE over this rank, logits finite).
+@dataclass
+class Terms:
+    """One micro-batch's contribution to a step, as sums over its items, keyed by the kind of item they are counted
+    in ("tokens", "pairs"): the loop divides each sum by the step's global count of that kind."""
 
-    Each micro-batch contributes Σ_t CE_t / N with N the step's global target count, so after the last backward the
-    gradient is that of the token mean over the whole step, however the rows were split (× world_size: FSDP
-    averages over ranks). MoE auxiliary losses are per-token averages; weighting them by the micro-batch's share of
-    the targets keeps them token-weighted over the step as well.
+    objective: dict[str, torch.Tensor]  # differentiated: the step minimises Σ_k Σ_step objective[k] / N_k
+    loss: dict[str, float]  # what is logged as "loss" (for next-token training: the CE without auxiliary terms)
+    metrics: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (sum, kind): logged as Σ / N_kind
+    logits_finite: bool = True
+
+
+class Objective:
+    """What one optimizer step minimises. `collate` turns rows into a micro-batch (with `.to(device)` and
+    `.n_tokens`), `counts` says how many items of each kind it holds, `__call__` runs the model on it."""
+
+    def collate(self, rows: Sequence) -> Batch:
+        raise NotImplementedError
+
+    def counts(self, batch) -> dict[str, int]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch) -> Terms:
+        raise NotImplementedError
+
+
+class NextTokenLoss(Objective):
+    """Cross-entropy of the targets (pre-training, SFT): Σ_t CE_t / N_tokens, plus the MoE auxiliary losses
+    weighted by each micro-batch's share of the targets (they are per-token averages)."""
+
+    def __init__(self, pad_id: int, length: Optional[int] = None):
+        self.pad_id, self.length = pad_id, length
+
+    def collate(self, rows: Sequence[Row]) -> Batch:
+        return collate(rows, self.pad_id, self.length)
+
+    def counts(self, batch: Batch) -> dict[str, int]:
+        return {"tokens": batch.n_targets}
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Terms:
+        logits, aux = forward(model, batch)
+        ce = token_loss_sum(logits, batch.targets)
+        return Terms({"tokens": ce + aux * batch.n_targets}, {"tokens": float(ce.detach())},
+                     logits_finite=bool(torch.isfinite(logits.detach()).all()))
+
+
+def accumulate_gradients(model: nn.Module, micro: Sequence, n_global: dict[str, float] | float, world_size: int = 1,
+                         autocast=None, objective: Optional[Objective] = None) -> tuple[float, dict, bool]:
+    """Forward/backward every micro-batch of one optimizer step; returns (loss, metrics, logits finite), this
+    rank's shares (sum them over ranks for the step's values).
+
+    n_global: the step's global count of each kind of item (a number: target tokens). Each micro-batch contributes
+    Σ terms_k / N_k, so after the last backward the gradient is that of the per-item mean over the whole step,
+    however the rows were split (× world_size: FSDP averages over ranks). The default objective is next-token
+    cross-entropy on batches from `data.collate`.
     """
-    loss_sum, logits_finite = 0.0, True
+    objective = objective or NextTokenLoss(pad_id=0)
+    counts = n_global if isinstance(n_global, dict) else {"tokens": n_global}
+    loss, metrics, logits_finite = 0.0, {}, True
     for batch in micro:
         with autocast or nullcontext():
-            logits, aux = forward(model, batch)
-        ce = token_loss_sum(logits, batch.targets)
-        objective = (ce + aux * batch.n_targets) / n_global * world_size
-        objective.backward()
-        loss_sum += float(ce.detach())
-        logits_finite = logits_finite and bool(torch.isfinite(logits.detach()).all())
-    return loss_sum, logits_finite
+            terms = objective(model, batch)
+        value = sum(total / counts[kind] for kind, total in terms.objective.items())
+        (value * world_size).backward()
+        loss += sum(total / counts[kind] for kind, total in terms.loss.items())
+        for name, (total, kind) in terms.metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + total / counts[kind]
+        logits_finite = logits_finite and terms.logits_finite
+    return loss, metrics, logits_finite
 
 
 @torch.no_grad()
@@ -323,17 +377,24 @@ def _diagnose(model: nn.Module, logits_finite: bool, loss_finite: bool, grad_nor
             f"train.precision=fp32")
 
 
-def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: int, length: Optional[int] = None,
+def train(model: nn.Module, rows: Sequence, cfg: TrainConfig, *, pad_id: Optional[int] = None,
+          length: Optional[int] = None, objective: Optional[Objective] = None,
           eval_rows: Optional[Sequence[Row]] = None, evaluators: Sequence[Callable[[nn.Module], dict]] = (),
           callbacks: Sequence[Callable[[int, dict], None]] = (), meta: Optional[dict] = None,
-          ctx: Optional[Dist] = None) -> TrainResult:
+          ctx: Optional[Dist] = None, desc: str = "train") -> TrainResult:
     """Train `model` (its requires_grad parameters) on `rows` for `cfg.steps` optimizer steps.
 
+    objective: what a step minimises (default: next-token cross-entropy of `data.Row`s padded with `pad_id`);
+        rows are whatever it collates (preference pairs for the reward model and DPO).
     length: pad every micro-batch to this many positions (packed rows); None pads to the longest row.
     eval_rows: held-out rows for the eval loss; evaluators: extra metrics (e.g. exact match), called at eval steps.
     callbacks(step, record): called on every rank after each logged step (tests use one to kill the process).
     meta: what a checkpoint must match on resume (model shape, method, data); stored in every checkpoint.
     """
+    if objective is None:
+        if pad_id is None:
+            raise ValueError("train() needs pad_id for next-token training (or an objective that collates its rows)")
+        objective = NextTokenLoss(pad_id, length)
     ctx = ctx or init_distributed()
     per_rank, rem = divmod(cfg.batch_size, ctx.world_size)
     if rem or per_rank % cfg.micro_batch_size:
@@ -371,7 +432,7 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
                 else nullcontext())
     bar = None
     if cfg.progress and ctx.is_main:
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
     model.train()
     train_time, tokens_seen = 0.0, 0
@@ -381,13 +442,18 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         # -- the rows of this step, this rank's share, and the global number of target tokens N ------------------
         step_rows = order.take(step * cfg.batch_size, cfg.batch_size)
         mine = step_rows[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-        micro = [collate([rows[i] for i in mine[j:j + cfg.micro_batch_size]], pad_id, length).to(device)
+        micro = [objective.collate([rows[i] for i in mine[j:j + cfg.micro_batch_size]]).to(device)
                  for j in range(0, per_rank, cfg.micro_batch_size)]
-        n_global = ctx.all_sum(sum(b.n_targets for b in micro))
-        if n_global == 0:
-            raise ValueError(f"step {step}: no target token in the whole batch; every row is masked (check the data)")
-        loss_sum, logits_finite = accumulate_gradients(model, micro, n_global, ctx.world_size, autocast)
-        loss = ctx.all_sum(loss_sum) / n_global
+        n_global = {kind: ctx.all_sum(sum(objective.counts(b)[kind] for b in micro))
+                    for kind in objective.counts(micro[0])}
+        empty = [kind for kind, n in n_global.items() if n == 0]
+        if empty:
+            raise ValueError(f"step {step}: no target token (count '{empty[0]}') in the whole batch; every row is "
+                             f"masked (check the data)")
+        loss, metrics, logits_finite = accumulate_gradients(model, micro, n_global, ctx.world_size, autocast,
+                                                            objective)
+        loss = ctx.all_sum(loss)
+        metrics = {name: ctx.all_sum(value) for name, value in metrics.items()}
         # -- clip, guard against NaN/inf, update -------------------------------------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = float(_full(grad_norm))
@@ -407,7 +473,7 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         done = step + 1
         # -- log, evaluate, checkpoint -----------------------------------------------------------------------------
         record = dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
-                      tokens_per_s=n_tokens / dt, step_time_s=dt, elapsed_s=train_time)
+                      tokens_per_s=n_tokens / dt, step_time_s=dt, elapsed_s=train_time, **metrics)
         is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if is_eval and (eval_rows or evaluators):
             if eval_rows:
