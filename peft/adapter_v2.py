@@ -27,6 +27,9 @@ Differences and choices (arXiv 2304.15010 §4 vs. the OpenGVLab/LLaMA-Adapter co
     encoder, which lives outside this package).
   * Merging folds b and s into the weights exactly (output side: W' = diag(s) W, b' = s ⊙ b; input side:
     W' = W diag(s), b' = b); the layer then computes W'x + b'. Norm gains are already in place. Prompts cannot merge.
+  * The norm gains train in place, so attaching records each gain's starting value (a non-persistent buffer
+    `base_gain` on its RMSNorm: C numbers per norm, not in the state dict) for `peft.disable_adapters`, which must
+    give back the frozen base (DPO's reference).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from .lora import master_dtype
 from .targets import LINEAR_NAMES, check_target_names, iter_linears, shared_parameter_ids
 
 BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+BASE_GAIN = "base_gain"  # buffer name of a trained RMSNorm's gain before training (for peft.disable_adapters)
 
 
 @dataclass
@@ -164,10 +168,18 @@ def attach(model: nn.Module, config: AdapterV2Config) -> list[str]:
         setattr(parent, attr, layer)
         names += [f"{name}.bias", f"{name}.scale"]
     if config.train_norms:  # §4.1: every normalisation layer is unfrozen
+        record_base_gains(model)
         names += norm_parameter_names(model)
     names += adapter_v1.attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation,
                                        config.prompt_init_std)
     return names
+
+
+def record_base_gains(model: nn.Module) -> None:
+    """Keep each RMSNorm gain's value before training, as the non-persistent buffer `base_gain` of its norm."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.register_buffer(BASE_GAIN, module.weight.detach().clone(), persistent=False)
 
 
 def bias_scale_layers(model: nn.Module) -> list[BiasScaleLinear]:
