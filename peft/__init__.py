@@ -10,6 +10,14 @@ One file per method (`lora`, `qlora`, `adapter_v1`, `adapter_v2`, `excitor`), on
 
 Methods attach through the two override points of `llama.model` (linear-layer replacement and
 `Attention.extension`); `llama` never imports this package.
+
+Post-training (Llama 2 / Llama 3: reward model, rejection sampling, DPO; `peft.training`, docs/post_training.md):
+
+    peft.sequence_logps(logits, labels)          # Σ log π(y|x) over the response, HF shift convention
+    peft.reward_loss(r_chosen, r_rejected, m)    # Bradley–Terry with Llama 2's margin
+    peft.dpo_loss(π_c, π_r, ref_c, ref_r, beta)  # DPO / cDPO / IPO / hinge, with the implicit rewards
+    peft.reward_model(checkpoint, method)        # the trunk with a scalar head
+    with peft.disable_adapters(model): ...       # the reference model: every adapter off, no second copy
 """
 
 from .adapter_v1 import AdapterV1Config
@@ -19,7 +27,11 @@ from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, m
 from .excitor import ExcitorConfig
 from .hf_export import export_hf
 from .lora import LoraConfig
+from .disable import disable_adapters
+from .training.preference import dpo_loss, reward_accuracy, reward_loss, sequence_logps
+from .training.reward_model import reward_model
 
 __all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
-           "export_hf"]
+           "export_hf", "disable_adapters", "sequence_logps", "reward_loss", "reward_accuracy", "dpo_loss",
+           "reward_model"]

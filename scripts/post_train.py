@@ -87,6 +87,7 @@ class Config:
     rm_prompts: int = 1024  # per round; 4 samples each -> 2 pairs
     rm_method: str = "full"
     rm_lr: float = 1e-3
+    rm_epochs: int = 1
     margin: Optional[str] = None  # None (Llama 3) | "small" | "large" (Llama 2)
     # rejection sampling
     rs_prompts: int = 1024
@@ -207,15 +208,23 @@ def evaluate(policy, reference, prompts: list[Prompt], tokenizer, cfg: Config, s
 # Preference data, reward model, rejection sampling, DPO
 # =====================================================================================================================
 
+def usable(sample, tokenizer, cfg: Config) -> bool:
+    """A sample that can become training data: it ended, it is not empty, and its text, tokenised again as training
+    data is (a malformed sample, e.g. a stray byte piece, may tokenise longer), fits the context."""
+    text = sample.text.strip()
+    return (sample.stopped and bool(text)
+            and len(sample.prompt_ids) + len(tokenizer.encode(sample.text, bos=False, eos=True)) <= cfg.max_seq_len)
+
+
 def annotated_pairs(policy, prompts: list[Prompt], tokenizer, cfg: Config, rng: random.Random, seed: int,
                     source: str) -> list[Pair]:
     """4 samples per prompt from the policy, as two pairs (1st vs 2nd, 3rd vs 4th), labelled by the simulated
-    annotators; identical responses and unterminated ones are not shown to them."""
+    annotators; identical responses and unusable ones are not shown to them."""
     samples = sample_responses(policy, tokenizer, [p.text for p in prompts], 4, cfg.max_new_tokens, seed=seed)
     pairs = []
     for row, p in zip(samples, prompts):
         for a, b in ((row[0], row[1]), (row[2], row[3])):
-            if not (a.stopped and b.stopped and a.text.strip() and b.text.strip()):
+            if not (usable(a, tokenizer, cfg) and usable(b, tokenizer, cfg)):
                 continue
             pair = oracle.annotate(p.text, a.text, b.text, oracle.true_reward(a.text, p.answer),
                                    oracle.true_reward(b.text, p.answer), rng, cfg.tau,
@@ -238,7 +247,7 @@ def train_reward_model(policy, train_pairs: list[Pair], eval_pairs: list[Pair], 
     encoded = encode_pairs(train_pairs, tokenizer, cfg.max_seq_len)
     rm = reward_model(policy, {"name": cfg.rm_method, **({k: v for k, v in LORA.items() if k != "name"}
                                                        if cfg.rm_method != "full" else {})})
-    steps = max(1, len(encoded) // cfg.batch_size)  # one epoch
+    steps = max(1, cfg.rm_epochs * len(encoded) // cfg.batch_size)
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.rm_lr,
                      warmup_steps=max(1, steps // 10), seed=cfg.seed + r, progress=cfg.progress)
     train(rm, encoded, tc, objective=RewardLoss(tokenizer.pad_id, cfg.margin), desc=f"r{r} reward model")
@@ -251,15 +260,15 @@ def train_reward_model(policy, train_pairs: list[Pair], eval_pairs: list[Pair], 
 
 
 def rejection_sample(policy, rm, prompts: list[Prompt], tokenizer, cfg: Config, seed: int) -> list[dict]:
-    """Best of K by the reward model for each prompt (prompts with no terminated sample are dropped)."""
+    """Best of K by the reward model for each prompt (prompts with no usable sample are dropped)."""
     samples = sample_responses(policy, tokenizer, [p.text for p in prompts], cfg.k, cfg.max_new_tokens,
                                cfg.temperature, seed=seed)
     scores = score_sequences(rm, [s.sequence for row in samples for s in row], tokenizer.pad_id).view(len(prompts),
                                                                                                        cfg.k)
-    stopped = torch.tensor([[s.stopped for s in row] for row in samples])
-    best = best_of_k(scores, stopped)
+    ok = torch.tensor([[usable(s, tokenizer, cfg) for s in row] for row in samples])
+    best = best_of_k(scores, ok)
     return [{"prompt": p, "response": row[i].text, "rm_score": float(scores[j, i])}
-            for j, (p, row, i) in enumerate(zip(prompts, samples, best.tolist())) if row[i].stopped]
+            for j, (p, row, i) in enumerate(zip(prompts, samples, best.tolist())) if ok[j, i]]
 
 
 def best_of_k_curve(policy, rm, prompts: list[Prompt], tokenizer, cfg: Config, seed: int) -> dict:

@@ -84,10 +84,10 @@ def sample_responses(model: nn.Module, tokenizer, prompts: Sequence[str], k: int
     return [samples[p * k:(p + 1) * k] for p in range(len(prompts))]
 
 
-def best_of_k(scores: torch.Tensor, stopped: torch.Tensor) -> torch.Tensor:
-    """Index of the best sample per prompt: argmax of scores [P, K] among the samples that stopped -> [P].
-    A prompt none of whose samples stopped keeps its first sample (the caller may drop it)."""
-    return scores.masked_fill(~stopped, float("-inf")).argmax(dim=-1)
+def best_of_k(scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Index of the best sample per prompt: argmax of scores [P, K] among the allowed samples [P, K] (at least
+    those that stopped) -> [P]. A prompt with no allowed sample gets index 0 (the caller drops it)."""
+    return scores.masked_fill(~allowed, float("-inf")).argmax(dim=-1)
 
 
 def expected_best_of_k(selector: torch.Tensor, value: torch.Tensor, k: int) -> float:
