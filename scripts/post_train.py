@@ -79,12 +79,12 @@ class Config:
     # round 0
     pretrain_steps: int = 300
     sft_examples: int = 4000
-    sft_steps: int = 400
+    sft_steps: int = 1200
     teacher_swaps: int = 3
     # simulated annotators
     tau: float = 0.1  # Bradley–Terry label noise on r*
     # reward model
-    rm_prompts: int = 1024  # per round; 4 samples each -> 2 pairs
+    rm_prompts: int = 4096  # per round; 4 samples each -> 2 pairs
     rm_method: str = "full"
     rm_lr: float = 1e-3
     rm_epochs: int = 1
@@ -100,6 +100,7 @@ class Config:
     dpo_method: str = "lora"  # "lora" (reference: adapters off) or "full" (reference: precomputed)
     beta: float = 0.1
     dpo_loss: str = "sigmoid"
+    label_smoothing: float = 0.0  # cDPO's ε
     nll_alpha: float = 0.2
     mask_eos: bool = True
     dpo_steps: int = 200
@@ -119,7 +120,8 @@ class Config:
         if unknown or not self.tasks:
             raise UsageError(f"unknown task(s) {unknown or list(self.tasks)}; choose from {sorted(D.TASKS)}")
         check_k(self.k)
-        DPOConfig(beta=self.beta, loss_type=self.dpo_loss, nll_alpha=self.nll_alpha)  # beta > 0, known loss
+        DPOConfig(beta=self.beta, loss_type=self.dpo_loss, label_smoothing=self.label_smoothing,
+                  nll_alpha=self.nll_alpha)  # beta > 0, a known loss, ε in [0, 0.5)
         if self.margin is not None and self.margin not in MARGINS:
             raise UsageError(f"unknown margin table {self.margin!r}; use one of {sorted(MARGINS)} or none")
         if self.dpo_method not in ("lora", "full"):
@@ -218,19 +220,16 @@ def usable(sample, tokenizer, cfg: Config) -> bool:
 
 def annotated_pairs(policy, prompts: list[Prompt], tokenizer, cfg: Config, rng: random.Random, seed: int,
                     source: str) -> list[Pair]:
-    """4 samples per prompt from the policy, as two pairs (1st vs 2nd, 3rd vs 4th), labelled by the simulated
-    annotators; identical responses and unusable ones are not shown to them."""
+    """4 samples per prompt from the policy; its distinct usable responses, in sampling order, are shown to the
+    simulated annotators two at a time (at most two pairs per prompt)."""
     samples = sample_responses(policy, tokenizer, [p.text for p in prompts], 4, cfg.max_new_tokens, seed=seed)
     pairs = []
     for row, p in zip(samples, prompts):
-        for a, b in ((row[0], row[1]), (row[2], row[3])):
-            if not (usable(a, tokenizer, cfg) and usable(b, tokenizer, cfg)):
-                continue
-            pair = oracle.annotate(p.text, a.text, b.text, oracle.true_reward(a.text, p.answer),
-                                   oracle.true_reward(b.text, p.answer), rng, cfg.tau,
-                                   {**p.provenance, "source": source})
-            if pair is not None:
-                pairs.append(pair)
+        distinct = list(dict.fromkeys(s.text for s in row if usable(s, tokenizer, cfg)))
+        for a, b in zip(distinct[0::2], distinct[1::2]):
+            pairs.append(oracle.annotate(p.text, a, b, oracle.true_reward(a, p.answer),
+                                         oracle.true_reward(b, p.answer), rng, cfg.tau,
+                                         {**p.provenance, "source": source}))
     return pairs
 
 
@@ -292,7 +291,8 @@ def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> llama.Tran
     model = copy.deepcopy(policy)
     if cfg.dpo_method == "full":  # no adapter to switch off: log π_ref computed once, before the first step
         encoded = precompute_reference(model, encoded, tokenizer.pad_id, mask)
-    dc = DPOConfig(beta=cfg.beta, loss_type=cfg.dpo_loss, nll_alpha=cfg.nll_alpha, mask_token_ids=mask,
+    dc = DPOConfig(beta=cfg.beta, loss_type=cfg.dpo_loss, label_smoothing=cfg.label_smoothing,
+                   nll_alpha=cfg.nll_alpha, mask_token_ids=mask,
                    reference="precomputed" if cfg.dpo_method == "full" else "adapters_off")
     model = apply_method(model, LORA if cfg.dpo_method == "lora" else {"name": "full"})
     tc = TrainConfig(steps=cfg.dpo_steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.dpo_lr,
@@ -355,8 +355,9 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
             cfg.rs_lr, f"r{r} rs")
         measure(r, "rs", policy, reference)
         # -- DPO on fresh pairs of the rs policy's own samples --------------------------------------------------------
-        dpo_pairs = annotated_pairs(policy, prompts[(r, "dpo")], tokenizer, cfg, rng, seed + 4,
-                                    "policy samples (DPO)")
+        dpo_pairs = [p for p in annotated_pairs(policy, prompts[(r, "dpo")], tokenizer, cfg, rng, seed + 4,
+                                                "policy samples (DPO)")
+                     if p.rating != "negligibly better"]  # pairs rated similar are dropped (Llama 3 §4.1.2)
         policy = dpo(policy, dpo_pairs, tokenizer, cfg, r)
         measure(r, "dpo", policy, reference)
         data[r] = ([{"kind": "reward_model_pair", **dataclasses.asdict(p)} for p in rm_pairs]
@@ -460,7 +461,7 @@ for _f in dataclasses.fields(Config):
         continue
     _value = getattr(_defaults, _f.name)
     _kind = type(_value)
-    _zero_ok = _f.name in ("tau", "nll_alpha")  # 0: deterministic annotators; no NLL term
+    _zero_ok = _f.name in ("tau", "nll_alpha", "label_smoothing")  # 0: deterministic annotators; no NLL; DPO
     parser.add_argument("--" + _f.name.replace("_", "-"), default=_value,
                         type=positive(_kind) if _kind in (int, float) and not _zero_ok else _kind)
 parser.add_argument("--tasks", nargs="+", default=list(_defaults.tasks), help="capability tags (task names)")

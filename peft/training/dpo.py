@@ -34,8 +34,8 @@ from torch import nn
 
 from ..disable import disable_adapters
 from .data import IGNORE_INDEX
-from .loop import Objective, Terms
-from .pairs import EncodedPair, PairBatch, collate_pairs, pad_right, response_labels
+from .loop import Objective, Terms, evaluating
+from .pairs import EncodedPair, PairBatch, collate_pairs, padded_batches, response_labels
 from .preference import check_dpo_options, dpo_loss, sequence_logps
 
 REFERENCES = ("adapters_off", "precomputed")
@@ -120,20 +120,15 @@ class DPOLoss(Objective):
         return Terms(objective, loss, metrics, logits_finite=bool(torch.isfinite(logits.detach()).all()))
 
 
-@torch.no_grad()
 def response_logps(model: nn.Module, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int], pad_id: int,
                    mask_token_ids: Sequence[int] = (), batch_size: int = 128) -> torch.Tensor:
     """log π(response | prompt) of whole sequences (<bos> prompt response [<eos>]) -> [N] float64, the first
     prompt_lens[i] tokens being the prompt."""
-    was_training = model.training
-    model.eval()
-    device = model.norm.weight.device
     out = []
-    for i in range(0, len(sequences), batch_size):
-        tokens, lengths = pad_right(sequences[i:i + batch_size], pad_id)
-        labels = mask_tokens(response_labels(tokens, lengths, prompt_lens[i:i + batch_size]), mask_token_ids)
-        out.append(sequence_logps(model(tokens.to(device)), labels.to(device)).double().cpu())
-    model.train(was_training)
+    with evaluating(model):
+        for chunk, tokens, lengths in padded_batches(sequences, pad_id, batch_size, model.norm.weight.device):
+            labels = mask_tokens(response_labels(tokens, lengths, prompt_lens[chunk]), mask_token_ids)
+            out.append(sequence_logps(model(tokens), labels).double().cpu())
     return torch.cat(out)
 
 

@@ -32,7 +32,7 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -275,7 +275,18 @@ def accumulate_gradients(model: nn.Module, micro: Sequence, n_global: dict[str, 
     return loss, metrics, logits_finite
 
 
-@torch.no_grad()
+@contextmanager
+def evaluating(model: nn.Module):
+    """No gradients and eval mode (LoRA dropout off) inside the block; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate_loss(model: nn.Module, rows: Sequence[Row], micro_batch_size: int, pad_id: int,
                   length: Optional[int] = None, device=None) -> float:
     """Token-weighted mean cross-entropy over `rows`.
@@ -283,15 +294,13 @@ def evaluate_loss(model: nn.Module, rows: Sequence[Row], micro_batch_size: int, 
     Under FSDP every rank evaluates all rows: each forward pass is a collective (parameter all-gather), so all ranks
     must run the same number of them, and held-out sets are small.
     """
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), micro_batch_size):
-        batch = collate(rows[i:i + micro_batch_size], pad_id, length).to(device or _device(model))
-        logits, _ = forward(model, batch)
-        total += float(token_loss_sum(logits, batch.targets))
-        count += batch.n_targets
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(rows), micro_batch_size):
+            batch = collate(rows[i:i + micro_batch_size], pad_id, length).to(device or _device(model))
+            logits, _ = forward(model, batch)
+            total += float(token_loss_sum(logits, batch.targets))
+            count += batch.n_targets
     return total / max(count, 1)
 
 

@@ -18,7 +18,7 @@ serves both halves (the "concatenated forward" of the DPO authors' trainer, TRL 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -105,10 +105,20 @@ def pad_right(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor,
     return tokens, torch.tensor([len(r) for r in rows])
 
 
+def padded_batches(sequences: Sequence[Sequence[int]], pad_id: int, batch_size: int, device=None
+                   ) -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+    """Consecutive chunks of `sequences`, each right-padded: (which sequences, tokens [n, T], lengths [n])."""
+    for start in range(0, len(sequences), batch_size):
+        chunk = slice(start, start + batch_size)
+        tokens, lengths = pad_right(sequences[chunk], pad_id)
+        yield chunk, tokens.to(device), lengths.to(device)
+
+
 def response_labels(tokens: torch.Tensor, lengths: torch.Tensor, prompt_lens: Sequence[int]) -> torch.Tensor:
     """HF-convention labels [N, T]: the token ids at response positions (prompt_len ≤ t < length), else ignored."""
-    t = torch.arange(tokens.shape[1])[None, :]  # [1, T]
-    response = (t >= torch.tensor(prompt_lens)[:, None]) & (t < lengths[:, None])  # [N, T]
+    t = torch.arange(tokens.shape[1], device=tokens.device)[None, :]  # [1, T]
+    starts = torch.tensor(list(prompt_lens), device=tokens.device)[:, None]  # [N, 1]
+    response = (t >= starts) & (t < lengths[:, None])  # [N, T]
     return tokens.masked_fill(~response, IGNORE_INDEX)
 
 

@@ -31,6 +31,8 @@ from torch import nn
 
 import llama
 
+from .loop import evaluating
+
 
 @dataclass
 class Sample:
@@ -61,7 +63,6 @@ def check_prompt_lengths(model: nn.Module, tokenizer, prompts: Sequence[str], ma
     return encoded
 
 
-@torch.no_grad()
 def sample_responses(model: nn.Module, tokenizer, prompts: Sequence[str], k: int, max_new_tokens: int,
                      temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
                      batch_size: int = 512) -> list[list[Sample]]:
@@ -71,13 +72,11 @@ def sample_responses(model: nn.Module, tokenizer, prompts: Sequence[str], k: int
         raise ValueError("no prompts to sample from")
     encoded = check_prompt_lengths(model, tokenizer, prompts, max_new_tokens)
     rows = [ids for ids in encoded for _ in range(k)]  # [P·K]: prompt p's K copies are adjacent
-    was_training = model.training
-    model.eval()
     outputs = []
-    for start in range(0, len(rows), batch_size):
-        outputs += llama.generate(model, rows[start:start + batch_size], max_new_tokens, temperature, top_p,
-                                  stop_tokens=tokenizer.stop_tokens, seed=seed * 100_003 + start)
-    model.train(was_training)
+    with evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            outputs += llama.generate(model, rows[start:start + batch_size], max_new_tokens, temperature, top_p,
+                                      stop_tokens=tokenizer.stop_tokens, seed=seed * 100_003 + start)
     stops = set(tokenizer.stop_tokens)
     samples = [Sample(prompt, out, tokenizer.decode([t for t in out if t not in stops]), bool(out) and out[-1] in stops)
                for prompt, out in zip(rows, outputs)]

@@ -29,8 +29,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from .loop import Objective, Terms
-from .pairs import EncodedPair, PairBatch, collate_pairs, pad_right
+from .loop import Objective, Terms, evaluating
+from .pairs import EncodedPair, PairBatch, collate_pairs, padded_batches
 from .preference import margins, reward_accuracy, reward_loss
 from .recipe import apply_method
 
@@ -98,34 +98,23 @@ class RewardLoss(Objective):
                      logits_finite=bool(torch.isfinite(rewards.detach()).all()))
 
 
-@torch.no_grad()
 def evaluate_pairs(model: nn.Module, pairs: Sequence[EncodedPair], pad_id: int,
                    batch_size: int = 64) -> tuple[float, dict[str, float]]:
     """Held-out accuracy of the reward model, overall and per rating (`preference.reward_accuracy`)."""
-    was_training = model.training
-    model.eval()
-    device = model.norm.weight.device
     chosen, rejected, ratings = [], [], []
-    for i in range(0, len(pairs), batch_size):
-        batch = collate_pairs(pairs[i:i + batch_size], pad_id).to(device)
-        rewards = score(model, batch.tokens, batch.lengths)
-        chosen.append(rewards[:batch.n_pairs])
-        rejected.append(rewards[batch.n_pairs:])
-        ratings += batch.ratings
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(pairs), batch_size):
+            batch = collate_pairs(pairs[i:i + batch_size], pad_id).to(model.norm.weight.device)
+            rewards = score(model, batch.tokens, batch.lengths)
+            chosen.append(rewards[:batch.n_pairs])
+            rejected.append(rewards[batch.n_pairs:])
+            ratings += batch.ratings
     return reward_accuracy(torch.cat(chosen), torch.cat(rejected), ratings)
 
 
-@torch.no_grad()
 def score_sequences(model: nn.Module, sequences: Sequence[Sequence[int]], pad_id: int,
                     batch_size: int = 256) -> torch.Tensor:
     """Rewards of whole token sequences (<bos> prompt response <eos>) -> [N], right-padded in batches."""
-    was_training = model.training
-    model.eval()
-    device = model.norm.weight.device
-    out = []
-    for i in range(0, len(sequences), batch_size):
-        tokens, lengths = pad_right(sequences[i:i + batch_size], pad_id)
-        out.append(score(model, tokens.to(device), lengths.to(device)).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+    with evaluating(model):
+        return torch.cat([score(model, tokens, lengths).float().cpu() for _, tokens, lengths
+                          in padded_batches(sequences, pad_id, batch_size, model.norm.weight.device)])
