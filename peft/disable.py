@@ -22,7 +22,8 @@ the very same tensors.
 
 Everything is put back on exit, also when the block raises. Preconditions (pipeline.md §6.5): the base must *be* the
 reference, so an adapter trained before (e.g. an SFT LoRA) must be merged into the weights before a fresh DPO adapter
-is attached; and a merged adapter cannot be switched off (its update is inside the weight), which raises here.
+is attached; a merged adapter cannot be switched off (its update is inside the weight); and a model sharded by FSDP2
+cannot either (its modules see gathered copies of the parameters only during their own forward). Both raise here.
 """
 
 from __future__ import annotations
@@ -104,6 +105,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if state.merged:
         raise ValueError("the adapter is merged into the weights, so switching it off would not recover the base; "
                          "call peft.unmerge(model) first")
+    if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 swaps in gathered tensors at each forward
+        raise ValueError("disable_adapters cannot run on an FSDP-sharded model (the swapped-in modules would hold the "
+                         "shards); precompute the reference log-probabilities instead (dpo.precompute_reference)")
     swaps = []  # (parent, attribute, adapted module), in the order they were swapped
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):

@@ -12,8 +12,9 @@ paper's controlled-sentiment experiment. Stages, in Llama 3's order (arXiv 2407.
                   digits (it knows the format and to stop, not the order)
             sft   SFT on an imperfect teacher (the answer with 0-3 adjacent swaps; Llama 2 §3.1). This policy is
                   π_ref, the reference of every KL below
-  round r   reward model  initialised from the current policy π, one epoch (Llama 2 §3.2.2) on pairs of π's own
-                  samples labelled by simulated annotators (Bradley–Terry on r*, noise τ) with Llama 2 ratings
+  round r   reward model  initialised from the current policy π, one epoch (Llama 2 §3.2.2) over all pairs so far
+                  (Llama 3); each round adds pairs of π's own samples labelled by simulated annotators
+                  (Bradley–Terry on r*, noise τ) with Llama 2 ratings
             rs    rejection sampling: K samples per fresh prompt from π, the reward model's best kept, and π
                   fine-tuned on them with the SFT loss (Llama 2 §3.2.3)
             dpo   DPO from the rs policy on fresh annotated pairs of its own samples (on-policy, Llama 3 §4.1.4),
@@ -69,7 +70,7 @@ LORA = {"name": "lora", "r": 8, "alpha": 16.0, "target_modules": ["wq", "wk", "w
 @dataclass
 class Config:
     tasks: tuple = ("sort",)  # capability tags: synthetic tasks with a known answer
-    rounds: int = 2
+    rounds: int = 3
     # the model: a tiny Llama 3 (GQA), its BPE tokenizer trained on the task's text
     dim: int = 64
     n_layers: int = 2
@@ -84,7 +85,7 @@ class Config:
     # simulated annotators
     tau: float = 0.1  # Bradley–Terry label noise on r*
     # reward model
-    rm_prompts: int = 4096  # per round; 4 samples each -> 2 pairs
+    rm_prompts: int = 4096  # per round; 4 samples each -> up to 2 pairs
     rm_method: str = "full"
     rm_lr: float = 1e-3
     rm_epochs: int = 1
@@ -96,19 +97,19 @@ class Config:
     rs_steps: int = 200
     rs_lr: float = 3e-4
     # DPO
-    dpo_prompts: int = 1024  # 4 samples each -> 2 pairs
+    dpo_prompts: int = 4096  # 4 samples each -> up to 2 pairs
     dpo_method: str = "lora"  # "lora" (reference: adapters off) or "full" (reference: precomputed)
     beta: float = 0.1
     dpo_loss: str = "sigmoid"
-    label_smoothing: float = 0.0  # cDPO's ε
+    label_smoothing: float = 0.1  # cDPO's ε: about the annotators' flip rate on these pairs
     nll_alpha: float = 0.2
     mask_eos: bool = True
-    dpo_steps: int = 200
-    dpo_lr: float = 3e-3
+    dpo_steps: int = 64  # about one epoch
+    dpo_lr: float = 1e-3
     # everything else
     batch_size: int = 32
     lr: float = 3e-3  # pre-training and SFT
-    eval_prompts: int = 256
+    eval_prompts: int = 512
     eval_samples: int = 4
     bok_prompts: int = 128  # held-out prompts for the best-of-K curve (K_max = k samples each)
     seed: int = 0
@@ -284,8 +285,9 @@ def best_of_k_curve(policy, rm, prompts: list[Prompt], tokenizer, cfg: Config, s
             "oracle": [expected_best_of_k(true, true, k) for k in ks]}
 
 
-def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> llama.Transformer:
-    """DPO from `policy`; returns the new policy as a plain model (a LoRA adapter merged into its weights)."""
+def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> tuple[llama.Transformer, list[dict]]:
+    """DPO from `policy`; returns the new policy as a plain model (a LoRA adapter merged into its weights) and the
+    training log."""
     mask = (tokenizer.eos_id,) if cfg.mask_eos else ()
     encoded = encode_pairs(pairs, tokenizer, cfg.max_seq_len)
     model = copy.deepcopy(policy)
@@ -301,11 +303,11 @@ def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> llama.Tran
     if abs(history[0]["rewards/margins"]) > 1e-6:  # the first step's policy is the reference: h = 0 exactly
         raise RuntimeError(f"DPO's first step saw policy != reference (margin {history[0]['rewards/margins']})")
     if cfg.dpo_method == "full":
-        return model
+        return model, history
     peft.merge(model)  # W ← W + sBA; the plain model below takes the merged weights by their unchanged names
     plain = build_model(cfg, model.args.vocab_size)
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
-    return plain
+    return plain, history
 
 
 # =====================================================================================================================
@@ -316,7 +318,7 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
     t0, cpu0 = time.perf_counter(), time.process_time()
     rng = random.Random(cfg.seed)  # the annotators and the teacher
     answers = {p.text: p.answer for group in prompts.values() for p in group}
-    stages, reward_models, curves, data = [], [], [], {}
+    stages, reward_models, curves, rs_log, dpo_log, data, all_rm_pairs = [], [], [], [], [], {}, []
 
     def measure(r: int, stage: str, policy, reference) -> None:
         stages.append({"round": r, "stage": stage, **evaluate(policy, reference, prompts["eval"], tokenizer, cfg,
@@ -342,14 +344,17 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
         seed = cfg.seed * 1000 + 10 * r
         # -- reward model on pairs of the current policy's samples ----------------------------------------------------
         rm_pairs = annotated_pairs(policy, prompts[(r, "rm")], tokenizer, cfg, rng, seed, "policy samples (RM)")
+        all_rm_pairs += rm_pairs  # Llama 3 trains each round's reward model on all the preference data so far
         eval_pairs = annotated_pairs(policy, prompts["rm_eval"], tokenizer, cfg, rng, seed + 1, "held-out")
-        rm, rm_report = train_reward_model(policy, rm_pairs, eval_pairs, answers, tokenizer, cfg, r)
+        rm, rm_report = train_reward_model(policy, all_rm_pairs, eval_pairs, answers, tokenizer, cfg, r)
         reward_models.append(rm_report)
         _say(f"round {r} reward model: held-out accuracy {rm_report['accuracy']:.3f} (Bayes ceiling "
              f"{rm_report['bayes_ceiling']:.3f}) on {rm_report['eval_pairs']} pairs")
         curves.append({"round": r, **best_of_k_curve(policy, rm, prompts["bok"], tokenizer, cfg, seed + 2)})
         # -- rejection sampling, then SFT on the selected samples -----------------------------------------------------
         selected = rejection_sample(policy, rm, prompts[(r, "rs")], tokenizer, cfg, seed + 3)
+        rs_log.append({"round": r, "prompts": cfg.rs_prompts, "selected": len(selected), "selected_true_reward":
+                       sum(oracle.true_reward(s["response"], s["prompt"].answer) for s in selected) / len(selected)})
         policy = copy.deepcopy(policy)
         sft(policy, [D.Example(s["prompt"].text, s["response"]) for s in selected], tokenizer, cfg, cfg.rs_steps,
             cfg.rs_lr, f"r{r} rs")
@@ -358,7 +363,11 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
         dpo_pairs = [p for p in annotated_pairs(policy, prompts[(r, "dpo")], tokenizer, cfg, rng, seed + 4,
                                                 "policy samples (DPO)")
                      if p.rating != "negligibly better"]  # pairs rated similar are dropped (Llama 3 §4.1.2)
-        policy = dpo(policy, dpo_pairs, tokenizer, cfg, r)
+        policy, history = dpo(policy, dpo_pairs, tokenizer, cfg, r)
+        flipped = sum(oracle.true_reward(p.chosen, answers[p.prompt])
+                      < oracle.true_reward(p.rejected, answers[p.prompt]) for p in dpo_pairs)
+        dpo_log.append({"round": r, "pairs": len(dpo_pairs), "flipped_labels": flipped / len(dpo_pairs),
+                        "first_step": history[0], "last_step": history[-1]})
         measure(r, "dpo", policy, reference)
         data[r] = ([{"kind": "reward_model_pair", **dataclasses.asdict(p)} for p in rm_pairs]
                    + [{"kind": "rejection_sampled", "prompt": s["prompt"].text, "response": s["response"],
@@ -372,7 +381,8 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
     last = reward_models[-1]
     return {"stages": stages,
             "reward_model": {"accuracy": last["accuracy"], "accuracy_by_rating": last["accuracy_by_rating"]},
-            "reward_models": reward_models, "best_of_k": curves, "goals": goals(stages, last),
+            "reward_models": reward_models, "best_of_k": curves, "rejection_sampling": rs_log, "dpo": dpo_log,
+            "goals": goals(stages, last),
             "config": dataclasses.asdict(cfg), "wall_time_s": time.perf_counter() - t0,
             "cpu_time_s": time.process_time() - cpu0, "threads": torch.get_num_threads(),
             "torch": torch.__version__}

@@ -76,6 +76,9 @@ def reference_logps(model: nn.Module, tokens: torch.Tensor, labels: torch.Tensor
 
 
 class DPOLoss(Objective):
+    """DPO (+ Llama 3's NLL term) on batches of pairs for the training loop; counts pairs, and chosen tokens when
+    nll_alpha > 0. The reference pass runs before the policy's, without gradients."""
+
     def __init__(self, cfg: DPOConfig, pad_id: int):
         self.cfg, self.pad_id = cfg, pad_id
 

@@ -67,6 +67,9 @@ def encode_pair(pair: Pair, tokenizer, max_len: int, index: Optional[int] = None
         seq = encode_sft(Example(pair.prompt, response), tokenizer, max_len - 1, index=index)
         sides.append((seq.tokens + [seq.targets[-1]], len(seq.targets) - seq.n_targets + 1))
     (chosen, prompt_len), (rejected, _) = sides
+    if chosen == rejected:
+        raise ValueError(f"pair {index}: chosen {pair.chosen!r} and rejected {pair.rejected!r} tokenise to the same "
+                         f"ids, so the pair carries no preference; drop it")
     return EncodedPair(chosen, rejected, prompt_len, pair.rating)
 
 
