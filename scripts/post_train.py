@@ -84,8 +84,9 @@ class Config:
     teacher_swaps: int = 3
     # simulated annotators
     tau: float = 0.1  # Bradley–Terry label noise on r*
+    pair_samples: int = 8  # samples per prompt shown to them, two distinct ones per pair
     # reward model
-    rm_prompts: int = 4096  # per round; 4 samples each -> up to 2 pairs
+    rm_prompts: int = 4096  # per round
     rm_method: str = "full"
     rm_lr: float = 1e-3
     rm_epochs: int = 1
@@ -97,14 +98,14 @@ class Config:
     rs_steps: int = 200
     rs_lr: float = 3e-4
     # DPO
-    dpo_prompts: int = 4096  # 4 samples each -> up to 2 pairs
+    dpo_prompts: int = 4096
     dpo_method: str = "lora"  # "lora" (reference: adapters off) or "full" (reference: precomputed)
     beta: float = 0.1
     dpo_loss: str = "sigmoid"
     label_smoothing: float = 0.1  # cDPO's ε: about the annotators' flip rate on these pairs
     nll_alpha: float = 0.2
     mask_eos: bool = True
-    dpo_steps: int = 64  # about one epoch
+    dpo_epochs: int = 1
     dpo_lr: float = 1e-3
     # everything else
     batch_size: int = 32
@@ -221,9 +222,10 @@ def usable(sample, tokenizer, cfg: Config) -> bool:
 
 def annotated_pairs(policy, prompts: list[Prompt], tokenizer, cfg: Config, rng: random.Random, seed: int,
                     source: str) -> list[Pair]:
-    """4 samples per prompt from the policy; its distinct usable responses, in sampling order, are shown to the
-    simulated annotators two at a time (at most two pairs per prompt)."""
-    samples = sample_responses(policy, tokenizer, [p.text for p in prompts], 4, cfg.max_new_tokens, seed=seed)
+    """`pair_samples` samples per prompt from the policy; its distinct usable responses, in sampling order, are
+    shown to the simulated annotators two at a time."""
+    samples = sample_responses(policy, tokenizer, [p.text for p in prompts], cfg.pair_samples, cfg.max_new_tokens,
+                               seed=seed)
     pairs = []
     for row, p in zip(samples, prompts):
         distinct = list(dict.fromkeys(s.text for s in row if usable(s, tokenizer, cfg)))
@@ -297,8 +299,9 @@ def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> tuple[llam
                    nll_alpha=cfg.nll_alpha, mask_token_ids=mask,
                    reference="precomputed" if cfg.dpo_method == "full" else "adapters_off")
     model = apply_method(model, LORA if cfg.dpo_method == "lora" else {"name": "full"})
-    tc = TrainConfig(steps=cfg.dpo_steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.dpo_lr,
-                     warmup_steps=max(1, cfg.dpo_steps // 10), seed=cfg.seed + r, progress=cfg.progress)
+    steps = max(1, cfg.dpo_epochs * len(encoded) // cfg.batch_size)
+    tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.dpo_lr,
+                     warmup_steps=max(1, steps // 10), seed=cfg.seed + r, progress=cfg.progress)
     history = train(model, encoded, tc, objective=DPOLoss(dc, tokenizer.pad_id), desc=f"r{r} dpo").history
     if abs(history[0]["rewards/margins"]) > 1e-6:  # the first step's policy is the reference: h = 0 exactly
         raise RuntimeError(f"DPO's first step saw policy != reference (margin {history[0]['rewards/margins']})")
@@ -461,8 +464,8 @@ def plot(report: dict, path: Path) -> None:
 # Command line
 # =====================================================================================================================
 
-SMOKE = dict(rounds=1, pretrain_steps=20, sft_examples=256, sft_steps=20, rm_prompts=64, rs_prompts=64, k=4,
-             rs_steps=10, dpo_prompts=64, dpo_steps=10, eval_prompts=32, eval_samples=2, bok_prompts=16)
+SMOKE = dict(rounds=1, pretrain_steps=20, sft_examples=256, sft_steps=20, pair_samples=4, rm_prompts=64,
+             rs_prompts=64, k=4, rs_steps=10, dpo_prompts=64, eval_prompts=32, eval_samples=2, bok_prompts=16)
 
 parser = experiment_parser(__doc__, "post_train")
 _defaults = Config()
