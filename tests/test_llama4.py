@@ -14,7 +14,6 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 from llama.formats.checkpoint import load, save
@@ -115,27 +114,6 @@ def test_save_is_read_by_hf_from_pretrained(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama4_text" and config["moe_layers"] == [1, 3]
     x = tokens(n=48)
-    with torch.no_grad():
-        assert rel_err(ours(x), hf(x).logits) <= 1e-10
-
-
-def test_multimodal_folder_loads_its_text_trunk(tmp_path):
-    """Llama4ForConditionalGeneration layout: text under language_model., config under text_config."""
-    hf = random_hf(hf_config(2, True, True))
-    hf.save_pretrained(tmp_path / "causal")
-    weights = load_file(tmp_path / "causal" / "model.safetensors")
-    mm = {"language_model." + k: v for k, v in weights.items()}
-    mm["vision_model.class_embedding"] = torch.zeros(8)
-    mm["multi_modal_projector.linear_1.weight"] = torch.zeros(4, 8)
-    (tmp_path / "mm").mkdir()
-    save_file(mm, tmp_path / "mm" / "model.safetensors")
-    text_config = json.loads((tmp_path / "causal" / "config.json").read_text())
-    (tmp_path / "mm" / "config.json").write_text(json.dumps(
-        {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text_config,
-         "vision_config": {}}))
-    with pytest.warns(UserWarning, match="skipped 2 tensors"):
-        ours = load(tmp_path / "mm").eval()
-    x = tokens()
     with torch.no_grad():
         assert rel_err(ours(x), hf(x).logits) <= 1e-10
 
