@@ -51,6 +51,12 @@ class Llama4Multimodal(Transformer):
         self.vision_embeddings.reset_parameters(std)
         nn.init.normal_(self.vision_projection.weight, std=std)
 
+    def set_attention_implementation(self, implementation: str) -> None:
+        """'sdpa' or 'math', in the text trunk and the vision encoder alike."""
+        super().set_attention_implementation(implementation)
+        for block in self.vision_embeddings.vision_encoder.transformer.resblocks:
+            block.attn.implementation = implementation
+
     # -- images -> features ---------------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """pixel_values [N, 3, S, S] (normalised tiles, the HF processor's `pixel_values`) -> features [N·K, C].
