@@ -21,6 +21,7 @@ from llama.config import PRESETS, count_parameters
 from llama.formats.io import CheckpointError
 from llama.vision.llama4_encoder import pixel_shuffle, rope_2d
 from llama.vision.llama4_model import Llama4Multimodal
+from llama.vision.llama4_preprocess import image_prompt_tokens, preprocess
 from tests.reference.llama4_multimodal import (IMAGE_TOKEN, TOKENS_PER_TILE, hf_config, hf_logits, image_prompt,
                                                pixels, random_hf, relative_error)
 
@@ -202,6 +203,23 @@ def test_encoder_pieces_equal_hf_at_the_released_size():
     assert torch.equal(cos, freqs.real) and torch.equal(sin, freqs.imag)
     x = torch.randn(2, v.grid_size ** 2, 8, dtype=torch.float64)
     assert torch.equal(pixel_shuffle(x, 2), hf_pixel_shuffle(x, 0.5))
+
+
+def test_preprocess_prompt_and_model_fit_together():
+    """Images through our preprocessing (32-pixel tiles for the tiny preset), prompt blocks from
+    image_prompt_tokens (markers mapped into the tiny vocabulary), one forward: the counts line up."""
+    ours = tiny_model()
+    images = [torch.randint(0, 256, (3, 40, 90), dtype=torch.uint8), torch.randint(0, 256, (3, 20, 20),
+                                                                                   dtype=torch.uint8)]
+    pixel_values, grids = preprocess(images, tile=32, max_tiles=4)
+    assert grids == [(1, 3), (1, 1)] and pixel_values.shape == (5, 3, 32, 32)
+    special = {"<|image_start|>": 201, "<|image_end|>": 202, "<|tile_x_separator|>": 203,
+               "<|tile_y_separator|>": 204, "<|image|>": 205, "<|patch|>": IMAGE_TOKEN}
+    prompt = [1, 2] + image_prompt_tokens(grids[0], TOKENS_PER_TILE, special) + [3] + image_prompt_tokens(
+        grids[1], TOKENS_PER_TILE, special)
+    with torch.no_grad():
+        logits = ours(torch.tensor([prompt]), pixel_values=pixel_values)  # bfloat16 pixels, cast to float64
+    assert logits.shape == (1, len(prompt), 256) and logits.isfinite().all()
 
 
 def test_tiny_module_count_is_the_closed_form():
