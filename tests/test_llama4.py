@@ -10,7 +10,6 @@ every layer or every other layer.
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from llama import ModelArgs, Transformer
 from llama.formats.io import CheckpointError
 from llama.moe import MoE
 from llama.config import PRESETS, MoEArgs, RopeScaling, count_active_parameters, count_parameters
+from tests.reference.llama4_multimodal import random_weights_
 
 T = 40  # 5 chunks of 8
 
@@ -39,18 +39,10 @@ def hf_config(step: int, qk_norm: bool, scaled_rope: bool, **over) -> Llama4Text
     return Llama4TextConfig(**fields)
 
 
-@torch.no_grad()
 def random_hf(config: Llama4TextConfig, seed: int = 0, attn: str = "sdpa") -> Llama4ForCausalLM:
     """HF model with weights of std 1/sqrt(fan_in) and gains 1 + 0.1·N(0,1): every term matters in the logits."""
-    model = Llama4ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float64).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        else:
-            fan_in = p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else p.shape[-1]
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
-    return model
+    model = Llama4ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float64)
+    return random_weights_(model.eval(), seed)
 
 
 def tokens(seed=1, B=2, n=T):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -24,24 +23,15 @@ import torch
 
 from llama.vision.llama4_preprocess import (SPECIAL_TOKENS, as_rgb_tensor, image_prompt_tokens, preprocess,
                                             supported_canvases)
+from tests.reference.isolated_install import install_target
 
 TORCHVISION_PIN = "torchvision==0.28.0"  # the release that pairs with torch 2.13
 
 
 @pytest.fixture(scope="module")
 def torchvision_dir() -> Path:
-    folder = Path(os.environ.get("HF_TORCHVISION_DIR") or Path(tempfile.gettempdir()) / "llama-peft-zoo-torchvision")
-    if not (folder / "torchvision" / "transforms").is_dir():
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps",
-               TORCHVISION_PIN]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"could not run pip to install torchvision into {folder}: {err}")
-        if done.returncode != 0:
-            pytest.skip(f"pip could not install torchvision into {folder} (offline?): "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-    return folder
+    return install_target((TORCHVISION_PIN,), env_var="HF_TORCHVISION_DIR", default_name="llama-peft-zoo-torchvision",
+                          check="torchvision/transforms")
 
 
 HF_SCRIPT = textwrap.dedent('''

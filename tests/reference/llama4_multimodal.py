@@ -40,10 +40,10 @@ def hf_config(step: int = 1, qk_norm: bool = True, scaled_rope: bool = True) -> 
 
 
 @torch.no_grad()
-def random_hf(config: Llama4Config, seed: int = 0, attn: str = "sdpa") -> Llama4ForConditionalGeneration:
-    """float64 model whose every parameter is random: matrices std 1/sqrt(fan_in), vectors (LayerNorm and RMSNorm
-    gains, biases, the class token) 1 + 0.1·N(0, 1), so no zero-initialised bias or unit gain hides a mistake."""
-    model = Llama4ForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float64).eval()
+def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter of a float64 HF Llama 4 model random, in place: matrices std 1/sqrt(fan_in) (HF's experts
+    are stored [E, in, out]), vectors (LayerNorm and RMSNorm gains, biases, the class token) 1 + 0.1·N(0, 1), so no
+    zero-initialised bias or unit gain hides a mistake, and every term reaches the logits."""
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         if p.ndim == 1:
@@ -52,6 +52,12 @@ def random_hf(config: Llama4Config, seed: int = 0, attn: str = "sdpa") -> Llama4
             fan_in = p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else p.shape[-1]
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
     return model
+
+
+def random_hf(config: Llama4Config, seed: int = 0, attn: str = "sdpa") -> Llama4ForConditionalGeneration:
+    """float64 `Llama4ForConditionalGeneration` with `random_weights_`."""
+    model = Llama4ForConditionalGeneration._from_config(config, attn_implementation=attn, dtype=torch.float64)
+    return random_weights_(model.eval(), seed)
 
 
 @torch.no_grad()
