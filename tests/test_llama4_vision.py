@@ -48,17 +48,34 @@ def mixed_batch(seed=1):
     return torch.tensor([with_images, text_only]), pixels(6, seed)
 
 
+def with_final_norm_input(norm: torch.nn.Module, forward):
+    """(forward(), the input of `norm` during it): the last hidden state, which the final RMSNorm rounds to float32
+    in every LLaMA implementation, so that logits alone would hide differences below ~1e-8."""
+    seen = []
+    handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    try:
+        with torch.no_grad():
+            out = forward()
+    finally:
+        handle.remove()
+    return out, seen[-1]
+
+
 @pytest.mark.parametrize("name", CONFIGS)
 def test_float64_parity_with_hf_through_files(folders, name):
     hf, folder = folders[name]
     ours = llama.load(folder).eval()
     assert isinstance(ours, Llama4Multimodal) and ours.args.vision_args.image_token_id == IMAGE_TOKEN
     x, px = mixed_batch()
-    ref = hf_logits(hf, x, px)
-    with torch.no_grad():
-        assert relative_error(ours(x, pixel_values=px), ref) <= 1e-10
-        ours.set_attention_implementation("math")  # the formula written out, in the encoder and the trunk
-        assert relative_error(ours(x, pixel_values=px), ref) <= 1e-10
+    ref, ref_hidden = with_final_norm_input(hf.language_model.model.norm, lambda: hf_logits(hf, x, px))
+    with torch.no_grad():  # the projected image features: encoder, pixel shuffle, adapter, projector
+        features = hf.get_image_features(pixel_values=px, return_dict=True).last_hidden_state
+        assert relative_error(ours.encode_images(px), hf.multi_modal_projector(features.flatten(0, 1))) <= 1e-10
+    for implementation in ("sdpa", "math"):  # "math": the formula written out, in the encoder and the trunk
+        ours.set_attention_implementation(implementation)
+        logits, hidden = with_final_norm_input(ours.norm, lambda: ours(x, pixel_values=px))
+        assert relative_error(logits, ref) <= 1e-10
+        assert relative_error(hidden, ref_hidden) <= 1e-10
 
 
 def test_images_reach_their_row_only(folders):
