@@ -7,7 +7,7 @@ import torch
 
 import kernels
 import peft
-from peft.qlora import NF4Linear, QLoRALinear
+from peft.qlora import NF4Linear, QLoRALinear, dequantize_model
 from tests.reference.paper_peft import make_model, max_rel_error, tokens
 
 ALL_BLOCK = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
@@ -215,8 +215,6 @@ def test_cuda_bf16_triton_matches_reference(monkeypatch, quantize):
 
 def test_dequantize_model_replaces_frozen_nf4_layers():
     """For deployment after merge: the NF4 layers without an adapter become dense nn.Linear, same function."""
-    from peft.qlora import dequantize_model
-
     qmodel = peft.apply(make_model("gqa"), peft.LoraConfig(r=4, target_modules=("wq",), quantize_base=True))
     randomize(qmodel)
     toks = tokens(qmodel.args)

@@ -33,15 +33,16 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import llama
+from llama.formats.io import atomic_write_bytes
 
 from ..adapter_v1 import AdapterV1Config
 from ..adapter_v2 import AdapterV2Config
 from ..api import apply
 from ..api import merge as merge_adapter
 from ..excitor import ExcitorConfig
-from ..lora import LoraConfig
+from ..lora_core import LoraConfig
 from . import data as D
-from .checkpointing import check_writable, trainable_names, write_bytes_atomic
+from .checkpointing import check_writable, trainable_names
 from .loop import Dist, TrainConfig, TrainResult, init_distributed, set_seed, train
 
 METHODS = ("full", "lora", "qlora", "adapter_v1", "adapter_v2", "excitor")
@@ -386,7 +387,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         return None
     final = Path(cfg.train.out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
+    atomic_write_bytes(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
     shutil.copyfile(tokenizer.path, final / "tokenizer.model")
     if cfg.method["name"] == "full":
         base = llama.Transformer(model.args)
