@@ -75,8 +75,8 @@ def _state(model: nn.Module, action: str) -> PeftState:
 def apply(model: nn.Module, config: Config) -> nn.Module:
     """Freeze every base parameter and attach the method described by `config`, in place; return the model.
 
-    The whole request is checked first (the model, and the config against it: targets, layers, ranks, free attach points); a bad
-    one raises and leaves the model untouched."""
+    The whole request is checked first (the model, and the config against it: targets, layers, ranks, attach points
+    still free); a bad one raises and leaves the model untouched."""
     check_model(model)
     if type(config) not in [cls for cls, _ in METHODS.values()]:
         raise TypeError(f"unknown PEFT config {type(config).__name__}; use one of "

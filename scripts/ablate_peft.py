@@ -42,11 +42,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
+from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training.checkpointing import check_writable  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
-from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training.recipe import (DataSection, EvalSection, ModelSection, RunConfig, apply_method,  # noqa: E402
                                   build_data, build_model, exact_match_accuracy, run)
 

@@ -184,7 +184,8 @@ def test_nan_weight_is_refused_before_anything_changes():
 
 
 @pytest.mark.parametrize("bad, message", [(dict(use_dora=True), "DoRA on an NF4 base"),
-                                          (dict(compute_dtype="float128"), "not a torch dtype name")])
+                                          (dict(compute_dtype="float128"), "not a torch dtype name"),
+                                          (dict(compute_dtype="int8"), "of a floating-point type")])
 def test_config_errors(bad, message):
     with pytest.raises(ValueError, match=message):
         peft.LoraConfig(quantize_base=True, **bad)

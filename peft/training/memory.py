@@ -94,7 +94,8 @@ def parameter_counts(args, method: str, config=None) -> tuple[int, int, int]:
         if getattr(config, "quantize_base", False):  # block linears, and Llama 4's routed experts (peft.qlora_experts)
             quantized = sum(m.weight.numel() for layer in model.layers for n, m in layer.named_modules()
                             if n.split(".")[-1] in BLOCK_LINEARS)
-            quantized += sum(getattr(experts, w).numel() for _, _, experts in iter_experts(model) for w in EXPERT_MATRICES)
+            quantized += sum(getattr(experts, w).numel() for _, _, experts in iter_experts(model)
+                             for w in EXPERT_MATRICES)
             config = dataclasses.replace(config, quantize_base=False)  # the NF4 packing itself needs real data
         apply(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
