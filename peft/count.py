@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
 
 from llama.config import ModelArgs
+from llama.formats.io import atomic_write_bytes
 from llama.model import Transformer
 
 from .adapter_v1 import AdapterV1Config
@@ -88,8 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = table()
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_bytes(Path(args.json), (json.dumps(rows, indent=2) + "\n").encode())
     return 0 if all(r["exact_match"] is not False for r in rows) else 1
 
 

@@ -13,12 +13,12 @@ expert e and matrix W ∈ {w1, w2, w3}, written in the same x @ W orientation:
     over the input dimension K for each output feature (a column of W_e here, a row of nn.Linear's weight), m_e [N]
     initialised to ‖W_e‖ and the norm detached as in `peft.lora` (DoRA §4.3)
 
-The scale, initialisation, master dtype, ΔW, DoRA's rescale and the merge arithmetic are `peft.lora_core`'s, in
-its stacked-experts layout (in_dim = -2: W [E, K, N], ΔW = s·A B).
-
 so each expert starts exactly at its pretrained SwiGLU and learns its own update (E·r·(K+N) parameters per matrix,
 3·E·r·(C+F) per MoE layer). The router is not adapted; routing changes only through the adapted layers before it.
 `peft.export_hf` refuses these adapters (the dense LlamaForCausalLM layout has no place for them).
+
+The scale, initialisation, master dtype, ΔW, DoRA's rescale and the merge arithmetic are `peft.lora_core`'s, in
+its stacked-experts layout (in_dim = -2: W [E, K, N], ΔW = s·A B).
 
 `LoRAExperts` replaces `MoE.experts` and keeps the two methods `llama.moe.MoE` calls: `one(e, x)` (sorted dispatch)
 and `all(x)` (dense reference). It keeps the wrapped module's w1 w2 w3 Parameters under the same names, so the base

@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import llama
-from llama.formats.io import atomic_write_bytes
+from llama.formats.io import atomic_write_bytes, write_safetensors
 
 from ..adapter_v1 import AdapterV1Config
 from ..adapter_v2 import AdapterV2Config
@@ -400,9 +400,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         if not tensors or empty:
             raise RuntimeError(f"the adapter to export is empty ({len(tensors)} tensors, empty: {empty[:3]}); the "
                                f"sharded parameters were not gathered")
-        tmp = final / ".adapter.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final / "adapter.safetensors")
+        write_safetensors(final / "adapter.safetensors", tensors)
     ctx.barrier()
     return final
 
