@@ -154,7 +154,7 @@ def launch(tuned, grid, *args, interpreter_meta: dict, **kwargs) -> None:
 
     Host time matters at small shapes (the GPU idles while Python prepares a launch), so the compiled path skips
     Triton's `Autotuner.run` once a key is tuned: that builds a dict of every argument, filters it against a list
-    and collects dtypes on each call (~25 us of Python per launch). Instead the chosen config's meta-parameters
+    and collects dtypes on each call (docs/kernels.md, "Host overhead"). Instead the chosen config's meta-parameters
     are remembered under our own key (the autotuning key values, the tensor dtypes and KERNELS_AUTOTUNE) and the
     jit function is called directly, as the autotuner itself does after its lookup. A new key goes through the
     autotuner once (benchmark, pruning hook), then takes the short path.

@@ -24,12 +24,13 @@ DEVICE_DTYPES = ([pytest.param("cpu", d, marks=INTERPRETER) for d in DTYPES]
 
 
 def tolerance(dtype: torch.dtype, k: int) -> float:
-    """Allowed max |kernel - reference| / max |reference| for an output that sums k products in `dtype`.
+    """Allowed max |kernel - reference| / max |reference| for an output computed in `dtype` from k-term sums.
 
     The reference is float64 on the same (already rounded) inputs. The kernel result is rounded to `dtype` once,
     and one intermediate is rounded to it on the way (S = x Aᵀ before the LoRA term, dS before dA = dSᵀ x): two
     roundings of at most eps/2 relative each, counted with a factor 2 of headroom: 2·eps. Products are summed in
-    float32: the worst-case rounding error of a k-term sum is about k·u32 = k·eps32/2, counted as k·eps32.
+    float32: the worst-case rounding error of a k-term sum is about k·u32 = k·eps32/2, counted as k·eps32. k counts
+    every sum on the way to the output, e.g. dA = dSᵀ x with dS = s·dY B sums N then M terms: k = N + M.
     """
     return 2 * torch.finfo(dtype).eps + k * torch.finfo(torch.float32).eps
 

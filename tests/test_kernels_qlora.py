@@ -54,8 +54,8 @@ def test_forward_and_backward_match_lora_on_dequantised_weight(case, fused, dtyp
     y_ref, dx_ref, dA_ref, dB_ref = reference64(x, q, A, B, scale, dy)
     assert_close(y, y_ref, dtype, K + r, "y")
     assert_close(x.grad, dx_ref, dtype, N + r, "dx")
-    assert_close(A.grad, dA_ref, dtype, M, "dA")
-    assert_close(B.grad, dB_ref, dtype, M, "dB")
+    assert_close(A.grad, dA_ref, dtype, N + M, "dA")      # dA = dSᵀ x, dS = s·dY B: N + M terms in a chain
+    assert_close(B.grad, dB_ref, dtype, K + M, "dB")      # dB = s·dYᵀ S, S = x Aᵀ
 
 
 @pytest.mark.parametrize("device, dtype", [pytest.param("cpu", torch.float32, marks=INTERPRETER),
