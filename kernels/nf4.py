@@ -1,6 +1,7 @@
 """NF4 storage with double quantisation, bit-compatible with bitsandbytes (QLoRA, arXiv 2305.14314 §3).
 
-Shapes: n = numel of the weight, nb = ceil(n / blocksize) first-level blocks, nb2 = ceil(nb / 256).
+Shapes: n = numel of the weight, nb = ceil(n / blocksize) first-level blocks, nb2 = ceil(nb / 256); in the
+        device functions W [.., W_K] is the weight as rows, R rows and COLS columns of a tile, BK x BN a GEMM tile.
 
 The format (bitsandbytes `quantize_4bit(..., quant_type="nf4", compress_statistics=True)`; bitsandbytes
 `functional.py`, `csrc/kernels.cu`; QLoRA arXiv 2305.14314 §2-3, App. E):

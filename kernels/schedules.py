@@ -1,8 +1,8 @@
 """Other schedules of the kernels' tiles: how tiles are handed to programs and how they reach registers.
 
 Read the kernels first: `kernels/lora.py`, `kernels/nf4_dequant.py` and `kernels/qlora.py` each compute one output
-tile (or chunk) per program, with plain pointer loads. The schedules here compute exactly the same tiles with the
-same arithmetic; only the order, the number of programs and the load path differ:
+tile (or chunk) per program, with plain pointer loads. The schedules here compute the same tiles from the same
+products; only the order, the number of programs, the load path and (split-K) the grouping of the sum differ:
 
   * LoRA GEMM (`lora_gemm_schedule`), autotuning candidates beside the per-tile configs (`lora_gemm_configs`):
       "tma"             one program per output tile, x and W tiles fetched by Hopper's TMA unit (tensor descriptors,
@@ -17,7 +17,7 @@ same arithmetic; only the order, the number of programs and the load path differ
     for a 4096-wide output at BLOCK_N = 64), each a serial loop of K / BLOCK_K decode-and-dot steps, so latency, not
     bandwidth, sets its time. Splitting the reduction gives more programs; `split_k` is a rule (not timed) and
     `kernels.qlora.qlora_gemm` launches this kernel when it gives more than one split.
-The autotuner keeps a schedule only where it is faster, so adding one cannot slow a shape down. Why each exists and
+The autotuned ones are timed beside the per-tile configs, and the fastest for a shape is kept. Why each exists and
 what was measured: docs/kernels.md ("Kernel 1-3", "Measured on H200").
 
 Shapes as in the kernel files: x [M, K], W [N, K], P [M, r], Q [r, N], C [M, N]; BM, BN, BK tile sizes.
