@@ -39,9 +39,10 @@ from llama.moe import Experts
 
 from .adapter_v2 import BASE_GAIN, BiasScaleLinear
 from .lora import LoRALinear
-from .lora_experts import MATRICES, LoRAExperts, SwiGLUExperts
+from .lora_experts import LoRAExperts, SwiGLUExperts
 from .qlora import NF4Linear, QLoRALinear
 from .qlora_experts import NF4Experts, QLoRAExperts
+from .targets import EXPERT_MATRICES
 
 
 class FrozenNF4Experts(SwiGLUExperts):
@@ -68,7 +69,7 @@ def _experts(adapted: LoRAExperts) -> Experts:
     E, C, Fh = adapted.w1.shape
     with torch.device("meta"):
         experts = Experts(E, C, Fh)
-    for name in MATRICES:
+    for name in EXPERT_MATRICES:
         setattr(experts, name, getattr(adapted, name))
     return experts
 

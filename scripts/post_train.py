@@ -49,10 +49,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
 import llama  # noqa: E402
+from llama.formats.io import atomic_write_bytes  # noqa: E402
 import peft  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training import oracle  # noqa: E402
-from peft.training.checkpointing import write_bytes_atomic  # noqa: E402
 from peft.training.dpo import DPOConfig, DPOLoss, precompute_reference, response_logps  # noqa: E402
 from peft.training.loop import TrainConfig, train  # noqa: E402
 from peft.training.pairs import Pair, encode_pairs  # noqa: E402
@@ -380,7 +380,7 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
 
     for r, examples in data.items():
         (out / "data").mkdir(exist_ok=True)
-        write_bytes_atomic(out / "data" / f"round{r}.jsonl", "".join(json.dumps(e) + "\n" for e in examples).encode())
+        atomic_write_bytes(out / "data" / f"round{r}.jsonl", "".join(json.dumps(e) + "\n" for e in examples).encode())
     last = reward_models[-1]
     return {"stages": stages,
             "reward_model": {"accuracy": last["accuracy"], "accuracy_by_rating": last["accuracy_by_rating"]},
@@ -497,8 +497,8 @@ def main(argv=None) -> dict:
     out = start(args)
     report = run(cfg, tokenizer, prompts, out)
     table = format_tables(report)
-    write_bytes_atomic(out / "results.json", json.dumps(report, indent=1).encode())
-    write_bytes_atomic(out / "results.md", (table + "\n").encode())
+    atomic_write_bytes(out / "results.json", json.dumps(report, indent=1).encode())
+    atomic_write_bytes(out / "results.md", (table + "\n").encode())
     plot(report, out / "post_training.png")
     print(table)
     print(f"\nwall time {report['wall_time_s']:.0f} s, CPU time {report['cpu_time_s']:.0f} s "

@@ -11,9 +11,8 @@ import torch
 import llama
 import peft
 from kernels import nf4_dequantize
-from peft.lora_experts import iter_experts
-from peft.qlora import BLOCK_LINEARS, quantize_frozen
-from peft.targets import iter_linears
+from peft.lora_core import quantize_frozen
+from peft.targets import BLOCK_LINEARS, EXPERT_MATRICES, iter_experts, iter_linears
 from tests.reference import moe as moe_reference
 from tests.reference.paper_peft import PRESETS, make_model, tokens
 
@@ -40,7 +39,7 @@ def nf4_base(model):
         for _, _, _, linear in iter_linears(base, BLOCK_LINEARS):
             linear.weight.copy_(nf4_weight(linear.weight))
         for _, _, experts in iter_experts(base):
-            for name in ("w1", "w2", "w3"):
+            for name in EXPERT_MATRICES:
                 W = getattr(experts, name)
                 W.copy_(torch.stack([nf4_weight(W[e]) for e in range(W.shape[0])]))
     return base
