@@ -385,25 +385,26 @@ def run(cfg: Config, tokenizer, prompts: dict, out: Path) -> dict:
     return {"stages": stages,
             "reward_model": {"accuracy": last["accuracy"], "accuracy_by_rating": last["accuracy_by_rating"]},
             "reward_models": reward_models, "best_of_k": curves, "rejection_sampling": rs_log, "dpo": dpo_log,
-            "goals": goals(stages, last),
+            "goals": goals(stages, reward_models),
             "config": dataclasses.asdict(cfg), "wall_time_s": time.perf_counter() - t0,
             "cpu_time_s": time.process_time() - cpu0, "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
 
-def goals(stages: list[dict], rm: dict) -> dict:
-    """The issue's goals, evaluated on this run."""
-    get = {(s["round"], s["stage"]): s for s in stages}
-    last = max(r for r, _ in get)
-    sft, by = get[(0, "sft")]["true_reward"], rm["accuracy_by_rating"]
+def goals(stages: list[dict], reward_models: list[dict]) -> dict:
+    """The issue's goals, per round (index r − 1 is round r): held-out reward-model accuracy ≥ 0.75, and higher on
+    "significantly better" pairs than on "negligibly better" ones (Llama 2 Table 8); rejection sampling beats SFT
+    alone (round 0's sft); DPO beats the SFT policy it starts from (the round's rs) and SFT alone."""
+    get = {(s["round"], s["stage"]): s["true_reward"] for s in stages}
+    rounds = range(1, len(reward_models) + 1)
+    by = [m["accuracy_by_rating"] for m in reward_models]
     return {
-        "reward_model_accuracy_at_least_0.75": rm["accuracy"] >= 0.75,
-        "accuracy_significantly_above_negligibly": (by.get("significantly better", 0.0)
-                                                    > by.get("negligibly better", 1.0)),
-        "rs_beats_sft_alone": all(get[(r, "rs")]["true_reward"] > sft for r in range(1, last + 1)),
-        "dpo_beats_its_sft_policy": all(get[(r, "dpo")]["true_reward"] > get[(r, "rs")]["true_reward"]
-                                        for r in range(1, last + 1)),
-        "dpo_beats_sft_alone": all(get[(r, "dpo")]["true_reward"] > sft for r in range(1, last + 1)),
+        "reward_model_accuracy_at_least_0.75": [m["accuracy"] >= 0.75 for m in reward_models],
+        "accuracy_significantly_above_negligibly": [b.get("significantly better", 0.0) > b.get("negligibly better", 1.0)
+                                                    for b in by],
+        "rs_beats_sft_alone": [get[(r, "rs")] > get[(0, "sft")] for r in rounds],
+        "dpo_beats_its_sft_policy": [get[(r, "dpo")] > get[(r, "rs")] for r in rounds],
+        "dpo_beats_sft_alone": [get[(r, "dpo")] > get[(0, "sft")] for r in rounds],
     }
 
 
@@ -425,7 +426,10 @@ def format_tables(report: dict) -> str:
         for i, k in enumerate(c["k"]):
             lines.append(f"| {c['round']} | {k} | {c['kl_bound'][i]:.3f} | {c['reward_model'][i]:.3f} | "
                          f"{c['oracle'][i]:.3f} |")
-    lines += ["", "goals: " + ", ".join(f"{k} {'yes' if v else 'NO'}" for k, v in report["goals"].items())]
+    lines += ["", "| goal | " + " | ".join(f"round {r}" for r in range(1, len(report["reward_models"]) + 1)) + " |",
+              "|" + " --- |" * (1 + len(report["reward_models"]))]
+    for name, met in report["goals"].items():
+        lines.append(f"| {name} | " + " | ".join("yes" if m else "NO" for m in met) + " |")
     return "\n".join(lines)
 
 
