@@ -440,22 +440,26 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for c in report["best_of_k"]:
-        left.plot(c["k"], c["reward_model"], "o-", label=f"round {c['round']}: best of K by the reward model")
-        left.plot(c["k"], c["oracle"], "s--", label=f"round {c['round']}: best of K by r* (oracle)")
+    for i, c in enumerate(report["best_of_k"]):
+        color = f"C{i}"
+        left.plot(c["k"], c["reward_model"], "o-", color=color, label=f"round {c['round']}: best by the reward model")
+        left.plot(c["k"], c["oracle"], "s--", color=color, label=f"round {c['round']}: best by r* (oracle)")
     left.set_xscale("log", base=2)
     left.set_xlabel("K (samples per prompt)")
     left.set_ylabel("true reward r* of the selected sample")
     left.set_title("Rejection sampling headroom (cf. Llama 2 Fig. 7)")
     left.legend(fontsize=7)
-    for s in report["stages"]:
-        right.scatter(s["kl_to_ref"], s["true_reward"])
-        right.annotate(f"r{s['round']} {s['stage']}", (s["kl_to_ref"], s["true_reward"]), fontsize=8)
+    shown = [s for s in report["stages"] if s["stage"] != "base"]  # the base sits far right (see results.md)
+    for s in shown:
+        right.scatter(s["kl_to_ref"], s["true_reward"], color="C0" if s["stage"] == "sft" else
+                      "C1" if s["stage"] == "rs" else "C2")
+        right.annotate(f"r{s['round']} {s['stage']}", (s["kl_to_ref"], s["true_reward"]), fontsize=8,
+                       xytext=(3, 3), textcoords="offset points")
     first = report["best_of_k"][0]  # round 1 samples from π_ref itself, so its best-of-K KL bound is to π_ref
-    right.plot(first["kl_bound"], first["reward_model"], "k:", label="round 1 best of K by RM (KL bound)")
+    right.plot(first["kl_bound"], first["reward_model"], "k:", label="round 1 best of K by RM (at its KL bound)")
     right.set_xlabel("KL(π ‖ π_ref) (nats per response)")
     right.set_ylabel("true reward r* (held-out, T = 1)")
-    right.set_title("True reward vs KL to the reference")
+    right.set_title("True reward vs KL to the reference (base not shown)")
     right.legend(fontsize=7)
     for ax in (left, right):
         ax.grid(alpha=0.3)
