@@ -413,7 +413,6 @@ def train(model: nn.Module, rows: Sequence, cfg: TrainConfig, *, pad_id: Optiona
                          f"micro_batch_size={cfg.micro_batch_size}: each rank needs a whole number of micro-batches; "
                          f"make batch_size a multiple of {ctx.world_size * cfg.micro_batch_size} or change the number "
                          f"of processes")
-    accum = per_rank // cfg.micro_batch_size
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None and ctx.is_main:
         checkpointing.check_writable(out_dir)
