@@ -9,7 +9,7 @@ fraction of digits in the right place (`peft.training.oracle`), so every stage i
 paper's controlled-sentiment experiment. Stages, in Llama 3's order (arXiv 2407.21783 §4: RM -> RS -> SFT -> DPO):
 
   round 0   base  a tiny LLaMA pre-trained on the task's format: prompts followed by a random permutation of their
-                  digits (it knows the format and to stop, not the order)
+                  digits (it learns the format, the length and to stop, not the answer)
             sft   SFT on an imperfect teacher (the answer with 0-3 adjacent swaps; Llama 2 §3.1). This policy is
                   π_ref, the reference of every KL below
   round r   reward model  initialised from the current policy π, one epoch (Llama 2 §3.2.2) over all pairs so far
@@ -18,9 +18,10 @@ paper's controlled-sentiment experiment. Stages, in Llama 3's order (arXiv 2407.
             rs    rejection sampling: K samples per fresh prompt from π, the reward model's best kept, and π
                   fine-tuned on them with the SFT loss (Llama 2 §3.2.3)
             dpo   DPO from the rs policy on fresh annotated pairs of its own samples (on-policy, Llama 3 §4.1.4),
-                  β = 0.1, + 0.2·NLL on the chosen response, the EOS (termination token) masked out of the DPO
-                  log-probs; LoRA, with the reference = the same model with its adapter switched off. The adapter is
-                  then merged, and the result is the next round's π
+                  pairs rated similar dropped, one epoch, β = 0.1, cDPO ε = 0.1 (about the annotators' flip rate),
+                  + 0.2·NLL on the chosen response, the EOS (termination token) masked out of the DPO log-probs;
+                  LoRA, with the reference = the same model with its adapter switched off. The adapter is then
+                  merged, and the result is the next round's π
 
 Measured per stage on held-out prompts from T = 1 samples (the policy's own distribution): mean true reward,
 exact-match rate, and KL(π ‖ π_ref), estimated as the mean of log π(y|x) − log π_ref(y|x) over those samples; per
@@ -87,7 +88,7 @@ class Config:
     pair_samples: int = 8  # samples per prompt shown to them, two distinct ones per pair
     # reward model
     rm_prompts: int = 4096  # per round
-    rm_method: str = "full"
+    rm_method: str = "full"  # "full", "lora" or "qlora" (LoRA r = 8 on all block linears, NF4 base for qlora)
     rm_lr: float = 1e-3
     rm_epochs: int = 1
     margin: Optional[str] = None  # None (Llama 3) | "small" | "large" (Llama 2)
@@ -126,6 +127,8 @@ class Config:
                   nll_alpha=self.nll_alpha)  # beta > 0, a known loss, ε in [0, 0.5)
         if self.margin is not None and self.margin not in MARGINS:
             raise UsageError(f"unknown margin table {self.margin!r}; use one of {sorted(MARGINS)} or none")
+        if self.rm_method not in ("full", "lora", "qlora"):
+            raise UsageError(f"--rm-method must be 'full', 'lora' or 'qlora', got {self.rm_method!r}")
         if self.dpo_method not in ("lora", "full"):
             raise UsageError(f"--dpo-method must be 'lora' or 'full', got {self.dpo_method!r}")
         if not self.tau >= 0 or not self.temperature > 0:
@@ -247,8 +250,7 @@ def bayes_ceiling(pairs: list[Pair], answers: dict[str, str], tau: float) -> tup
 def train_reward_model(policy, train_pairs: list[Pair], eval_pairs: list[Pair], answers: dict, tokenizer,
                        cfg: Config, r: int) -> tuple:
     encoded = encode_pairs(train_pairs, tokenizer, cfg.max_seq_len)
-    rm = reward_model(policy, {"name": cfg.rm_method, **({k: v for k, v in LORA.items() if k != "name"}
-                                                       if cfg.rm_method != "full" else {})})
+    rm = reward_model(policy, {"name": "full"} if cfg.rm_method == "full" else {**LORA, "name": cfg.rm_method})
     steps = max(1, cfg.rm_epochs * len(encoded) // cfg.batch_size)
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=cfg.rm_lr,
                      warmup_steps=max(1, steps // 10), seed=cfg.seed + r, progress=cfg.progress)

@@ -155,6 +155,8 @@ def test_script_end_to_end_writes_the_issues_schema(tmp_path, monkeypatch):
     (["--dpo-loss", "kto"], "unknown DPO loss_type"),
     (["--tasks", "poetry"], "unknown task"),
     (["--max-seq-len", "12"], "exceeds the model context"),
+    (["--rm-method", "adapter_v1"], "--rm-method must be"),
+    (["--label-smoothing", "0.5"], "label_smoothing must be in"),
 ])
 def test_script_bad_input_fails_before_anything_is_written(tmp_path, monkeypatch, capsys, flags, message):
     monkeypatch.setenv("LLAMA_PEFT_CACHE", str(tmp_path / "cache"))
