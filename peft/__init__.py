@@ -5,6 +5,7 @@ One file per method (`lora`, `qlora`, `adapter_v1`, `adapter_v2`, `excitor`), on
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
     peft.merge(model) / peft.unmerge(model)
+    peft.merge_and_unload(model)                 # the plain llama.Transformer with the adapter folded in
     peft.save_adapter(model, folder) / peft.load_adapter(model, folder)
     peft.export_hf(model, folder)                # a LoRA adapter in Hugging Face PEFT's layout
 
@@ -19,7 +20,8 @@ from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, m
 from .excitor import ExcitorConfig
 from .hf_export import export_hf
 from .lora import LoraConfig
+from .unload import merge_and_unload
 
 __all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
-           "export_hf"]
+           "export_hf", "merge_and_unload"]

@@ -46,8 +46,15 @@ class UsageError(ValueError):
     """A problem with what the user asked for; printed as one line (no traceback) by `run_cli`."""
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """--help keeps the docstring's layout and shows every default."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and shows every default (a help text that names its default, and
+    flags whose default is "not given", are left as written)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def default_out(script: str) -> Path:
@@ -55,14 +62,21 @@ def default_out(script: str) -> Path:
     return Path("runs") / script / time.strftime("%Y%m%d-%H%M%S")
 
 
-def experiment_parser(doc: Optional[str], script: str, *, seed: int = 0, threads: int = 1) -> argparse.ArgumentParser:
-    """An ArgumentParser with the common flags of the convention (see the module docstring)."""
-    parser = argparse.ArgumentParser(prog=f"scripts/{script}.py", description=doc, formatter_class=_Formatter)
+def experiment_parser(doc: Optional[str], script: str, *, seed: Optional[int] = 0,
+                      threads: int = 1) -> argparse.ArgumentParser:
+    """An ArgumentParser with the common flags of the convention (see the module docstring).
+
+    seed=None: the script takes its seed from elsewhere unless --seed is given (scripts/train.py: train.seed).
+    Abbreviated flags are not accepted (`--se` is an error, not --seed), so a flag means what it spells.
+    """
+    parser = argparse.ArgumentParser(prog=f"scripts/{script}.py", description=doc, formatter_class=_Formatter,
+                                     allow_abbrev=False)
     common = parser.add_argument_group("common flags (docs/cli.md)")
-    common.add_argument("--out", type=Path, default=None,
+    common.add_argument("--out", type=Path, default=None, metavar="DIR",
                         help=f"output folder (default: runs/{script}/<timestamp>)")
-    common.add_argument("--seed", type=int, default=seed, help="random seed")
-    common.add_argument("--threads", type=int, default=threads, help="torch CPU threads")
+    common.add_argument("--seed", type=int, default=seed, metavar="N",
+                        help="random seed" + (" (default: the config's train.seed)" if seed is None else ""))
+    common.add_argument("--threads", type=int, default=threads, metavar="N", help="torch CPU threads")
     common.add_argument("--no-progress", action="store_true", help="no progress bars")
     common.add_argument("--debug", action="store_true", help="full tracebacks for user errors")
     parser.set_defaults(_script=script)
@@ -83,14 +97,18 @@ def positive(kind: type = int) -> Callable[[str], object]:
     return parse
 
 
+def set_threads(threads: int) -> None:
+    if threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+
+
 def start(args: argparse.Namespace) -> Path:
     """Apply the common flags: check them, set threads, seed every generator, create the output folder.
 
     Returns the output folder (args.out is replaced by it) and prints where the run writes.
     """
-    if args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     out = Path(args.out) if args.out is not None else default_out(args._script)
@@ -113,7 +131,8 @@ def run_cli(main: Callable[[Optional[list]], object], argv: Optional[list] = Non
     try:
         main(argv)
     except (UsageError, ValueError, FileNotFoundError) as err:
-        if debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
+            if debug:
+                traceback.print_exc()
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

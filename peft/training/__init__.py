@@ -3,7 +3,8 @@
     loop           the one training loop (`train`): micro-batches, global token normalisation, AdamW, warmup +
                    cosine, gradient clipping, FSDP2 across processes, crash-safe checkpoints, resume
     data           built-in corpus and tokenizer, synthetic SFT tasks, SFT encoding with response masking, packing
-    recipe         a run from a TOML config (`scripts/train.py`): model, data, method, train, eval, export
+    config         a run's config: TOML file + command-line overrides, checked field by field, written back as TOML
+    recipe         a run from a config (`scripts/train.py`): model, data, method, train, eval, the run folder
     checkpointing  training checkpoints: atomic save, resume, pruning
     memory         the memory calculator (weights, gradients, optimizer, activations) and a measured peak
 
