@@ -29,6 +29,7 @@ the check allows it. Everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import sys
@@ -103,6 +104,20 @@ def set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "fp64": torch.float64,
+          "float64": torch.float64}
+
+
+def dtype_arg(text: str) -> torch.dtype:
+    """An argparse `type` for a floating-point dtype, in the spellings users type (bf16, bfloat16, fp32, …)."""
+    try:
+        return DTYPES[text.lower().removeprefix("torch.")]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a dtype; use fp32, bf16, fp16 or fp64 (or float32, "
+                                         f"bfloat16, float16, float64)") from None
+
+
 def start(args: argparse.Namespace) -> Path:
     """Apply the common flags: check them, set threads, seed every generator, create the output folder.
 
@@ -123,6 +138,17 @@ def start(args: argparse.Namespace) -> Path:
     args.out = out
     print(f"writing to {out}/", file=sys.stderr, flush=True)
     return out
+
+
+def write_results(out: Path, results: dict, table: Optional[str] = None) -> Path:
+    """out/results.json (and out/results.md when a table is given), each written whole or not at all."""
+    for name, text in (("results.json", json.dumps(results, indent=1, default=str) + "\n"), ("results.md", table)):
+        if text is None:
+            continue
+        tmp = out / f".{name}.tmp-{os.getpid()}"
+        tmp.write_text(text if text.endswith("\n") else text + "\n")
+        os.replace(tmp, out / name)
+    return out / "results.json"
 
 
 def run_cli(main: Callable[[Optional[list]], object], argv: Optional[list] = None) -> None:

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft.training.config import format_config, load_config, parse_overrides  # noqa: E402
 from peft.training.loop import init_distributed  # noqa: E402
-from peft.training.recipe import CONFIG_FILE, RESULTS_FILE, run, summary  # noqa: E402
+from peft.training.recipe import CONFIG_FILE, RESULTS_FILE, check_run_folder, run, summary  # noqa: E402
 from scripts._cli import UsageError, default_out, experiment_parser, run_cli, set_threads  # noqa: E402
 
 # common flag -> (config key, the override text for the flag's value)
@@ -77,6 +77,7 @@ def main(argv=None) -> dict:
     ctx = init_distributed()
     if cfg.train.out_dir is None:  # rank 0's timestamp for every rank
         cfg.train.out_dir = ctx.all_gather(str(default_out("train")))[0]
+    check_run_folder(cfg)  # a finished run, another run's checkpoints, changed settings on resume: before anything
     if ctx.is_main:
         print(format_config(cfg), flush=True)
     if args.dry_run:
