@@ -3,6 +3,8 @@ a config, and generation with an adapter attached vs merged."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,14 +99,84 @@ def test_bad_config_files(tmp_path):
         build_config({"train": 3})
 
 
-def test_train_script_prints_resolved_config_and_rejects_unknown_keys(capsys):
+def test_printed_config_is_toml_that_reads_back_to_the_same_config(tmp_path):
+    for f in sorted((REPO / "configs").glob("*.toml")):
+        cfg = load_config(str(f), ["--method.r=4"] if "lora" in f.stem else [])
+        text = format_config(cfg)
+        assert "null" not in text and "None" not in text
+        (tmp_path / "again.toml").write_text(text)
+        assert load_config(str(tmp_path / "again.toml")) == cfg, f
+    # a run record in JSON (null: the default) is read as well
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
+    assert load_config(str(tmp_path / "run.json")) == cfg
+
+
+def test_overrides_with_a_space_and_string_fields_as_typed():
+    cfg = load_config(None, ["--train.lr", "3e-4", "--data.path", "2024", "--train.steps=7", "--data.pack", "false",
+                             "--method.name", "lora", "--method.target_modules", "['wq', 'wv']", "--train.min_lr_ratio",
+                             "0"])
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 7 and cfg.data.pack is False
+    assert cfg.data.path == "2024"  # a string field keeps the text: a path, not the integer 2024
+    assert cfg.method == {"name": "lora", "target_modules": ["wq", "wv"]} and cfg.train.min_lr_ratio == 0.0
+    assert isinstance(load_config(None, ["--train.lr=1"]).train.lr, float)  # an integer where a float goes
+
+
+def test_numbers_written_as_strings_in_a_file_name_the_field(tmp_path):
+    (tmp_path / "c.toml").write_text('[train]\nlr = "1e-3"\n')
+    with pytest.raises(ValueError, match=r"train.lr must be a number, got the string '1e-3'; write it without quotes"):
+        load_config(str(tmp_path / "c.toml"))
+    (tmp_path / "c.toml").write_text('[method]\nname = "lora"\nr = "8"\n')
+    with pytest.raises(ValueError, match=r"method.r must be an integer, got the string '8'; write it without quotes"):
+        load_config(str(tmp_path / "c.toml"))
+
+
+def test_train_script_flags_are_names_for_config_keys(capsys):
     train_script = script("train")
-    assert train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), "--train.lr=5e-4", "--seed", "7",
-                              "--dry-run"]) == {}
+    config = str(REPO / "configs" / "sft_lora.toml")
+    assert train_script.main(["--config", config, "--train.lr", "5e-4", "--seed", "7", "--no-progress", "--out",
+                              "elsewhere", "--dry-run"]) == {}
     printed = capsys.readouterr().out
-    assert "lr = 0.0005" in printed and "seed = 7" in printed and 'name = "lora"' in printed
+    cfg = _toml_loads(printed)
+    assert cfg["train"]["lr"] == 5e-4 and cfg["train"]["seed"] == 7 and cfg["train"]["progress"] is False
+    assert cfg["train"]["out_dir"] == "elsewhere" and cfg["method"]["name"] == "lora"
+    with pytest.raises(ValueError, match="--seed and --train.seed name the same setting"):
+        train_script.main(["--config", config, "--seed", "1", "--train.seed", "2", "--dry-run"])
     with pytest.raises(ValueError, match="unknown config key in \\[data\\] 'pth'"):
-        train_script.main(["--data.pth=x", "--dry-run"])
+        train_script.main(["--config", config, "--data.pth=x", "--dry-run"])
+    with pytest.raises(ValueError, match="no config: pass --config FILE"):
+        train_script.main([])
+
+
+def _toml_loads(text):
+    import tomllib
+    return tomllib.loads(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--config", "configs/sft_lora.toml", "--trian.lr", "1", "--dry-run"],
+     "error: unknown config section 'trian'; did you mean 'train'?"),
+    ([], "error: no config: pass --config FILE"),
+    (["--config", "configs/none.toml"], "error: config file configs/none.toml does not exist"),
+])
+def test_train_script_user_errors_are_one_line_and_exit_2(argv, message):
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *argv], capture_output=True, text=True,
+                          cwd=str(REPO), timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    debug = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *argv, "--debug"],
+                           capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and message in debug.stderr
+
+
+def test_config_toml_reproduces_the_run(tmp_path, tokenizer_path):
+    train_script = script("train")
+    first = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), *tiny(tmp_path / "a", tokenizer_path,
+                               "--model.checkpoint=", "--method.r=2")[1:], "--out", str(tmp_path / "a")])
+    again = train_script.main(["--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b")])
+    assert [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert again["eval_loss"] == first["eval_loss"] and again["tokens"] == first["tokens"]
+    assert (tmp_path / "b" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
+    assert (tmp_path / "a" / "final" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -152,8 +224,9 @@ def test_generate_attached_equals_merged(tmp_path, tokenizer_path):
                                "--method.target_modules=['wq', 'wv', 'w1', 'w2']")), quiet=True)
     gen = script("generate")
     prompts = ["--prompt", "Sort: 3914\nAnswer:", "--prompt", "Add: 12+5\nAnswer:"]
-    attached = gen.main(["--run", str(tmp_path), *prompts, "--max-new-tokens", "8"])
-    merged = gen.main(["--run", str(tmp_path), "--merge", *prompts, "--max-new-tokens", "8"])
+    attached = gen.main(["--run", str(tmp_path), *prompts, "--max-new-tokens", "8", "--out", str(tmp_path / "g1")])
+    merged = gen.main(["--run", str(tmp_path), "--merge", *prompts, "--max-new-tokens", "8", "--out",
+                       str(tmp_path / "g2")])
     assert [r["completion"] for r in attached] == [r["completion"] for r in merged]
     # and the adapter really is loaded: its tensors equal the trained ones
     model, _, cfg = load_run(tmp_path)
@@ -167,13 +240,15 @@ def test_generate_full_checkpoint_and_errors(tmp_path, tokenizer_path):
     run(load_config(None, tiny(tmp_path, tokenizer_path)), quiet=True)
     gen = script("generate")
     rows = gen.main(["--checkpoint", str(tmp_path / "final" / "model"), "--tokenizer", tokenizer_path,
-                     "--prompt", "Sort: 12\nAnswer:", "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")])
-    assert json.loads((tmp_path / "g.json").read_text()) == rows and rows[0]["tokens"] <= 4
-    with pytest.raises(SystemExit, match="exactly one of --run"):
+                     "--prompt", "Sort: 12\nAnswer:", "--max-new-tokens", "4", "--out", str(tmp_path / "g")])
+    assert json.loads((tmp_path / "g" / "results.json").read_text())["rows"] == rows and rows[0]["tokens"] <= 4
+    with pytest.raises(ValueError, match="exactly one of --run"):
         gen.main(["--prompt", "x"])
-    with pytest.raises(SystemExit, match="no prompt given"):
+    with pytest.raises(ValueError, match="no prompt given"):
         gen.main(["--run", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="final/run.json not found"):
+    with pytest.raises(ValueError, match=r"the tokenizer has 256 ids but .* has vocab_size=\d+; pass the tokenizer"):
+        gen.main(["--checkpoint", str(tmp_path / "final" / "model"), "--tokenizer", "bytes", "--prompt", "x"])
+    with pytest.raises(FileNotFoundError, match="final/config.toml not found"):
         load_run(tmp_path / "nothing")
 
 
@@ -200,9 +275,9 @@ def test_generate_fill_in_the_middle(tmp_path, tokenizer_path, monkeypatch):
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     rows = gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", str(code), "--prompt", "def f(x):\n",
-                     "--suffix", "\n    return x\n"])
+                     "--suffix", "\n    return x\n", "--out", str(tmp_path / "g")])
     assert seen == [([tok.infilling_prompt("def f(x):\n", "\n    return x\n")], (tok.eot_id, tok.eos_id))]
     assert rows == [{"prompt": "def f(x):\n", "completion": " x = 1", "tokens": len(middle) + 1, "stopped": True}]
-    with pytest.raises(SystemExit, match="no infilling pieces"):
+    with pytest.raises(ValueError, match="no infilling pieces"):
         gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", tokenizer_path, "--prompt", "a",
                   "--suffix", "b"])
