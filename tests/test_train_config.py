@@ -278,6 +278,9 @@ def test_generate_fill_in_the_middle(tmp_path, tokenizer_path, monkeypatch):
                      "--suffix", "\n    return x\n", "--out", str(tmp_path / "g")])
     assert seen == [([tok.infilling_prompt("def f(x):\n", "\n    return x\n")], (tok.eot_id, tok.eos_id))]
     assert rows == [{"prompt": "def f(x):\n", "completion": " x = 1", "tokens": len(middle) + 1, "stopped": True}]
+    plain = Tokenizer(tokenizer_path)  # a SentencePiece model without Code Llama's pieces
+    save(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=plain.n_words, multiple_of=16,
+                               max_seq_len=128)), tmp_path / "plain", format="meta")
     with pytest.raises(ValueError, match="no infilling pieces"):
-        gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", tokenizer_path, "--prompt", "a",
+        gen.main(["--checkpoint", str(tmp_path / "plain"), "--tokenizer", tokenizer_path, "--prompt", "a",
                   "--suffix", "b"])
