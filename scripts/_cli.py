@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 
 EXIT_USAGE = 2  # what argparse itself exits with on a bad flag
+RANK_GRACE_S = 3.0  # how long a non-zero torchrun rank waits before reporting a user error itself
 
 
 class UsageError(ValueError):
@@ -157,8 +158,12 @@ def run_cli(main: Callable[[Optional[list]], object], argv: Optional[list] = Non
     try:
         main(argv)
     except (UsageError, ValueError, FileNotFoundError) as err:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank fails alike: rank 0 says it once
-            if debug:
-                traceback.print_exc()
-            print(f"error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")
+        if rank != "0":
+            # under torchrun every rank usually fails alike: rank 0 says it, and torchrun stops the other ranks when
+            # the first one exits; a rank still alive after a moment failed on its own and says so itself
+            time.sleep(RANK_GRACE_S)
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}" if rank == "0" else f"error (rank {rank}): {err}", file=sys.stderr)
         sys.exit(EXIT_USAGE)

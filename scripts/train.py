@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peft.training.config import format_config, load_config, parse_overrides  # noqa: E402
-from peft.training.loop import init_distributed  # noqa: E402
+from peft.training.loop import init_distributed, split_batch  # noqa: E402
 from peft.training.recipe import CONFIG_FILE, RESULTS_FILE, check_run_folder, run, summary  # noqa: E402
 from scripts._cli import UsageError, default_out, experiment_parser, run_cli, set_threads  # noqa: E402
 
@@ -77,7 +77,8 @@ def main(argv=None) -> dict:
     ctx = init_distributed()
     if cfg.train.out_dir is None:  # rank 0's timestamp for every rank
         cfg.train.out_dir = ctx.all_gather(str(default_out("train")))[0]
-    check_run_folder(cfg)  # a finished run, another run's checkpoints, changed settings on resume: before anything
+    split_batch(cfg.train, ctx.world_size)  # before anything: the batch splits over the processes,
+    check_run_folder(cfg)  # and the folder holds no finished run, no other run's checkpoints, no changed settings
     if ctx.is_main:
         print(format_config(cfg), flush=True)
     if args.dry_run:

@@ -44,7 +44,7 @@ from .checkpointing import check_writable, trainable_names, write_bytes_atomic
 from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, EvalSection, ModelSection,  # noqa: F401
                      RunConfig, build_config, differences, format_config, load_config, method_config, parse_value,
                      read_file, to_toml)
-from .loop import Dist, TrainResult, init_distributed, set_seed, train
+from .loop import Dist, TrainResult, init_distributed, set_seed, split_batch, train
 
 CONFIG_FILE, RESULTS_FILE, RESUMES_FILE = "config.toml", "results.json", "resumes.jsonl"
 # keys a resumed run may change: where and how often it logs, evaluates and saves, and the micro-batch size (memory;
@@ -221,6 +221,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
     ctx = ctx or init_distributed()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if ctx.is_main and not quiet else (lambda *a: None)
     out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else None
+    split_batch(cfg.train, ctx.world_size)  # the batch must split over the processes: checked before anything
     resume_changes = None
     if out_dir is not None:
         if ctx.is_main:
