@@ -1,8 +1,6 @@
 """LoRA parity with Hugging Face PEFT on `LlamaForCausalLM`, and `peft.export_hf` loaded by HF PEFT.
 
-Our top-level `peft` package shadows Hugging Face's, so HF PEFT is installed outside the project's site-packages
-(`pip install --target <dir> --no-deps peft accelerate`, or the folder named by $HF_PEFT_DIR) and driven from a
-subprocess whose import path puts that folder first and whose working directory is not the repository.
+HF PEFT runs in a subprocess without this repository on its path (tests/reference/hf_peft.py).
 
 Per case, the subprocess:
   1. builds `LlamaForCausalLM` in float64 from the same base weights (Meta -> HF names, q/k rows permuted here),
@@ -16,10 +14,6 @@ rounds to float32 in every LLaMA implementation, so the logits alone would hide 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 import textwrap
 from pathlib import Path
 
@@ -28,26 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peft
+from tests.reference.hf_peft import hf_peft_folder, run_isolated
 from tests.reference.paper_peft import forward_with_hidden, make_model, max_rel_error, tokens
-
-HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
 
 
 @pytest.fixture(scope="module")
 def hf_peft_dir() -> Path:
-    """A folder holding HF `peft` (and `accelerate`), never the project's own environment."""
-    folder = Path(os.environ.get("HF_PEFT_DIR") or Path(tempfile.gettempdir()) / "llama-peft-zoo-hf-peft")
-    if not (folder / "peft" / "tuners").is_dir():
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps",
-               *HF_PEFT_PINS]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"could not run pip to install Hugging Face peft into {folder}: {err}")
-        if done.returncode != 0:
-            pytest.skip(f"pip could not install Hugging Face peft into {folder} (offline?): "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-    return folder
+    return hf_peft_folder()
 
 
 HF_SCRIPT = textwrap.dedent('''
@@ -207,12 +188,7 @@ def hf_results(tmp_path_factory, hf_peft_dir) -> dict:
     """Prepare every case, then run HF once (one interpreter start for all cases)."""
     root = tmp_path_factory.mktemp("hf_parity")
     cases = {case: prepare(case, root / case) for case in CASES}
-    (root / "run_hf.py").write_text(HF_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(hf_peft_dir)  # HF peft first; the repository is neither the cwd nor on the path
-    done = subprocess.run([sys.executable, str(root / "run_hf.py"), str(hf_peft_dir),
-                           *(str(c["work"]) for c in cases.values())],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    done = run_isolated(HF_SCRIPT, [hf_peft_dir, *(c["work"] for c in cases.values())], hf_peft_dir, root)
     assert done.returncode == 0, done.stderr[-3000:]
     for c in cases.values():
         c["hf"] = load_file(str(c["work"] / "logits.safetensors"))

@@ -4,4 +4,5 @@
     meta_forward  a float64 LLaMA forward in Meta's form: per-head loop, complex-number RoPE, llama3 frequencies
     paper_peft    the same forward with every PEFT method in its paper's form (LoRA, DoRA, Adapter V1/V2, Excitor)
     moe           one Llama 4 MoE layer with LoRA experts, from the equations
+    hf_peft       Hugging Face PEFT installed outside the project and run in a subprocess that cannot see it
 """
