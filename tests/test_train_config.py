@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import llama
+
 from peft.training import data as D
 from peft.training.recipe import build_config, format_config, load_config, load_run, parse_value, run
 
@@ -177,6 +179,40 @@ def test_config_toml_reproduces_the_run(tmp_path, tokenizer_path):
     assert again["eval_loss"] == first["eval_loss"] and again["tokens"] == first["tokens"]
     assert (tmp_path / "b" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
     assert (tmp_path / "a" / "final" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
+
+
+TINY_PRESETS = [name for name in llama.list_models() if name.startswith("tiny-")]
+
+
+def test_every_tiny_preset_trains_from_the_cli_at_its_own_vocabulary(tmp_path):
+    """configs/pretrain_bytes.toml: the byte tokenizer's 256 ids are every tiny preset's vocabulary."""
+    train_script = script("train")
+    shrink = ["--train.steps", "1", "--train.batch_size", "2", "--data.seq_len", "32", "--data.corpus_chars", "20000",
+              "--data.n_eval", "2", "--no-progress"]
+    for preset in TINY_PRESETS:
+        train_script.main(["--config", str(REPO / "configs" / "pretrain_bytes.toml"), "--model.preset", preset,
+                           "--out", str(tmp_path / preset), *shrink])
+        model = llama.load(tmp_path / preset / "final" / "model")
+        assert model.args == llama.ModelArgs.from_name(preset, max_seq_len=model.args.max_seq_len), preset
+        assert not (tmp_path / preset / "final" / "tokenizer.model").exists()  # bytes: no file
+    # and fine-tuned from the command line with a shipped SFT config
+    result = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), "--model.checkpoint",
+                                str(tmp_path / "tiny-llama-3.2" / "final" / "model"), "--data.tokenizer", "bytes",
+                                "--data.n_train", "32", "--data.n_eval", "2", "--eval.n_generate", "2",
+                                "--out", str(tmp_path / "sft"), *shrink[:6], "--no-progress"])
+    assert result["method"] == "lora" and result["exact_match"] is not None
+    model, tokenizer, _ = load_run(tmp_path / "sft")
+    assert tokenizer.n_words == model.args.vocab_size == 256
+
+
+def test_a_checkpoint_and_a_tokenizer_of_another_vocabulary_are_refused_before_training(tmp_path, tokenizer_path):
+    run(load_config(None, tiny(tmp_path / "base", tokenizer_path)), quiet=True)
+    with pytest.raises(ValueError, match="the tokenizer has 256 ids but the checkpoint .* has vocab_size="):
+        run(load_config(None, tiny(tmp_path / "sft", tokenizer_path, f"--model.checkpoint={tmp_path}/base/final/model",
+                                   "--data.tokenizer=bytes")), quiet=True)
+    with pytest.raises(ValueError, match="exact match would generate eval.max_new_tokens=40 tokens"):
+        run(load_config(None, tiny(tmp_path / "sft2", tokenizer_path, "--eval.max_new_tokens=40")), quiet=True)
+    assert not (tmp_path / "sft" / "metrics.jsonl").exists() and not (tmp_path / "sft2" / "metrics.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
