@@ -222,19 +222,28 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if ctx.is_main and not quiet else (lambda *a: None)
     out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else None
     split_batch(cfg.train, ctx.world_size)  # the batch must split over the processes: checked before anything
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device={cfg.model.device!r} but this machine has no CUDA device (torch "
+                         f"{torch.__version__}); use model.device='cpu'")
     resume_changes = None
+    created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
         if ctx.is_main:
             check_writable(out_dir)
         resume_changes = check_run_folder(cfg)
-    tokenizer = build_tokenizer(cfg.data)
-    data = build_data(cfg.data, tokenizer)
-    set_seed(cfg.train.seed)  # before the model and its adapters are initialised, so their init is seeded
-    model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
-    eval_examples = data.eval_examples[:cfg.eval.n_generate] if data.sft else []
-    check_generation(eval_examples, tokenizer, cfg.eval.max_new_tokens, model.args.max_seq_len)
-    total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
-    model = apply_method(model, cfg.method)
+    try:
+        tokenizer = build_tokenizer(cfg.data)
+        data = build_data(cfg.data, tokenizer)
+        set_seed(cfg.train.seed)  # before the model and its adapters are initialised, so their init is seeded
+        model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
+        eval_examples = data.eval_examples[:cfg.eval.n_generate] if data.sft else []
+        check_generation(eval_examples, tokenizer, cfg.eval.max_new_tokens, model.args.max_seq_len)
+        total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
+        model = apply_method(model, cfg.method)
+    except Exception:
+        if created and ctx.is_main and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a run refused before it began leaves no empty folder behind
+        raise
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     say(f"model: {total:,} base parameters, {trainable:,} trainable ({100 * trainable / total:.3f}% of the base), "
         f"method {cfg.method['name']}; data: {len(data.rows)} rows of ≤ {cfg.data.seq_len} tokens")
@@ -274,9 +283,9 @@ def summary(out: RunOutput, ctx: Dist) -> dict:
     """What results.json records: the run's totals (over every resume) and its last logged metrics."""
     last = out.result.history[-1] if out.result.history else {}
     resumes = []
-    resumes_file = Path(out.config.train.out_dir or ".") / RESUMES_FILE
-    if resumes_file.exists():
-        resumes = [json.loads(line) for line in resumes_file.read_text().splitlines() if line.strip()]
+    out_dir = out.config.train.out_dir
+    if out_dir and (Path(out_dir) / RESUMES_FILE).exists():
+        resumes = [json.loads(line) for line in (Path(out_dir) / RESUMES_FILE).read_text().splitlines() if line]
     return {"method": out.config.method["name"], "trainable_params": out.trainable, "total_params": out.total,
             "steps": out.result.final_step, "train_time_s": out.result.train_time_s, "tokens": out.result.tokens,
             "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
