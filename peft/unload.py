@@ -31,9 +31,8 @@ from torch import nn
 from llama.moe import Experts
 
 from .api import MERGEABLE, merge
-from .lora_experts import EXPERT_TARGET, MATRICES
 from .qlora import dequantize_model
-from .targets import LINEAR_NAMES, iter_linears
+from .targets import EXPERT_MATRICES, EXPERT_TARGET, LINEAR_NAMES, iter_linears
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -59,11 +58,11 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         if child is None or type(child) is Experts:
             continue
         # LoRA experts merge into w1 w2 w3 in place; QLoRA experts keep dense merged_w* beside their NF4 codes
-        merged = {name: getattr(child, f"merged_{name}", None) for name in MATRICES}
+        merged = {name: getattr(child, f"merged_{name}", None) for name in EXPERT_MATRICES}
         merged = {name: (w if w is not None else getattr(child, name)).detach() for name, w in merged.items()}
         with torch.device("meta"):  # no second copy of the experts
             dense = Experts(child.n_experts, child.dim, child.hidden_dim)
-        for name in MATRICES:
+        for name in EXPERT_MATRICES:
             setattr(dense, name, nn.Parameter(merged[name]))
         setattr(layer.feed_forward, EXPERT_TARGET, dense)
     if untied:

@@ -30,17 +30,18 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import llama
+from llama.formats.io import atomic_write_bytes, write_safetensors
 
 from ..api import apply
 from ..api import merge as merge_adapter
 from . import checkpointing
 from . import data as D
-from .checkpointing import check_writable, trainable_names, write_bytes_atomic
+from .checkpointing import check_writable, trainable_names
 from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, EvalSection, ModelSection,  # noqa: F401
                      RunConfig, build_config, differences, format_config, load_config, method_config, parse_value,
                      read_file, to_toml)
@@ -249,7 +250,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
         f"method {cfg.method['name']}; data: {len(data.rows)} rows of ≤ {cfg.data.seq_len} tokens")
     if out_dir is not None and ctx.is_main:
         if resume_changes is None:  # a fresh run: its config, first
-            write_bytes_atomic(out_dir / CONFIG_FILE, run_record(cfg).encode())
+            atomic_write_bytes(out_dir / CONFIG_FILE, run_record(cfg).encode())
         else:
             step = json.loads((checkpointing.latest(out_dir / "checkpoints") / "meta.json").read_text())["step"]
             with open(out_dir / RESUMES_FILE, "a") as f:
@@ -269,7 +270,7 @@ def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), q
     if out_dir is not None:
         export(model, cfg, tokenizer, ctx)
         if ctx.is_main:  # last: the mark of a finished run
-            write_bytes_atomic(out_dir / RESULTS_FILE, json.dumps(summary(output, ctx), indent=1).encode())
+            atomic_write_bytes(out_dir / RESULTS_FILE, json.dumps(summary(output, ctx), indent=1).encode())
     return output
 
 
@@ -330,10 +331,8 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         if not tensors or empty:
             raise RuntimeError(f"the adapter to export is empty ({len(tensors)} tensors, empty: {empty[:3]}); the "
                                f"sharded parameters were not gathered")
-        tmp = final / ".adapter.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final / "adapter.safetensors")
-    write_bytes_atomic(final / CONFIG_FILE, run_record(cfg).encode())  # last: final/ is complete
+        write_safetensors(final / "adapter.safetensors", tensors)
+    atomic_write_bytes(final / CONFIG_FILE, run_record(cfg).encode())  # last: final/ is complete
     ctx.barrier()
     return final
 
