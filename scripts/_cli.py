@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 
 EXIT_USAGE = 2  # what argparse itself exits with on a bad flag
-RANK_GRACE_S = 3.0  # how long a non-zero torchrun rank waits before reporting a user error itself
+RANK_GRACE_S = 10.0  # how long a non-zero torchrun rank waits before reporting a user error itself
 
 
 class UsageError(ValueError):

@@ -101,6 +101,7 @@ def test_batch_that_does_not_split_is_one_line_before_any_work(tmp_path, base):
     first = bad.stderr.splitlines()[0]
     assert first == ("error: train.batch_size=3 does not split over 2 processes; make it a multiple of 2 (or run 1 "
                      "or 3 processes)"), bad.stderr
-    assert bad.stderr.count("does not split") == 1  # said once (rank 0); the rest is torchrun's own report
+    # rank 0 says it; rank 1 stays quiet unless torchrun has not stopped it 10 s later (a loaded machine)
+    assert bad.stderr.count("does not split") in (1, 2) and "error (rank 0)" not in bad.stderr
     assert "peft/training" not in bad.stderr and bad.stdout == ""  # no traceback of ours, nothing printed first
     assert not tmp_path.exists() or not any(tmp_path.iterdir())  # nothing written
