@@ -14,16 +14,19 @@ Flags every experiment script takes, with the same names, meanings and defaults:
 
 A user error (a bad flag value, a missing file, an invalid config: ValueError, FileNotFoundError, or
 `UsageError`) prints one line, `error: <message>`, on stderr and exits with status 2, before any work is done where
-the check allows it. Everything else is a bug and keeps its traceback.
+the check allows it (under torchrun, rank 0 prints it). Everything else is a bug and keeps its traceback.
 
     parser = experiment_parser(__doc__, "ablate_moe")          # the common flags, with defaults shown in --help
-    parser.add_argument("--steps", type=int, default=300, help="training steps")
+    parser.add_argument("--steps", type=positive(int), default=300, help="training steps")
     def main(argv=None):
-        args = parser.parse_args(argv)
+        args = parser.parse_args(argv)                          # check what can be checked, then
         out = start(args)                                       # threads, seed, output folder (printed)
         ...
+        write_results(out, results, table)                      # results.json (+ results.md), each whole or absent
     if __name__ == "__main__":
         run_cli(main)
+
+scripts/train.py maps the common flags onto config keys instead (docs/cli.md gives the rule).
 """
 
 from __future__ import annotations
