@@ -43,6 +43,8 @@ from typing import Callable, Optional
 
 import torch
 
+from llama.formats.io import atomic_write_bytes
+
 EXIT_USAGE = 2  # what argparse itself exits with on a bad flag
 RANK_GRACE_S = 10.0  # how long a non-zero torchrun rank waits before reporting a user error itself
 
@@ -147,12 +149,9 @@ def start(args: argparse.Namespace) -> Path:
 
 def write_results(out: Path, results: dict, table: Optional[str] = None) -> Path:
     """out/results.json (and out/results.md when a table is given), each written whole or not at all."""
-    for name, text in (("results.json", json.dumps(results, indent=1, default=str) + "\n"), ("results.md", table)):
-        if text is None:
-            continue
-        tmp = out / f".{name}.tmp-{os.getpid()}"
-        tmp.write_text(text if text.endswith("\n") else text + "\n")
-        os.replace(tmp, out / name)
+    for name, text in (("results.json", json.dumps(results, indent=1, default=str)), ("results.md", table)):
+        if text is not None:
+            atomic_write_bytes(out / name, (text.rstrip("\n") + "\n").encode())
     return out / "results.json"
 
 
