@@ -154,18 +154,14 @@ def _toml_loads(text):
     return tomllib.loads(text)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--config", "configs/sft_lora.toml", "--trian.lr", "1", "--dry-run"],
-     "error: unknown config section 'trian'; did you mean 'train'?"),
-    ([], "error: no config: pass --config FILE"),
-    (["--config", "configs/none.toml"], "error: config file configs/none.toml does not exist"),
-])
-def test_train_script_user_errors_are_one_line_and_exit_2(argv, message):
-    done = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *argv], capture_output=True, text=True,
-                          cwd=str(REPO), timeout=120)
+def test_train_script_user_errors_are_one_line_and_exit_2():
+    """As a user sees it (a process of its own: run_cli); the messages themselves are tested in-process above."""
+    argv = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/sft_lora.toml", "--trian.lr", "1",
+            "--dry-run"]
+    message = "error: unknown config section 'trian'; did you mean 'train'?"
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=str(REPO), timeout=120)
     assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
-    debug = subprocess.run([sys.executable, str(REPO / "scripts" / "train.py"), *argv, "--debug"],
-                           capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, cwd=str(REPO), timeout=120)
     assert debug.returncode == 2 and "Traceback" in debug.stderr and message in debug.stderr
 
 
