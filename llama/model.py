@@ -271,13 +271,21 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, embeddings: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         start_pos: position of tokens[:, 0] when decoding with a KV cache (None: no cache, positions 0 … T-1).
         segment_ids [B, T]: for packed sequences; tokens attend only within their segment and positions restart
         at 0 at each segment start.
+        embeddings [B, T, C]: input vectors to use instead of tok_embeddings(tokens) (a multimodal model passes the
+        token embeddings with image features written in: `llama.vision`).
+        pixel_values: refused here with a clear error; images go to a multimodal model (`llama.vision`).
         """
+        if pixel_values is not None:
+            raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take "
+                             f"pixel_values; build a multimodal preset (e.g. llama-4-scout-vision) or load a "
+                             f"multimodal checkpoint (Llama4ForConditionalGeneration) to pass images")
         self._check_tokens(tokens, start_pos)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
@@ -291,7 +299,13 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
         cos, sin = self.rope(positions)
-        h = self.tok_embeddings(tokens)  # [B, T, C]
+        if embeddings is None:
+            h = self.tok_embeddings(tokens)  # [B, T, C]
+        elif embeddings.shape != (B, T, self.args.dim):
+            raise ValueError(f"embeddings must have shape [batch, seq_len, dim] = {[B, T, self.args.dim]} to match "
+                             f"tokens, got {list(embeddings.shape)}")
+        else:
+            h = embeddings
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         logits = self.output(self.norm(h))  # [B, T, V]

@@ -10,11 +10,9 @@ every layer or every other layer.
 
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import Llama4ForCausalLM, Llama4TextConfig
 
 from llama.formats.checkpoint import load, save
@@ -22,6 +20,7 @@ from llama import ModelArgs, Transformer
 from llama.formats.io import CheckpointError
 from llama.moe import MoE
 from llama.config import PRESETS, MoEArgs, RopeScaling, count_active_parameters, count_parameters
+from tests.reference.llama4_multimodal import random_weights_
 
 T = 40  # 5 chunks of 8
 
@@ -40,18 +39,10 @@ def hf_config(step: int, qk_norm: bool, scaled_rope: bool, **over) -> Llama4Text
     return Llama4TextConfig(**fields)
 
 
-@torch.no_grad()
 def random_hf(config: Llama4TextConfig, seed: int = 0, attn: str = "sdpa") -> Llama4ForCausalLM:
     """HF model with weights of std 1/sqrt(fan_in) and gains 1 + 0.1·N(0,1): every term matters in the logits."""
-    model = Llama4ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float64).eval()
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        if p.ndim == 1:
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        else:
-            fan_in = p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else p.shape[-1]
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
-    return model
+    model = Llama4ForCausalLM._from_config(config, attn_implementation=attn, dtype=torch.float64)
+    return random_weights_(model.eval(), seed)
 
 
 def tokens(seed=1, B=2, n=T):
@@ -115,27 +106,6 @@ def test_save_is_read_by_hf_from_pretrained(tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama4_text" and config["moe_layers"] == [1, 3]
     x = tokens(n=48)
-    with torch.no_grad():
-        assert rel_err(ours(x), hf(x).logits) <= 1e-10
-
-
-def test_multimodal_folder_loads_its_text_trunk(tmp_path):
-    """Llama4ForConditionalGeneration layout: text under language_model., config under text_config."""
-    hf = random_hf(hf_config(2, True, True))
-    hf.save_pretrained(tmp_path / "causal")
-    weights = load_file(tmp_path / "causal" / "model.safetensors")
-    mm = {"language_model." + k: v for k, v in weights.items()}
-    mm["vision_model.class_embedding"] = torch.zeros(8)
-    mm["multi_modal_projector.linear_1.weight"] = torch.zeros(4, 8)
-    (tmp_path / "mm").mkdir()
-    save_file(mm, tmp_path / "mm" / "model.safetensors")
-    text_config = json.loads((tmp_path / "causal" / "config.json").read_text())
-    (tmp_path / "mm" / "config.json").write_text(json.dumps(
-        {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text_config,
-         "vision_config": {}}))
-    with pytest.warns(UserWarning, match="skipped 2 tensors"):
-        ours = load(tmp_path / "mm").eval()
-    x = tokens()
     with torch.no_grad():
         assert rel_err(ours(x), hf(x).logits) <= 1e-10
 

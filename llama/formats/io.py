@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelArgs
-from ..model import Transformer
+from ..vision.llama4_model import module_for
 
 
 class CheckpointError(ValueError):
@@ -89,7 +89,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # Checking a state dict (Meta names) against the shapes a config implies
 
 
-LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
+LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning",
+                 "vision_args")
 
 
 def require_dense(args: ModelArgs, what: str) -> None:
@@ -101,9 +102,9 @@ def require_dense(args: ModelArgs, what: str) -> None:
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of `Transformer(args)`, built on the meta device (allocates nothing)."""
+    """Name -> shape of every parameter of the model `args` describes, built on the meta device (allocates nothing)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = module_for(args)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
