@@ -89,7 +89,6 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     prompts = read_prompts(args)
     model, tokenizer = load(args)
-    out = start(args)
     model.eval()
     if args.suffix is None:
         ids = [tokenizer.encode(s, bos=True, eos=False) for s in prompts]
@@ -103,6 +102,7 @@ def main(argv=None) -> list[dict]:
         except ValueError as err:
             raise UsageError(str(err)) from None
         stop_tokens, decode = (tokenizer.eot_id, tokenizer.eos_id), tokenizer.decode_infilling
+    out = start(args)  # everything checked: now the output folder
     outs = generate(model, ids, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     stop_tokens=stop_tokens, seed=args.seed)
     rows = []
