@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peft.training.config import format_config, load_config, parse_overrides  # noqa: E402
+from peft.training.config import to_toml, load_config, parse_overrides  # noqa: E402
 from peft.training.loop import init_distributed, split_batch  # noqa: E402
 from peft.training.recipe import CONFIG_FILE, RESULTS_FILE, check_run_folder, run, summary  # noqa: E402
 from scripts._cli import UsageError, default_out, experiment_parser, run_cli, set_threads  # noqa: E402
@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     split_batch(cfg.train, ctx.world_size)  # before anything: the batch splits over the processes,
     check_run_folder(cfg)  # and the folder holds no finished run, no other run's checkpoints, no changed settings
     if ctx.is_main:
-        print(format_config(cfg), flush=True)
+        print(to_toml(cfg), flush=True)
     if args.dry_run:
         return {}
     if ctx.is_main:

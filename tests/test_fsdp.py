@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft.training.recipe import load_config, run
+from peft.training.config import load_config
+from peft.training.recipe import run
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train.py")

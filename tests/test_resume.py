@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from peft.training import data as D
 from peft.training import checkpointing
-from peft.training.recipe import load_config, run
+from peft.training.config import load_config
+from peft.training.recipe import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,7 +27,8 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from peft.training import checkpointing
-from peft.training.recipe import load_config, run
+from peft.training.config import load_config
+from peft.training.recipe import run
 kill_after = int(os.environ.get("KILL_AFTER_STEP", "0"))
 kill_save = os.environ.get("KILL_WRITING_POINTER", "")
 if kill_save:

@@ -13,7 +13,8 @@ import torch
 import llama
 
 from peft.training import data as D
-from peft.training.recipe import build_config, format_config, load_config, load_run, parse_value, run
+from peft.training.config import build_config, load_config, parse_value, to_toml
+from peft.training.recipe import load_run, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,7 +51,7 @@ def test_file_plus_overrides(tmp_path):
     assert cfg.model.preset == "tiny-llama-3" and cfg.train.steps == 7 and cfg.train.lr == 3e-4
     assert cfg.method == {"name": "lora", "r": 4, "target_modules": ["wq", "wk"]}
     assert cfg.data.path == "/x/y.jsonl" and cfg.data.pack is False
-    text = format_config(cfg)
+    text = to_toml(cfg)
     assert "[train]\n" in text and "lr = 0.0003" in text and 'preset = "tiny-llama-3"' in text
     assert parse_value("1e-3") == 1e-3 and parse_value("true") is True and parse_value("runs/a b") == "runs/a b"
 
@@ -104,7 +105,7 @@ def test_bad_config_files(tmp_path):
 def test_printed_config_is_toml_that_reads_back_to_the_same_config(tmp_path):
     for f in sorted((REPO / "configs").glob("*.toml")):
         cfg = load_config(str(f), ["--method.r=4"] if "lora" in f.stem else [])
-        text = format_config(cfg)
+        text = to_toml(cfg)
         assert "null" not in text and "None" not in text
         (tmp_path / "again.toml").write_text(text)
         assert load_config(str(tmp_path / "again.toml")) == cfg, f
@@ -177,7 +178,7 @@ def test_config_toml_reproduces_the_run(tmp_path, tokenizer_path):
     assert (tmp_path / "a" / "final" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
 
 
-TINY_PRESETS = [name for name in llama.list_models() if name.startswith("tiny-")]
+TINY_PRESETS = [name for name in llama.list_models() if name.startswith("tiny-") and not name.endswith("-vision")]
 
 
 def test_every_tiny_preset_trains_from_the_cli_at_its_own_vocabulary(tmp_path):
@@ -199,6 +200,9 @@ def test_every_tiny_preset_trains_from_the_cli_at_its_own_vocabulary(tmp_path):
     assert result["method"] == "lora" and result["exact_match"] is not None
     model, tokenizer, _ = load_run(tmp_path / "sft")
     assert tokenizer.n_words == model.args.vocab_size == 256
+    with pytest.raises(ValueError, match="'tiny-llama-4-scout-vision' is multimodal"):  # refused before training
+        train_script.main(["--config", str(REPO / "configs" / "pretrain_bytes.toml"), "--model.preset",
+                           "tiny-llama-4-scout-vision", "--out", str(tmp_path / "vision"), *shrink])
 
 
 def test_a_checkpoint_and_a_tokenizer_of_another_vocabulary_are_refused_before_training(tmp_path, tokenizer_path):

@@ -12,7 +12,8 @@ The methods themselves live one level up (`peft.lora`, `peft.adapter_v1`, …); 
 """
 
 from .loop import TrainConfig, TrainResult, evaluate_loss, set_seed, train, train_examples
-from .recipe import RunConfig, load_config, load_run, run
+from .config import RunConfig, load_config
+from .recipe import load_run, run
 
 __all__ = ["TrainConfig", "TrainResult", "train", "train_examples", "evaluate_loss", "set_seed", "RunConfig",
            "load_config", "run", "load_run"]

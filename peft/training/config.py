@@ -360,7 +360,6 @@ def to_toml(cfg: RunConfig, drop: Sequence[str] = ()) -> str:
     return text
 
 
-format_config = to_toml  # the name the printed header used
 
 
 def differences(before: dict, after: dict, ignore: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:

@@ -43,8 +43,7 @@ from . import checkpointing
 from . import data as D
 from .checkpointing import check_writable, trainable_names
 from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, EvalSection, ModelSection,  # noqa: F401
-                     RunConfig, build_config, differences, format_config, load_config, method_config, parse_value,
-                     read_file, to_toml)
+                     RunConfig, build_config, differences, method_config, read_file, to_toml)
 from .loop import Dist, TrainResult, init_distributed, set_seed, split_batch, train
 
 CONFIG_FILE, RESULTS_FILE, RESUMES_FILE = "config.toml", "results.json", "resumes.jsonl"
@@ -86,6 +85,9 @@ def build_model(cfg: ModelSection, vocab_size: int, seq_len: int) -> nn.Module:
         overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                                   "max_seq_len") if getattr(cfg, k) is not None}
         args = llama.ModelArgs.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
+        if args.vision_args is not None:
+            raise ValueError(f"model.preset {cfg.preset!r} is multimodal and training runs are text-only; use its text "
+                             f"preset ({cfg.preset.removesuffix('-vision')!r})")
         with torch.device(cfg.device):
             model = llama.Transformer(args)
     if model.args.max_seq_len < seq_len:
