@@ -77,7 +77,8 @@ def _check_foldable(model: nn.Module, state) -> None:
     method = state.config.method
     if method not in MERGEABLE:
         raise ValueError(f"{method} cannot be merged into the weights: its attention terms depend on the input; keep "
-                         f"the adapter (peft.save_adapter) and load it onto the base (mergeable: {', '.join(MERGEABLE)})")
+                         f"the adapter (peft.save_adapter) and load it onto the base (mergeable: "
+                         f"{', '.join(MERGEABLE)})")
     if method == "adapter_v2":
         if state.config.adapter_layers:
             raise ValueError("this Adapter V2 has adaption prompts (adapter_layers), which act through attention and "

@@ -1,6 +1,6 @@
 """Reporting for `bench_kernels.py`: the issue's targets evaluated on the measured rows, the tables (printed and
-written as markdown), the per-case progress line (said as a case starts, finished when it ends), OUT/results.json and OUT/results.md, and the relative error that the
-accuracy columns report.
+written as markdown), the per-case progress line (said as a case starts, finished when it ends), OUT/results.json
+and OUT/results.md, and the relative error that the accuracy columns report.
 
 A row is one measured case: {"shape", "tokens", "rank", <column>: cell, ...}, where a cell is
 {"us", "error", "graph_us", "graph_error", rates...} (see `cell` in bench_kernels.py); a column not run is absent.

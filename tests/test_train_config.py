@@ -168,8 +168,9 @@ def test_train_script_user_errors_are_one_line_and_exit_2():
 
 def test_config_toml_reproduces_the_run(tmp_path, tokenizer_path):
     train_script = script("train")
-    first = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), *tiny(tmp_path / "a", tokenizer_path,
-                               "--model.checkpoint=", "--method.r=2")[1:], "--out", str(tmp_path / "a")])
+    shrunk = tiny(tmp_path / "a", tokenizer_path, "--model.checkpoint=", "--method.r=2")[1:]  # without out_dir
+    first = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), *shrunk, "--out",
+                               str(tmp_path / "a")])
     again = train_script.main(["--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b")])
     assert [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == \
         [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

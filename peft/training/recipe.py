@@ -193,8 +193,8 @@ def check_run_folder(cfg: RunConfig) -> Optional[dict]:
     """
     out = Path(cfg.train.out_dir)
     if (out / RESULTS_FILE).exists():
-        raise ValueError(f"{out} holds a finished run ({RESULTS_FILE} is written when a run ends) and a run's record is "
-                         f"never rewritten; choose a fresh train.out_dir (--out), or start from its final/ folder")
+        raise ValueError(f"{out} holds a finished run ({RESULTS_FILE} is written when a run ends) and a run's record "
+                         f"is never rewritten; choose a fresh train.out_dir (--out), or start from its final/ folder")
     has_checkpoint = checkpointing.latest(out / "checkpoints") is not None
     if not cfg.train.resume:
         if has_checkpoint:
