@@ -80,12 +80,14 @@ def variant_colors(variants) -> dict:
 def readable_log_axis(ax, axis: str = "y") -> None:
     """Label a log axis with plain numbers: 1-2-5 × 10^k over a wide range; over less than a decade (short runs),
     about five evenly spaced ticks instead of matplotlib's overlapping minor labels (3×10^0, 4×10^0, …)."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
 
     target = ax.yaxis if axis == "y" else ax.xaxis
     lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
     target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if hi / lo >= 10 else MaxNLocator(nbins=5))
-    target.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+    plain = ScalarFormatter(useOffset=False)  # as many decimals as the tick spacing needs, no 10^k notation
+    plain.set_scientific(False)
+    target.set_major_formatter(plain)
     target.set_minor_formatter(NullFormatter())
 
 

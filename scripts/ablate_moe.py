@@ -168,6 +168,7 @@ def plot(report: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     E = report["config"]["n_experts"]
     colors = variant_colors(VARIANTS)  # one colour per variant in all three panels (dense is absent from two)
@@ -179,8 +180,8 @@ def plot(report: dict, path) -> None:
             smooth.append(ema)
         axes[0].plot(range(1, len(curve) + 1), smooth, label=variant, color=colors[variant])
         if r["shares"]:
-            axes[1].plot([sum(max(s) for s in step) / len(step) * E for step in r["shares"]], label=variant,
-                         color=colors[variant])
+            imbalance = [sum(max(s) for s in step) / len(step) * E for step in r["shares"]]
+            axes[1].plot(range(1, len(imbalance) + 1), imbalance, label=variant, color=colors[variant])
     tails = [v for line in axes[0].get_lines() for v in line.get_ydata()[len(line.get_ydata()) // 4:]]
     if tails:  # the curves differ by a few hundredths of a nat: zoom on the last three quarters
         axes[0].set_ylim(min(tails) - 0.02, max(tails) + 0.02)
@@ -191,8 +192,12 @@ def plot(report: dict, path) -> None:
     for k, variant in enumerate(moe):
         shares = report["results"][variant]["eval_shares"]
         mean = [sum(layer[e] for layer in shares) / len(shares) for e in range(E)]
-        axes[2].bar([e + k * width for e in range(E)], mean, width=width, label=variant, color=colors[variant])
+        offset = (k - (len(moe) - 1) / 2) * width  # the variants' bars side by side, centred on their expert
+        axes[2].bar([e + offset for e in range(E)], mean, width=width, label=variant, color=colors[variant])
     axes[2].axhline(1 / E, color="k", lw=0.8, ls="--")
+    axes[2].set_xticks(range(E))
+    for ax in axes[:2]:  # steps are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set(title="held-out share per expert (mean over layers)", xlabel="expert", ylabel="share of tokens")
     for ax in axes:
         ax.legend(fontsize=8)
