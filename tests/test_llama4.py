@@ -22,6 +22,7 @@ from llama import ModelArgs, Transformer
 from llama.formats.io import CheckpointError
 from llama.moe import MoE
 from llama.config import PRESETS, MoEArgs, RopeScaling, count_active_parameters, count_parameters
+from tests.reference.tolerance import tolerance
 
 T = 40  # 5 chunks of 8
 
@@ -313,7 +314,8 @@ def test_kv_cache_decoding_with_chunks_nope_and_temperature_is_exact_in_float64(
 @pytest.mark.parametrize("name", ["tiny-llama-4-scout", "tiny-llama-4-maverick"])
 def test_kv_cache_decoding_equals_full_forward(name, implementation):
     """The full Llama 4 layer. Its reference numerics keep float32 steps inside a float64 model (complex64 RoPE,
-    float32 QK-norm and router sigmoid), whose last bit depends on how many rows one call holds, hence 1e-6."""
+    float32 QK-norm and router sigmoid), whose last bit depends on how many rows one call holds: per layer the
+    float32 rounding of q and k (1), the complex rotation (2), the QK norm over D (D + 3) and the sigmoid (3)."""
     torch.manual_seed(0)
     args = ModelArgs.from_name(name, attention_chunk_size=8, floor_scale=8.0, attn_scale=0.5)
     model = Transformer(args).double().eval()
@@ -321,7 +323,8 @@ def test_kv_cache_decoding_equals_full_forward(name, implementation):
     model.set_attention_implementation(implementation)
     x = tokens(n=45)
     with torch.no_grad():
-        assert rel_err(decode_in_pieces(model, x), model(x)) <= 1e-6
+        assert rel_err(decode_in_pieces(model, x), model(x)) <= tolerance(torch.float32,
+                                                                          args.n_layers * (args.head_dim + 9))
 
 
 # -- bad input ---------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from llama import ModelArgs, RopeScaling, Transformer
 from llama.formats.checkpoint import load, save
 from llama.rope import RotaryEmbedding, base_frequencies, scaled_frequencies
+from tests.reference.tolerance import tolerance
 
 HEAD_DIM, THETA = 64, 10000.0
 
@@ -79,7 +80,8 @@ def test_dynamic_ntk_rule_by_hand():
                                                                original_max_position_embeddings=512), 1024)
     base = THETA * 5 ** (64 / 62)
     by_hand = torch.tensor([base ** (-2 * j / 64) for j in range(32)], dtype=torch.float64)
-    assert torch.allclose(ours.double(), by_hand, rtol=1e-6, atol=0)
+    # float32 θ_j: the exponent's rounding amplified by ln(base') <= 16, then pow and a division
+    assert torch.allclose(ours.double(), by_hand, rtol=tolerance(torch.float32, 20), atol=0)
 
 
 @pytest.mark.parametrize("name", ["linear-4", "llama3-8", "yarn-4", "yarn-mscale", "dynamic"])
