@@ -202,8 +202,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix for input and output
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len,
-                                    complex64=args.rope_complex64)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, complex64=args.rope_complex64)
         self.reset_parameters()
 
     # -- initialisation -------------------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ class Transformer(nn.Module):
         context = max_seq_len or self.args.max_seq_len
         self.args = dataclasses.replace(self.args, rope_scaling=scaling, max_seq_len=context)
         with torch.device(self.rope.inv_freq.device):
-            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling, self.args.max_seq_len,
+            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling,
                                         complex64=self.args.rope_complex64)
 
     def set_attention_implementation(self, implementation: str) -> None:

@@ -222,7 +222,7 @@ def test_bad_save_arguments(tmp_path):
         ckpt.save(model, tmp_path / "b", format="meta", num_shards=3)
     with pytest.raises(ValueError, match="use max_shard_size"):
         ckpt.save(model, tmp_path / "c", format="hf", num_shards=2)
-    with pytest.raises(CheckpointError, match="max_shard_size 'big' is not a size"):
+    with pytest.raises(CheckpointError, match="max_shard_size 'big' is not a positive size"):
         ckpt.save(model, tmp_path / "d", format="hf", max_shard_size="big")
     with pytest.raises(TypeError, match="needs a llama.Transformer"):
         ckpt.save(torch.nn.Linear(2, 2), tmp_path / "e")
