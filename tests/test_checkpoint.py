@@ -404,5 +404,5 @@ def test_convert_cli_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "llama.convert", "--src", str(tmp_path / "nowhere"), "--dst",
                              str(tmp_path / "out"), "--to", "hf"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parents[1])
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert result.stderr.startswith("error: checkpoint folder") and "Traceback" not in result.stderr

@@ -128,16 +128,7 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
-    if format not in FORMATS:
-        raise ValueError(f"unknown checkpoint format {format!r}; use format='hf' or format='meta'")
-    num_shards = check_int("num_shards", num_shards)
-    if format == "hf" and num_shards != 1:
-        raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
-                         "max_shard_size to split the safetensors files")
-    shard_bytes = hf.parse_size(max_shard_size)
-    dtype = parse_dtype(dtype)
-    folder = _folder_argument(path, "save")
-    _check_destination(folder, format)
+    folder, num_shards, shard_bytes, dtype = check_save_arguments(path, format, num_shards, max_shard_size, dtype)
     args = model.args
     is_llama4 = llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
     if not is_llama4:
@@ -151,14 +142,27 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
     return folder
 
 
-def _check_destination(folder: Path, format: str) -> None:
-    """The folder may be new or hold a checkpoint of the same format (replaced), never a file or the other format."""
+def check_save_arguments(path, format: str, num_shards, max_shard_size, dtype
+                         ) -> tuple[Path, int, int, Optional[torch.dtype]]:
+    """`save`'s arguments checked and normalised: (folder, num_shards, max shard bytes, dtype).
+
+    The folder may be new or hold a checkpoint of the same format (replaced), never a file or the other format."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown checkpoint format {format!r}; use format='hf' or format='meta'")
+    num_shards = check_int("num_shards", num_shards)
+    if format == "hf" and num_shards != 1:
+        raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
+                         "max_shard_size to split the safetensors files")
+    shard_bytes = hf.parse_size(max_shard_size)
+    dtype = parse_dtype(dtype)
+    folder = _folder_argument(path, "save")
     if folder.exists() and not folder.is_dir():
         raise CheckpointError(f"{folder} is a file; pass a folder path (it is created if missing)")
     other = hf.CONFIG_FILE if format == "meta" else meta.PARAMS_FILE
     if (folder / other).exists():
         raise CheckpointError(f"{folder} already holds a {'Hugging Face' if format == 'meta' else 'Meta'} "
                               f"checkpoint ({other}); save into an empty folder so loaders are not confused")
+    return folder, num_shards, shard_bytes, dtype
 
 
 def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
