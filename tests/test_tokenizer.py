@@ -388,7 +388,7 @@ def test_unknown_family_and_family_on_a_sentencepiece_file(files):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer(tmp_path / "nope.model")
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model in folder"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in folder"):
         Tokenizer(tmp_path)
     with pytest.raises(TypeError, match="needs the path"):
         Tokenizer()
