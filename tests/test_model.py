@@ -11,6 +11,7 @@ from llama import ModelArgs, Transformer
 from llama.model import RMSNorm, attend, repeat_kv
 from llama.rope import apply_rotary, scaled_frequencies
 from tests.reference.meta_forward import llama3_frequencies_by_hand, reference_forward
+from tests.reference.isolation import reference
 from tests.reference.tolerance import forward_tolerance, relative_error, tolerance
 
 # θ_j = θ^(-2j/D) in float32: the exponent's rounding is amplified by ln θ (<= 13.2 for θ = 5e5), then pow, the
@@ -99,16 +100,13 @@ def test_llama3_scaled_frequencies_by_hand_and_from_hf(name):
                         dtype=torch.float64)
     torch.testing.assert_close(got.double(), hand, rtol=FREQUENCY_RTOL, atol=0)  # float32 vs Python floats
 
-    transformers = pytest.importorskip("transformers")
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    config = transformers.LlamaConfig(
+    config = dict(
         hidden_size=a.dim, num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
         max_position_embeddings=a.max_seq_len,
         rope_parameters={"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": r.factor,
                          "low_freq_factor": r.low_freq_factor, "high_freq_factor": r.high_freq_factor,
                          "original_max_position_embeddings": r.original_max_position_embeddings})
-    hf, hf_factor = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    hf, hf_factor = reference().call("hf_llama.rope_init", config)  # transformers, in the reference process
     assert hf_factor == 1.0
     torch.testing.assert_close(got, hf.float(), rtol=0, atol=0)
 
