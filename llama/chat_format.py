@@ -162,6 +162,7 @@ def chat_format_for(tokenizer: Tokenizer) -> Llama2ChatFormat | Llama3ChatFormat
         raise TypeError(f"expected a llama.Tokenizer, got {type(tokenizer).__name__}; load one with Tokenizer(path)")
     formats = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat, "llama4": Llama4ChatFormat}
     if tokenizer.family not in formats:
-        raise ValueError(f"{tokenizer.path} is not recognised as a Llama 2, 3 or 4 tokenizer (none of </s>, <|eot_id|>, "
-                         f"<|eot|> in its vocabulary), so no chat format matches it; pass family= to Tokenizer")
+        raise ValueError(f"{tokenizer.path} is not recognised as a Llama 2, 3 or 4 tokenizer (none of </s>, "
+                         f"<|eot_id|>, <|eot|> in its vocabulary), so no chat format matches it; pass family= to "
+                         f"Tokenizer")
     return formats[tokenizer.family](tokenizer)

@@ -171,10 +171,11 @@ for name, kw, words in [
 # params.json and config.json fields (numbers as strings, NaN, ranges)
 
 
-def meta_params(**changes):
+def edited_config(kind: str, name: str, changes: dict):
+    """llama.load on a copy of a pristine checkpoint whose params.json / config.json got `changes`."""
     def run(ws: Workspace):
-        folder = ws.copy("meta-single")
-        edit_json(folder / "params.json", changes)
+        folder = ws.copy(kind)
+        edit_json(folder / name, changes)
         llama.load(folder)
     return run
 
@@ -202,7 +203,7 @@ for name, changes, words in [
     ("no dim", dict(dim=REMOVE), ["params.json has no 'dim' field", "restore the original"]),
     ("vision params", dict(vision_chunk_size=560), ["Llama 4 or Llama 3.2 Vision"]),
 ]:
-    add("params.json", name, meta_params(**changes), CheckpointError, *words)
+    add("params.json", name, edited_config("meta-single", "params.json", changes), CheckpointError, *words)
 
 
 def write_file(kind: str, name: str, content: str):
@@ -217,14 +218,6 @@ add("params.json", "a JSON list", write_file("meta-single", "params.json", "[1, 
     "params.json must hold a JSON object")
 add("params.json", "cut JSON", write_file("meta-single", "params.json", '{"dim": 64,'), CheckpointError,
     "params.json is not valid JSON", "restore it")
-
-
-def hf_config(**changes):
-    def run(ws: Workspace):
-        folder = ws.copy("hf")
-        edit_json(folder / "config.json", changes)
-        llama.load(folder)
-    return run
 
 
 for name, changes, words in [
@@ -253,7 +246,7 @@ for name, changes, words in [
     ("tied but lm_head differs", dict(tie_word_embeddings=True), ["lm_head.weight differs",
                                                                   "set tie_word_embeddings to false"]),
 ]:
-    add("config.json", name, hf_config(**changes), CheckpointError, *words)
+    add("config.json", name, edited_config("hf", "config.json", changes), CheckpointError, *words)
 add("config.json", "cut JSON", write_file("hf", "config.json", '{"hidden_size": 64,'), CheckpointError,
     "config.json is not valid JSON", "restore it")
 
@@ -351,7 +344,8 @@ for name, kind, edit, error, words in [
      CheckpointError, ["has no 'weight_map'", "restore it"]),
     ("index from another save", "hf-sharded", index_points_elsewhere, CheckpointError,
      ["in shards that do not hold them", "restore a matching set"]),
-    ("overlapping shards", "hf-sharded", overlapping_shards, CheckpointError, ["appears in both", "the shards overlap"]),
+    ("overlapping shards", "hf-sharded", overlapping_shards, CheckpointError,
+     ["appears in both", "the shards overlap"]),
     ("config without weights", "hf", lambda f: (f / "model.safetensors").unlink(), CheckpointError,
      ["no weights", "copy the weight files next to config.json"]),
     ("params without shards", "meta", lambda f: [p.unlink() for p in f.glob("consolidated.*.pth")], CheckpointError,
@@ -677,8 +671,8 @@ for name, run, error, words in [
      ["needs a Llama 3 tokenizer, got a SentencePieceTokenizer"]),
     ("Llama 4 format, Llama 3 tokenizer", chat("bpe", [USER], Llama4ChatFormat), TypeError,
      ["Llama4ChatFormat needs a Llama 4 tokenizer, got the Llama 3 tokenizer"]),
-    ("Llama 2 closing tag in content", chat("bpe", [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"},
-                                           {"role": "user", "content": "[/INST]"}], Llama2ChatFormat),
+    ("Llama 2 closing tag in content", chat("bpe", [USER, {"role": "assistant", "content": "y"},
+                                                   {"role": "user", "content": "[/INST]"}], Llama2ChatFormat),
      ValueError, ["contains the chat tag '[/INST]'"]),
 ]:
     add("chat formats", name, run, error, *words)
@@ -800,7 +794,8 @@ for name, run, error, words in [
      ["torch.int64; adapter weights are floating point"]),
     ("names the config does not attach", loading_adapter(renamed_in_both), ValueError,
      ["does not match the adapter this config attaches", "layers.7."]),
-    ("other method attached", loading_adapter(target=lambda: peft.apply(model(), peft.AdapterV1Config(adapter_layers=1))),
+    ("other method attached",
+     loading_adapter(target=lambda: peft.apply(model(), peft.AdapterV1Config(adapter_layers=1))),
      ValueError, ["is lora but the model carries adapter_v1"]),
     ("other config attached", loading_adapter(target=lambda: peft.apply(model(), peft.LoraConfig(r=4))),
      ValueError, ["differs from the attached one", "load it onto a fresh model"]),

@@ -179,7 +179,8 @@ def test_llama4_identity_gradients_and_decoding(preset, name):
         steps = [model(toks[:, :5], start_pos=0)] + [model(toks[:, t:t + 1], start_pos=t) for t in range(5, 9)]
     # Llama 4 rounds q/k to float32 (complex64 RoPE, QK norm), so decoding matches to float32 precision only
     a = model.args
-    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) <= tolerance(torch.float32, a.n_layers * (a.head_dim + 9))
+    bound = tolerance(torch.float32, a.n_layers * (a.head_dim + 9))  # per layer as in test_llama4's cache test
+    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) <= bound
 
 
 def test_export_hf_refuses_moe_shared_experts(tmp_path):

@@ -159,7 +159,8 @@ def test_set_rope_scaling_on_a_built_model_equals_building_with_it():
           high_freq_factor=1.0), "high_freq_factor >= low_freq_factor"),
     (dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=8, beta_fast=1.0, beta_slow=2.0),
      "beta_fast > beta_slow"),
-    (dict(rope_type="linear", factor=2.0, original_max_position_embeddings=0), "original_max_position_embeddings must be a positive integer"),
+    (dict(rope_type="linear", factor=2.0, original_max_position_embeddings=0),
+     "original_max_position_embeddings must be a positive integer"),
 ])
 def test_bad_scaling(kw, message):
     with pytest.raises(ValueError, match=message):

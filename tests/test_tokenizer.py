@@ -365,7 +365,8 @@ def test_hub_tokenizer_json_ids_equal_the_tokenizers_library_and_tiktoken(files,
 def test_hub_tokenizer_json_of_a_sentencepiece_model(files, sp_tok, tmp_path):
     shutil.copy(files["sp"], tmp_path / "tokenizer.model")
     (tmp_path / "hub").mkdir()
-    reference().call("hf_llama.tokenizer_json_from_sentencepiece", str(tmp_path), str(tmp_path / "hub" / "tokenizer.json"))
+    reference().call("hf_llama.tokenizer_json_from_sentencepiece", str(tmp_path),
+                     str(tmp_path / "hub" / "tokenizer.json"))
     library = tokenizers.Tokenizer.from_file(str(tmp_path / "hub" / "tokenizer.json"))
     hub = Tokenizer(tmp_path / "hub")
     assert hub.family == "llama2" and (hub.n_words, hub.bos_id, hub.eos_id, hub.pad_id) == (sp_tok.n_words, 1, 2, -1)
