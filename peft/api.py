@@ -7,9 +7,12 @@
     peft.load_adapter(fresh_model, "out/alpaca-lora")                       # re-applies the config, loads weights
     peft.merge(model)                                                       # LoRA / DoRA / Adapter V2 bias+scale
 
-A method is a config dataclass (with a `method` name) plus a module with `attach(model, config) -> parameter names`
-and, where the method can fold into the weights, `merge(model)` / `unmerge(model)`. `apply` records what it
-attached in `model.peft_state`, which every other function here reads.
+A method is a config dataclass (with a `method` name, checked on its own when built) plus a module with
+`validate(model, config) -> plan` (every check of the request against this model, before anything changes),
+`attach(model, config, plan) -> parameter names` (no checks left: it only builds) and, where the method can fold
+into the weights, `merge(model)` / `unmerge(model)`. A `LoraConfig` with `quantize_base=True` is validated and
+attached by `peft.qlora`; merging stays `peft.lora`'s (every LoRA layer, NF4 or not, merges itself).
+`apply` records what it attached in `model.peft_state`, which every other function here reads.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
@@ -29,18 +31,18 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from llama.formats.io import staged_folder
+from llama.formats.io import atomic_write_bytes, staged_folder
 
-from . import adapter_v1, adapter_v2, excitor, lora
+from . import adapter_v1, adapter_v2, excitor, lora, qlora
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
 from .excitor import ExcitorConfig
-from .lora import LoraConfig
+from .lora_core import LoraConfig
 from .targets import check_model
 
 Config = Union[LoraConfig, AdapterV1Config, AdapterV2Config, ExcitorConfig]
 
-# method name -> (config class, module implementing attach [and merge/unmerge])
+# method name -> (config class, module implementing validate and attach [and merge/unmerge])
 METHODS = {
     "lora": (LoraConfig, lora),
     "adapter_v1": (AdapterV1Config, adapter_v1),
@@ -73,7 +75,10 @@ def _state(model: nn.Module, action: str) -> PeftState:
 
 
 def apply(model: nn.Module, config: Config) -> nn.Module:
-    """Freeze every base parameter and attach the method described by `config`, in place; return the model."""
+    """Freeze every base parameter and attach the method described by `config`, in place; return the model.
+
+    The whole request is checked first (the model, and the config against it: targets, layers, ranks, attach points
+    still free); a bad one raises and leaves the model untouched."""
     check_model(model)
     if type(config) not in [cls for cls, _ in METHODS.values()]:
         raise TypeError(f"unknown PEFT config {type(config).__name__}; use one of "
@@ -82,7 +87,10 @@ def apply(model: nn.Module, config: Config) -> nn.Module:
     if existing is not None:
         raise ValueError(f"this model already has an adapter attached ({existing.config.method}); a method is "
                          f"applied once per model: build a fresh model to apply another (load_adapter changes weights)")
-    names = METHODS[config.method][1].attach(model, config)  # validates fully before changing the model
+    # LoRA on NF4 base weights (QLoRA) is LoRA's config with quantize_base: its own validate and attach
+    method = qlora if isinstance(config, LoraConfig) and config.quantize_base else METHODS[config.method][1]
+    plan = method.validate(model, config)
+    names = method.attach(model, config, plan)
     declared = set(names)
     for name, p in model.named_parameters(remove_duplicate=False):  # freeze the base, train the adapter
         p.requires_grad_(name in declared)
@@ -142,21 +150,6 @@ def config_from_dict(data: dict) -> Config:
 
 def model_shape(model: nn.Module) -> dict:
     return {key: getattr(model.args, key) for key in SHAPE_FIELDS}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -173,6 +173,12 @@ def _short_list(items: list[str], n: int = 8) -> str:
 # Atomic writing
 
 
+def fsync_file(path: Path) -> None:
+    """Flush a written file's data to the disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_dir(folder: Path) -> None:
     """Persist the directory entries (the renames) themselves; not possible on every platform."""
     with contextlib.suppress(OSError):
@@ -184,19 +190,25 @@ def fsync_dir(folder: Path) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call write(tmp_path) for a temporary file next to `path`, fsync it, then rename it to `path`."""
+    """Call write(tmp_path) for a temporary file next to `path`, fsync it, rename it to `path`, fsync the folder.
+
+    The one atomic write of the project: a crash at any moment leaves either the old file or the new one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         write(tmp_path)
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
+        fsync_file(tmp_path)
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def write_json(path: Path, data: dict) -> None:
