@@ -494,6 +494,19 @@ add("llama.save arguments", "path is a file", save_into_file, CheckpointError, "
 add("llama.save arguments", "path 5", lambda ws: llama.save(model(), 5), TypeError, "needs a folder path")
 
 
+def save_into_the_working_directory(ws: Workspace):
+    previous = os.getcwd()
+    os.chdir(ws.watch_folder(ws.copy("hf")))
+    try:
+        llama.save(model(), ".")
+    finally:
+        os.chdir(previous)
+
+
+add("llama.save arguments", "the working directory", save_into_the_working_directory, CheckpointError,
+    "holds the current working directory", "pass a sub-folder")
+
+
 # =====================================================================================================================
 # python -m llama.convert
 

@@ -246,6 +246,9 @@ def staged_folder(folder: Path, replaced: Callable[[str], bool]) -> Iterator[Pat
     untouched; the temporary folder it leaves is removed by the next save into the same place.
     """
     folder = Path(folder).resolve()
+    if Path.cwd().resolve().is_relative_to(folder):
+        raise CheckpointError(f"{folder} holds the current working directory; a save replaces its folder as a whole, "
+                              f"so pass a sub-folder (e.g. {folder / 'checkpoint'})")
     created = _make_parents(folder.parent)
     _remove_abandoned_stages(folder)
     stage = Path(tempfile.mkdtemp(prefix=f".{folder.name}{STAGE_MARK}{os.getpid()}-", dir=folder.parent))
