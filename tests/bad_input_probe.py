@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 import shutil
 import tempfile
 from collections import Counter
@@ -22,6 +23,7 @@ from typing import Callable, Optional
 
 import tokenizers
 import torch
+from safetensors.torch import load_file, save_file
 
 import llama
 import peft
@@ -40,6 +42,41 @@ class Case:
     run: Callable[["Workspace"], object]  # makes the bad call
     error: type  # the exception type it must raise (a subclass passes)
     words: tuple[str, ...]  # substrings the message must contain
+
+
+# Helpers the catalogues use to damage files
+
+NAN, INF = float("nan"), float("inf")
+REMOVE = object()  # edit_json: delete the key
+
+
+def adder(cases: list[Case]) -> Callable[..., None]:
+    """add(area, name, run, error, *words): one more case in `cases`."""
+    def add(area: str, name: str, run: Callable[[Workspace], object], error: type, *words: str) -> None:
+        cases.append(Case(area, name, run, error, words))
+    return add
+
+
+def edit_json(path: Path, changes: dict) -> None:
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is REMOVE:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data))  # NaN and Infinity are written as Python's json writes them
+
+
+def edit_tensors(path: Path, edit) -> None:
+    tensors = load_file(str(path))
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def damage(path: Path, how: str) -> None:
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(1000) if how == "garbage" else data[: len(data) // 2])
+
 
 
 class CommandLineError(Exception):
