@@ -277,15 +277,11 @@ class Transformer(nn.Module):
         segment_ids [B, T]: for packed sequences; tokens attend only within their segment and positions restart
         at 0 at each segment start.
         """
-        self._check_tokens(tokens, start_pos)
+        self._check_inputs(tokens, start_pos, segment_ids)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         mask = None
         if segment_ids is not None:
-            if start_pos is not None:
-                raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
-            if segment_ids.shape != tokens.shape:
-                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(B, T)}")
             positions, mask = packed_positions_and_mask(segment_ids)  # [B, T], [B, 1, T, T]
         else:
             positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
@@ -296,7 +292,15 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))  # [B, T, V]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int],
+                      segment_ids: Optional[torch.Tensor]) -> None:
+        """Every check of forward's arguments, before any computation (forward itself then reads as the model)."""
+        if segment_ids is not None:
+            if start_pos is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
+            if not isinstance(tokens, torch.Tensor) or segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal the tokens' shape "
+                                 f"[batch, seq_len]")
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
