@@ -143,6 +143,60 @@ class MoEArgs:
 
 
 @dataclass(frozen=True)
+class Llama4VisionArgs:
+    """Llama 4 vision encoder, pixel-shuffle adapter and projector (Meta `vision_args`; `llama.vision.llama4_encoder`).
+
+    Square tiles of `image_size` pixels are cut into a g×g grid of patches (g = image_size / patch_size); pixel
+    shuffle with ratio r turns the g·g patch vectors of width `dim` into (g·r)² vectors of width dim/r², which the
+    adapter MLP maps to `output_dim` and the projector to the text model's width. LayerNorm eps is 1e-5 and the
+    input has 3 (RGB) channels in both references (neither reads them from the config).
+    """
+
+    image_size: int = 336  # tile side in pixels (Meta `image_size.height` = `.width`)
+    patch_size: int = 14
+    dim: int = 1408  # encoder width
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0  # encoder MLP hidden = int(mlp_ratio·dim)
+    output_dim: int = 4096  # adapter width (HF `projector_output_dim` = `vision_output_dim`)
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0  # 2D RoPE base
+    image_token_id: int = 200092  # `<|patch|>`: the prompt positions that receive image features
+
+    def __post_init__(self):
+        for key in ("image_size", "patch_size", "dim", "n_layers", "n_heads", "output_dim"):
+            check_int(f"Llama4VisionArgs.{key}", getattr(self, key))
+        check_int("Llama4VisionArgs.image_token_id", self.image_token_id, minimum=0)
+        for key in ("mlp_ratio", "pixel_shuffle_ratio", "rope_theta"):
+            check_real(f"Llama4VisionArgs.{key}", getattr(self, key), minimum=0.0)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}) "
+                             f"so the tile is a whole grid of patches")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ValueError(f"the vision head dim dim/n_heads ({self.dim}/{self.n_heads}) must be a whole multiple "
+                             f"of 4: 2D RoPE rotates half of each head's pairs by the column, half by the row")
+        s = self.shuffle_factor
+        if s * self.pixel_shuffle_ratio != 1 or self.grid_size % s:
+            raise ValueError(f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/s for an integer s dividing "
+                             f"the patch grid side {self.grid_size} (Llama 4: 0.5 on a 24×24 grid)")
+
+    @property
+    def grid_size(self) -> int:
+        """g: patches along each side of a tile (Llama 4: 336 / 14 = 24)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """s = 1/r: pixel shuffle stacks s×s neighbouring patches into one vector (Llama 4: 2)."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens one tile fills in the prompt: (g/s)² (Llama 4: 12² = 144)."""
+        return (self.grid_size // self.shuffle_factor) ** 2
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """What one decoder layer does, derived from `ModelArgs` (all False/None for dense LLaMA 1-3)."""
 
@@ -184,12 +238,16 @@ class ModelArgs:
     # RoPE arithmetic: False rotates in the activation dtype (HF Llama 1-3, exact float64 parity); True rotates
     # q, k as complex64 numbers like Meta's references and HF Llama 4 (float32 even in a float64 model).
     rope_complex64: bool = False
+    # --- Llama 4 multimodal: a vision encoder whose features replace the embeddings of image tokens (early fusion).
+    # Built by `llama.vision.llama4_model.Llama4Multimodal`; `Transformer(args)` is always the text trunk alone.
+    vision_args: Optional[Llama4VisionArgs] = None
     name: str = ""
 
     def __post_init__(self):
         """Check every field (type, finiteness, range) before anything is built; derive the sizes left as None."""
         self.rope_scaling = _sub_config("rope_scaling", self.rope_scaling, RopeScaling)
         self.moe_args = _sub_config("moe_args", self.moe_args, MoEArgs)
+        self.vision_args = _sub_config("vision_args", self.vision_args, Llama4VisionArgs)
         for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
             setattr(self, key, check_int(f"ModelArgs.{key}", getattr(self, key)))
         for key in ("n_kv_heads", "head_dim", "ffn_hidden_dim", "moe_hidden_dim", "nope_layer_interval",
@@ -223,6 +281,10 @@ class ModelArgs:
                               f"number of query heads")
         if self.ffn_hidden_dim is None:
             self.ffn_hidden_dim = ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+        if self.vision_args is not None and not self.vision_args.image_token_id < self.vocab_size:
+            raise ConfigError("Llama4VisionArgs.image_token_id", f"the image token id "
+                              f"{self.vision_args.image_token_id} is outside the vocabulary [0, {self.vocab_size}); "
+                              f"set Llama4VisionArgs.image_token_id to the `<|patch|>` id")
         if self.moe_args is None:
             return
         step = self.moe_args.interleave_moe_layer_step
@@ -337,7 +399,18 @@ def _count(args: ModelArgs, active: bool) -> int:
     embed = V * D * (1 if args.tie_word_embeddings else 2)
     attention = D * H * hd + 2 * D * KV * hd + H * hd * D
     ffn = sum(_ffn_parameters(args, i, active) for i in range(L))
-    return embed + D + L * (attention + 2 * D) + ffn
+    vision = 0 if args.vision_args is None else count_vision_parameters(args.vision_args, D)
+    return embed + D + L * (attention + 2 * D) + ffn + vision
+
+
+def count_vision_parameters(v: Llama4VisionArgs, text_dim: int) -> int:
+    """Llama 4 vision encoder + adapter + projector, in closed form (Scout/Maverick: 850,960,896 + 20,971,520)."""
+    C, P, F = v.dim, v.grid_size ** 2, int(v.mlp_ratio * v.dim)
+    patches = 3 * v.patch_size ** 2 * C  # unfold + linear, no bias
+    embeddings = C + (P + 1) * C + 2 * 2 * C  # class token, positions of P patches + class, ln_pre, ln_post
+    layer = 4 * (C * C + C) + (C * F + F) + (F * C + C) + 2 * 2 * C  # q k v o, MLP, two LayerNorms (all biased)
+    adapter = C * v.shuffle_factor ** 2 * v.output_dim + v.output_dim ** 2  # two bias-free layers
+    return patches + embeddings + v.n_layers * layer + adapter + v.output_dim * text_dim
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -439,6 +512,16 @@ _add("llama-4-maverick", 400_711_848_960, "HF Llama-4-Maverick-17B-128E total 40
      "encoder, adapter and projector (871,932,416)", "Llama 4", max_seq_len=1_048_576, use_qk_norm=False,
      moe_args=MoEArgs(num_experts=128, top_k=1, interleave_moe_layer_step=2), **_L4)
 
+# Llama 4 as released: the same trunks with the vision encoder, pixel-shuffle adapter and projector (Meta
+# `vision_args`; HF `Llama4VisionConfig` of both hub configs): 336-pixel tiles of 24×24 patches, 34 layers of width
+# 1408, 144 tokens per tile. Counts: HF safetensors totals of Llama-4-{Scout-17B-16E,Maverick-17B-128E}.
+_L4_VISION = Llama4VisionArgs(image_size=336, patch_size=14, dim=1408, n_layers=34, n_heads=16, mlp_ratio=4.0,
+                              output_dim=4096, pixel_shuffle_ratio=0.5)
+for _name, _n in (("llama-4-scout", 108_641_793_536), ("llama-4-maverick", 401_583_781_376)):
+    _fields = {k: v for k, v in PRESETS[_name].fields.items() if k != "name"}
+    _add(f"{_name}-vision", _n, "HF safetensors total (text trunk + vision encoder, adapter, projector)", "Llama 4",
+         vision_args=_L4_VISION, **_fields)
+
 # Tiny presets for tests and CPU ablations: the same architecture at toy width, one per generation's features.
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 _add("tiny-llama-1", None, "test preset", "tiny", norm_eps=1e-6, **_TINY)
@@ -455,6 +538,11 @@ _add("tiny-llama-4-scout", None, "test preset", "tiny", use_qk_norm=True,
      moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=1), **_TINY4)
 _add("tiny-llama-4-maverick", None, "test preset", "tiny", use_qk_norm=False,
      moe_args=MoEArgs(num_experts=8, interleave_moe_layer_step=2), **_TINY4)
+# Tiny Llama 4 multimodal: 32-pixel tiles of 8×8 patches -> 16 image tokens per tile; image token id 200 (< vocab).
+_add("tiny-llama-4-scout-vision", None, "test preset", "tiny", use_qk_norm=True,
+     moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=1),
+     vision_args=Llama4VisionArgs(image_size=32, patch_size=4, dim=48, n_layers=2, n_heads=4, mlp_ratio=4.0,
+                                  output_dim=40, pixel_shuffle_ratio=0.5, image_token_id=200), **_TINY4)
 
 
 def list_models() -> list[str]:

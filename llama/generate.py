@@ -29,7 +29,8 @@ from .model import Transformer
 @torch.inference_mode()
 def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None,
+             pixel_values: Optional[torch.Tensor] = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens of each prompt.
 
     temperature: 0 picks the most likely token (greedy, deterministic); > 0 samples from softmax(logits / T).
@@ -40,6 +41,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         Tokens inside the prompt never stop a row.
     seed / generator: source of randomness for sampling (give at most one). Same seed, same model, same prompts
         -> same output. Neither: PyTorch's global generator.
+    pixel_values: for a multimodal Llama 4 model (`llama.vision.llama4_model`), the tiles of every image in the
+        prompts, in prompt order ([N, 3, S, S], the HF processor's output). They are encoded once, before the first
+        step; each step then writes the features of the prompt image tokens it feeds (early fusion), and the KV
+        cache keeps them like any prompt token.
 
     The model's KV cache is (re)allocated for this call and cleared again before returning, also on error.
     """
@@ -64,12 +69,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     in_prompt = torch.arange(S, device=device)[None, :] < lengths[:, None]  # [B, S]
     stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # row has emitted a stop token
+    images = None if pixel_values is None else _encode_prompt_images(model, tokens, in_prompt, pixel_values)
 
     model.setup_cache(B, S)
     try:
         prev = 0
         for cur in range(min_len, S):
-            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]  # [B, V]: prediction for position cur
+            step_images = _image_inputs(images, prev, cur)  # the features of this step's prompt image tokens
+            logits = model(tokens[:, prev:cur], start_pos=prev, **step_images)[:, -1]  # [B, V]: position cur
             next_token = sample(logits, temperature, top_p, generator)  # [B]
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
             tokens[:, cur] = next_token
@@ -115,6 +122,34 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     sorted_probs = sorted_probs.masked_fill(mass_before >= top_p, 0.0)
     kept = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # back to vocabulary order
     return kept / kept.sum(dim=-1, keepdim=True)
+
+
+def _encode_prompt_images(model: Transformer, tokens: torch.Tensor, in_prompt: torch.Tensor,
+                          pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode every image once: (features [n, C], prompt image-token positions [B, S], their feature index [B, S])."""
+    if not hasattr(model, "encode_images"):
+        raise ValueError(f"{model.args.name or 'this model'} is a text-only model and cannot take pixel_values; "
+                         f"generate with a multimodal model (a *-vision preset or a multimodal checkpoint)")
+    where = in_prompt & (tokens == model.args.vision_args.image_token_id)  # [B, S]; generated tokens never count
+    features = model.encode_images(pixel_values)  # [n, C]
+    if int(where.sum()) != features.shape[0]:
+        K = model.args.vision_args.tokens_per_tile
+        raise ValueError(f"the prompts hold {int(where.sum())} image tokens but pixel_values gives "
+                         f"{features.shape[0]} features ({features.shape[0] // K} tiles × {K}); pass exactly the "
+                         f"tiles of the images the prompts' placeholders stand for, in prompt order")
+    index = where.flatten().cumsum(0).view_as(where) - 1  # image token -> its row-major rank = its feature row
+    return features, where, index
+
+
+def _image_inputs(images, prev: int, cur: int) -> dict:
+    """Keyword arguments that hand positions prev … cur-1 their image features (none if they hold no image token)."""
+    if images is None:
+        return {}
+    features, where, index = images
+    step = where[:, prev:cur]  # [B, cur-prev]
+    if not bool(step.any()):
+        return {}
+    return {"image_features": features[index[:, prev:cur][step]], "image_positions": step}
 
 
 # -- argument checks (each message names the problem and the fix) ------------------------------------------------

@@ -270,14 +270,18 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, embeddings: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         start_pos: position of tokens[:, 0] when decoding with a KV cache (None: no cache, positions 0 … T-1).
         segment_ids [B, T]: for packed sequences; tokens attend only within their segment and positions restart
         at 0 at each segment start.
+        embeddings [B, T, C]: input vectors to use instead of tok_embeddings(tokens) (a multimodal model passes the
+        token embeddings with image features written in: `llama.vision`).
+        pixel_values: refused here with a clear error; images go to a multimodal model (`llama.vision`).
         """
-        self._check_inputs(tokens, start_pos, segment_ids)
+        self._check_inputs(tokens, start_pos, segment_ids, embeddings, pixel_values)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         mask = None
@@ -286,21 +290,31 @@ class Transformer(nn.Module):
         else:
             positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
         cos, sin = self.rope(positions)
-        h = self.tok_embeddings(tokens)  # [B, T, C]
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings  # [B, T, C]
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         logits = self.output(self.norm(h))  # [B, T, V]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int],
-                      segment_ids: Optional[torch.Tensor]) -> None:
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int], segment_ids: Optional[torch.Tensor],
+                      embeddings: Optional[torch.Tensor], pixel_values: Optional[torch.Tensor]) -> None:
         """Every check of forward's arguments, before any computation (forward itself then reads as the model)."""
+        if pixel_values is not None:
+            raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take "
+                             f"pixel_values; build a multimodal preset (e.g. llama-4-scout-vision) or load a "
+                             f"multimodal checkpoint (Llama4ForConditionalGeneration) to pass images")
+        self._check_tokens(tokens, start_pos)
+        B, T = tokens.shape
         if segment_ids is not None:
             if start_pos is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
-            if not isinstance(tokens, torch.Tensor) or segment_ids.shape != tokens.shape:
-                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal the tokens' shape "
-                                 f"[batch, seq_len]")
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(B, T)}")
+        if embeddings is not None and embeddings.shape != (B, T, self.args.dim):
+            raise ValueError(f"embeddings must have shape [batch, seq_len, dim] = {[B, T, self.args.dim]} to match "
+                             f"tokens, got {list(embeddings.shape)}")
+
+    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
             got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
             raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")

@@ -12,13 +12,14 @@ import json
 import torch
 
 from .config import PRESETS, count_active_parameters, count_parameters
-from .model import Transformer
+from .vision.llama4_model import module_for
 
 
 def module_parameter_count(name: str) -> int:
-    """Unique parameters of the preset's `Transformer`, built on the meta device (tied matrices count once)."""
+    """Unique parameters of the preset's module (`Transformer`, or `Llama4Multimodal` for a -vision preset), built
+    on the meta device (tied matrices count once)."""
     with torch.device("meta"):
-        model = Transformer(PRESETS[name].args)
+        model = module_for(PRESETS[name].args)
     return sum(p.numel() for p in model.parameters())
 
 
@@ -35,6 +36,7 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
                          max_seq_len=a.max_seq_len, tied=a.tie_word_embeddings,
                          rope_scaling=a.rope_scaling.rope_type + f"x{a.rope_scaling.factor:g}" if a.rope_scaling else "-",
                          experts=a.moe_args.num_experts if a.moe_args else "-",
+                         vision=f"{a.vision_args.n_layers}x{a.vision_args.dim}" if a.vision_args else "-",
                          active=count_active_parameters(a),  # = computed for dense models; top-1 of E for Llama 4
                          computed=computed, formula=count_parameters(a), published=preset.published,
                          match=computed == preset.published if preset.published else None))
@@ -43,7 +45,7 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
 
 def format_table(rows: list[dict]) -> str:
     cols = ["name", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_hidden_dim", "vocab_size",
-            "rope_theta", "norm_eps", "max_seq_len", "tied", "rope_scaling", "experts", "active", "computed",
+            "rope_theta", "norm_eps", "max_seq_len", "tied", "rope_scaling", "experts", "vision", "active", "computed",
             "published", "match"]
     fmt = {"active": "{:,}", "computed": "{:,}", "published": "{:,}", "rope_theta": "{:g}", "norm_eps": "{:g}"}
     cells = [[fmt.get(c, "{}").format(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]

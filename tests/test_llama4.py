@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from llama.formats.checkpoint import load, save
 from llama import ModelArgs, Transformer
@@ -113,26 +113,6 @@ def test_save_is_read_by_hf_from_pretrained(tmp_path):
     x = tokens(n=48)
     with torch.no_grad():
         assert rel_err(ours(x), hf_logits4(tmp_path / "out", x)) <= 1e-10
-
-
-def test_multimodal_folder_loads_its_text_trunk(tmp_path):
-    """Llama4ForConditionalGeneration layout: text under language_model., config under text_config."""
-    causal = save_hf(hf_config(2, True, True), tmp_path / "causal")
-    weights = load_file(tmp_path / "causal" / "model.safetensors")
-    mm = {"language_model." + k: v for k, v in weights.items()}
-    mm["vision_model.class_embedding"] = torch.zeros(8)
-    mm["multi_modal_projector.linear_1.weight"] = torch.zeros(4, 8)
-    (tmp_path / "mm").mkdir()
-    save_file(mm, tmp_path / "mm" / "model.safetensors")
-    text_config = json.loads((tmp_path / "causal" / "config.json").read_text())
-    (tmp_path / "mm" / "config.json").write_text(json.dumps(
-        {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text_config,
-         "vision_config": {}}))
-    with pytest.warns(UserWarning, match="skipped 2 tensors"):
-        ours = load(tmp_path / "mm").eval()
-    x = tokens()
-    with torch.no_grad():
-        assert rel_err(ours(x), hf_logits4(causal, x)) <= 1e-10
 
 
 # -- Meta's Llama 4 layout --------------------------------------------------------------------------------------

@@ -17,10 +17,6 @@ rounds to float32 in every LLaMA implementation, so the logits alone would hide 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -28,6 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 import peft
+from tests.reference.isolated_install import install_target
 from tests.reference.isolation import reference
 from tests.reference.paper_peft import forward_with_hidden, make_model, max_rel_error, tokens
 
@@ -37,18 +34,8 @@ HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test 
 @pytest.fixture(scope="module")
 def hf_peft_dir() -> Path:
     """A folder holding HF `peft` (and `accelerate`), never the project's own environment."""
-    folder = Path(os.environ.get("HF_PEFT_DIR") or Path(tempfile.gettempdir()) / "llama-peft-zoo-hf-peft")
-    if not (folder / "peft" / "tuners").is_dir():
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps",
-               *HF_PEFT_PINS]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"could not run pip to install Hugging Face peft into {folder}: {err}")
-        if done.returncode != 0:
-            pytest.skip(f"pip could not install Hugging Face peft into {folder} (offline?): "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-    return folder
+    return install_target(HF_PEFT_PINS, env_var="HF_PEFT_DIR", default_name="llama-peft-zoo-hf-peft",
+                          check="peft/tuners")
 
 
 HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

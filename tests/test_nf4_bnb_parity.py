@@ -22,7 +22,8 @@ import torch
 
 from kernels import NF4Weight, nf4_quantize
 from kernels.nf4 import dynamic_code, nf4_code
-from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
+from kernels.nf4_dequant import nf4_dequantize_reference
+from tests.kernel_testing import dequantize_with_kernel
 from tests.reference.isolation import ReferenceError, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -91,7 +92,7 @@ def test_bnb_quantised_weight_dequantises_identically_in_ours(shape, dtype, doub
     expected = bnb_dequantize(state)
     q = from_bnb(state)
     assert torch.equal(nf4_dequantize_reference(q), expected)
-    assert torch.equal(nf4_dequantize_triton(q), expected)       # Triton kernel (interpreter), NaN-poisoned output
+    assert torch.equal(dequantize_with_kernel(q), expected)      # Triton kernel, NaN-poisoned output
 
 
 @pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no_dq"])
@@ -117,7 +118,7 @@ def test_other_blocksizes(blocksize, dtype):
     state = bnb_quantize(w, blocksize, True)
     q = nf4_quantize(w, blocksize, True)
     assert torch.equal(q.packed, state["packed"]) and torch.equal(q.absmax, state["absmax"])
-    assert torch.equal(nf4_dequantize_triton(q), bnb_dequantize(state))
+    assert torch.equal(dequantize_with_kernel(q), bnb_dequantize(state))
 
 
 def test_degenerate_weights_match():
@@ -127,7 +128,7 @@ def test_degenerate_weights_match():
             state = bnb_quantize(w, 64, double_quant)
             q = nf4_quantize(w, 64, double_quant)
             assert torch.equal(q.packed, state["packed"]) and torch.equal(q.absmax, state["absmax"])
-            assert torch.equal(nf4_dequantize_triton(q), reference().call("bnb.dequantize", state))
+            assert torch.equal(dequantize_with_kernel(q), reference().call("bnb.dequantize", state))
 
 
 def test_quant_storage_other_than_uint8():

@@ -22,6 +22,7 @@ from ..checks import check_int, parse_device, parse_dtype
 from ..config import ModelArgs
 from ..model import Transformer
 from ..rope import RotaryEmbedding
+from ..vision.llama4_model import module_for
 from . import hf, llama4, meta
 from .io import CheckpointError, check_state_dict, expected_shapes, require_dense, staged_folder
 
@@ -58,7 +59,8 @@ def detect_format(path: PathLike) -> str:
 
 def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
          format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
-    """Build a `Transformer` from a Meta or Hugging Face checkpoint folder.
+    """Build a `Transformer` from a Meta or Hugging Face checkpoint folder (a `Llama4Multimodal`, which takes
+    `pixel_values`, from a Llama 4 multimodal one).
 
     dtype: convert floating-point weights to this dtype, a torch.dtype or a name ("bf16", "bfloat16", "float32";
     None: keep the stored dtype). device: "cpu", "cuda", "cuda:1", ... format: 'meta' or 'hf' to skip detection.
@@ -92,9 +94,10 @@ def _folder_argument(path, action: str) -> Path:
 
 def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
                 device: Union[str, torch.device] = "cpu") -> Transformer:
-    """Transformer(args) whose parameters are the tensors of `sd` (Meta names), without a second copy."""
+    """The model of `args` (text `Transformer` or `Llama4Multimodal`) whose parameters are the tensors of `sd` (Meta
+    names), without a second copy."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = module_for(args)
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
@@ -118,8 +121,9 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
     """Write `model` as a checkpoint folder and return its path.
 
     format 'hf': config.json + safetensors, split into shards of at most `max_shard_size` with an index
-    (`LlamaForCausalLM.from_pretrained(path)` loads it). format 'meta': params.json + `num_shards`
-    consolidated.NN.pth files split for model parallelism. dtype: a floating-point dtype or its name ("bf16").
+    (`LlamaForCausalLM.from_pretrained(path)` loads it; `Llama4ForConditionalGeneration` for a `Llama4Multimodal`).
+    format 'meta': params.json + `num_shards` consolidated.NN.pth files split for model parallelism. dtype: a
+    floating-point dtype or its name ("bf16").
 
     Every argument is checked before anything is written. The checkpoint is written into a temporary folder
     beside `path` that then replaces `path` in one rename (`llama.formats.io.staged_folder`): an interrupted save

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from ..checks import ConfigError, check_bool, check_int, check_real
 from ..config import ModelArgs
-from ..model import Transformer
+from ..vision.llama4_model import module_for
 
 
 class CheckpointError(ValueError):
@@ -124,7 +124,8 @@ def iter_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 # Checking a state dict (Meta names) against the shapes a config implies
 
 
-LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
+LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning",
+                 "vision_args")
 
 
 def require_dense(args: ModelArgs, what: str) -> None:
@@ -136,9 +137,9 @@ def require_dense(args: ModelArgs, what: str) -> None:
 
 
 def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of `Transformer(args)`, built on the meta device (allocates nothing)."""
+    """Name -> shape of every parameter of the model `args` describes, built on the meta device (allocates nothing)."""
     with torch.device("meta"):
-        model = Transformer(args)
+        model = module_for(args)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
