@@ -10,8 +10,8 @@ import math
 
 import torch
 import transformers
-from transformers import (Llama4Config, Llama4ForCausalLM, Llama4TextConfig, LlamaConfig, LlamaForCausalLM,
-                          LlamaTokenizer)
+from transformers import (Llama4Config, Llama4ForCausalLM, Llama4Processor, Llama4TextConfig, LlamaConfig,
+                          LlamaForCausalLM, LlamaTokenizer)
 from transformers.convert_slow_tokenizer import TikTokenConverter
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -26,14 +26,13 @@ def version() -> str:
 
 
 @torch.no_grad()
-def random_model(arch: str, config: dict, *, dtype=torch.float64, seed: int = 0, attn: str = "sdpa"):
-    """An HF model with weights large enough that every term matters in the logits.
+def random_weights_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter random, in place, large enough that every term matters in the logits.
 
-    HF's default init (std 0.02, unit norm gains) gives near-uniform logits that hide mistakes, so projections get
-    std 1/sqrt(fan_in) and the norm gains 1 + 0.1·N(0, 1) (a transposed or skipped gain then shows).
+    HF's default init (std 0.02, unit norm gains) gives near-uniform logits that hide mistakes, so matrices get std
+    1/sqrt(fan_in) (HF's Llama 4 experts are stored [E, in, out]) and vectors (norm gains, biases, the class token)
+    1 + 0.1·N(0, 1): a transposed or skipped gain, or a zero-initialised bias, then shows.
     """
-    config_class, model_class = ARCHITECTURES[arch]
-    model = model_class._from_config(config_class(**config), attn_implementation=attn, dtype=dtype).eval()
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():  # a tied lm_head is listed once, as embed_tokens
         if p.ndim == 1:
@@ -42,6 +41,13 @@ def random_model(arch: str, config: dict, *, dtype=torch.float64, seed: int = 0,
             fan_in = p.shape[-2] if name.endswith(("gate_up_proj", "experts.down_proj")) else p.shape[-1]
             p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(fan_in))
     return model
+
+
+def random_model(arch: str, config: dict, *, dtype=torch.float64, seed: int = 0, attn: str = "sdpa"):
+    """An HF model of `arch` ("llama", "llama4") for `config`, with `random_weights_`."""
+    config_class, model_class = ARCHITECTURES[arch]
+    model = model_class._from_config(config_class(**config), attn_implementation=attn, dtype=dtype).eval()
+    return random_weights_(model, seed)
 
 
 def save_random(arch: str, config: dict, folder: str, *, dtype=torch.float64, seed: int = 0,
@@ -128,6 +134,11 @@ def tokenizer_json_from_tiktoken(vocab_file: str, pattern: str, specials: list, 
 def tokenizer_json_from_sentencepiece(folder: str, out: str) -> None:
     """The tokenizer.json HF's LlamaTokenizerFast builds from folder/tokenizer.model (a Llama 2 hub file)."""
     transformers.LlamaTokenizerFast.from_pretrained(folder, from_slow=True).backend_tokenizer.save(out)
+
+
+def llama4_prompt_split_image(grid: list, tokens_per_tile: int) -> str:
+    """HF `Llama4Processor._prompt_split_image`: the image markers of one image as text."""
+    return Llama4Processor._prompt_split_image(None, tuple(grid), tokens_per_tile)
 
 
 def llama4_vision_token_ids() -> dict:
