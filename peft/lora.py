@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_matmul as fused_lora_matmul  # Triton on CUDA, its plain-PyTorch reference elsewhere
+import kernels
 
-from .lora_core import (KERNEL_DTYPES, KERNEL_MAX_RANK, LoraConfig, delta_weight, dora_norm, dora_output,
-                        dropout_active, lora_dropout, lora_factors, master_dtype, merge_weight, unmerge_weight)
+from .lora_core import (LoraConfig, delta_weight, dora_norm, dora_output, dropout_active, lora_dropout, lora_factors,
+                        master_dtype, merge_weight, unmerge_weight)
 from .lora_experts import LoRAExperts
 from .targets import (EXPERT_TARGET, LINEAR_NAMES, check_layer_indices, check_plain_linears, iter_experts,
                       iter_linears, shared_parameter_ids)
@@ -40,10 +40,10 @@ def lora_matmul(x: torch.Tensor, W: torch.Tensor, A: torch.Tensor, B: torch.Tens
     """y = x Wᵀ + s·(x Aᵀ) Bᵀ for x [..., K], W [N, K], A [r, K], B [N, r] -> y [..., N].
 
     The one call site of the fused kernel: `kernels.lora_matmul` when it takes these
-    inputs (dtype in KERNEL_DTYPES, r <= KERNEL_MAX_RANK), else the same formula in eager PyTorch.
+    inputs (dtype in kernels.SUPPORTED_DTYPES, r <= kernels.MAX_RANK), else the same formula in eager PyTorch.
     """
-    if x.dtype in KERNEL_DTYPES and A.shape[0] <= KERNEL_MAX_RANK:
-        return fused_lora_matmul(x, W, A, B, scale)
+    if x.dtype in kernels.SUPPORTED_DTYPES and A.shape[0] <= kernels.MAX_RANK:
+        return kernels.lora_matmul(x, W, A, B, scale)  # Triton on CUDA, its plain-PyTorch reference elsewhere
     return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
 

@@ -45,8 +45,6 @@ import torch
 from torch import nn
 
 import kernels
-from kernels.lora import FLOAT_DTYPES as KERNEL_DTYPES  # what the fused ops take (float64 runs the formula)
-from kernels.lora import MAX_RANK as KERNEL_MAX_RANK  # the largest rank the fused LoRA kernel holds in registers
 
 from .targets import EXPERT_TARGET, LINEAR_NAMES, check_target_names
 
@@ -176,7 +174,7 @@ def unmerge_weight(W: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: f
 def quantize_frozen(weight: torch.Tensor, what: str) -> "kernels.NF4Weight":
     """NF4, block size 64, double quantisation. A NaN/inf weight raises with `what` and the position."""
     weight = weight.detach()
-    weight = weight if weight.dtype in KERNEL_DTYPES else weight.float()
+    weight = weight if weight.dtype in kernels.SUPPORTED_DTYPES else weight.float()
     try:
         return kernels.nf4_quantize(weight, blocksize=64, double_quant=True)
     except ValueError as err:
@@ -192,4 +190,4 @@ def nf4_weight(fields: dict[str, Optional[torch.Tensor]], shape: Sequence[int], 
 
 def dequantize(qweight: "kernels.NF4Weight", dtype: torch.dtype) -> torch.Tensor:
     """doubleDequant(c1, c2, W^NF4) in `dtype` (float64 via float32, where the decoded values are exact)."""
-    return kernels.nf4_dequantize(qweight, dtype if dtype in KERNEL_DTYPES else torch.float32).to(dtype)
+    return kernels.nf4_dequantize(qweight, dtype if dtype in kernels.SUPPORTED_DTYPES else torch.float32).to(dtype)

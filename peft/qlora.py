@@ -41,8 +41,8 @@ import kernels
 from llama.moe import Experts
 
 from . import lora
-from .lora_core import (KERNEL_DTYPES, NF4_FIELDS, LoraConfig, dequantize, dropout_active, lora_dropout, lora_factors,
-                        master_dtype, merge_weight, nf4_weight, quantize_frozen)
+from .lora_core import (NF4_FIELDS, LoraConfig, dequantize, dropout_active, lora_dropout, lora_factors, master_dtype,
+                        merge_weight, nf4_weight, quantize_frozen)
 from .qlora_experts import NF4Experts, QLoRAExperts
 from .targets import (BLOCK_LINEARS, EXPERT_MATRICES, EXPERT_TARGET, check_plain_linears, iter_experts, iter_linears,
                       shared_parameter_ids)
@@ -98,7 +98,7 @@ class QLoRALinear(NF4Linear):
             return F.linear(xc, self.weight).to(x.dtype)
         A, B = self.lora_A.to(xc.dtype), self.lora_B.to(xc.dtype)
         dropout = dropout_active(self.lora_dropout)
-        if dropout or xc.dtype not in KERNEL_DTYPES:  # active dropout or float64: the formula, eagerly
+        if dropout or xc.dtype not in kernels.SUPPORTED_DTYPES:  # active dropout or float64: the formula, eagerly
             # eq. (5): Y = X W_dqᵀ + s · drop(X) Aᵀ Bᵀ
             dropped = self.lora_dropout(xc)
             y = F.linear(xc, self.dequantized_weight(xc.dtype)) + self.scaling * F.linear(F.linear(dropped, A), B)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import peft
 from peft import lora as lora_module
 from tests.reference.paper_peft import (PRESETS, Adapters, base_weights, check_against_reference, forward_with_hidden,
@@ -210,7 +211,7 @@ def test_one_kernel_call_site(monkeypatch):
         calls.append((tuple(x.shape), x.dtype, scale))
         return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
-    monkeypatch.setattr(lora_module, "fused_lora_matmul", fake)
+    monkeypatch.setattr(kernels, "lora_matmul", fake)
     model = make_model("mha", dtype=torch.float32)
     peft.apply(model, peft.LoraConfig(r=4, alpha=8, target_modules=("wq",)))
     model(tokens(model.args, B=2, T=5))
