@@ -51,8 +51,8 @@ def test_merged_model_is_plain_and_computes_the_same(case, tmp_path):
     assert all(type(m) is Experts for m in merged.modules() if "experts" in type(m).__name__.lower())
     assert all(p.requires_grad for p in merged.parameters())
     with torch.no_grad():
-        # float64: the fold W0 + ΔW is exact to rounding (QLoRA: the NF4 values are exact in float32)
-        assert max_rel_error(merged(tokens), attached) < 1e-12
+        # float64, the project's parity bar: the fold W0 + ΔW is exact to rounding (NF4 values are exact)
+        assert max_rel_error(merged(tokens), attached) <= 1e-10
     assert torch.equal(merged.tok_embeddings.weight, embedding)  # a tied head's LoRA never writes the embedding
     if case == "tied-head":
         assert not merged.args.tie_word_embeddings and merged.output.weight is not merged.tok_embeddings.weight
@@ -87,7 +87,7 @@ def test_adapter_v2_with_zero_biases_folds():
     tokens = torch.randint(0, model.args.vocab_size, (1, 7))
     with torch.no_grad():
         attached = model(tokens)
-        assert max_rel_error(peft.merge_and_unload(model)(tokens), attached) < 1e-12
+        assert max_rel_error(peft.merge_and_unload(model)(tokens), attached) <= 1e-10
 
 
 def test_a_model_without_adapter_is_an_error():
