@@ -6,11 +6,11 @@ from .formats import CheckpointError, detect_format, load, save
 from .generate import generate
 from .model import AttentionExtension, Transformer
 from .quantize import quantize_int8
-from .tokenizer import SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from .tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
 from .vision.llama4_model import Llama4Multimodal
 
 __all__ = ["ModelArgs", "MoEArgs", "RopeScaling", "Transformer", "AttentionExtension", "list_models",
            "quantize_int8", "load", "save", "detect_format", "CheckpointError", "generate",
-           "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer",
+           "Tokenizer", "SentencePieceTokenizer", "TiktokenTokenizer", "HFTokenizer",
            "Llama2ChatFormat", "Llama3ChatFormat", "Llama4ChatFormat", "chat_format_for",
            "Llama4VisionArgs", "Llama4Multimodal"]

@@ -202,8 +202,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix for input and output
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len,
-                                    complex64=args.rope_complex64)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, complex64=args.rope_complex64)
         self.reset_parameters()
 
     # -- initialisation -------------------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ class Transformer(nn.Module):
         context = max_seq_len or self.args.max_seq_len
         self.args = dataclasses.replace(self.args, rope_scaling=scaling, max_seq_len=context)
         with torch.device(self.rope.inv_freq.device):
-            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling, self.args.max_seq_len,
+            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling,
                                         complex64=self.args.rope_complex64)
 
     def set_attention_implementation(self, implementation: str) -> None:
@@ -282,34 +281,38 @@ class Transformer(nn.Module):
         token embeddings with image features written in: `llama.vision`).
         pixel_values: refused here with a clear error; images go to a multimodal model (`llama.vision`).
         """
+        self._check_inputs(tokens, start_pos, segment_ids, embeddings, pixel_values)
+        B, T = tokens.shape
+        pos = 0 if start_pos is None else start_pos
+        mask = None
+        if segment_ids is not None:
+            positions, mask = packed_positions_and_mask(segment_ids)  # [B, T], [B, 1, T, T]
+        else:
+            positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
+        cos, sin = self.rope(positions)
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings  # [B, T, C]
+        for layer in self.layers:
+            h = layer(h, cos, sin, start_pos, mask)
+        logits = self.output(self.norm(h))  # [B, T, V]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int], segment_ids: Optional[torch.Tensor],
+                      embeddings: Optional[torch.Tensor], pixel_values: Optional[torch.Tensor]) -> None:
+        """Every check of forward's arguments, before any computation (forward itself then reads as the model)."""
         if pixel_values is not None:
             raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take "
                              f"pixel_values; build a multimodal preset (e.g. llama-4-scout-vision) or load a "
                              f"multimodal checkpoint (Llama4ForConditionalGeneration) to pass images")
         self._check_tokens(tokens, start_pos)
         B, T = tokens.shape
-        pos = 0 if start_pos is None else start_pos
-        mask = None
         if segment_ids is not None:
             if start_pos is not None:
                 raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
             if segment_ids.shape != tokens.shape:
                 raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(B, T)}")
-            positions, mask = packed_positions_and_mask(segment_ids)  # [B, T], [B, 1, T, T]
-        else:
-            positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
-        cos, sin = self.rope(positions)
-        if embeddings is None:
-            h = self.tok_embeddings(tokens)  # [B, T, C]
-        elif embeddings.shape != (B, T, self.args.dim):
+        if embeddings is not None and embeddings.shape != (B, T, self.args.dim):
             raise ValueError(f"embeddings must have shape [batch, seq_len, dim] = {[B, T, self.args.dim]} to match "
                              f"tokens, got {list(embeddings.shape)}")
-        else:
-            h = embeddings
-        for layer in self.layers:
-            h = layer(h, cos, sin, start_pos, mask)
-        logits = self.output(self.norm(h))  # [B, T, V]
-        return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
         if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):

@@ -6,6 +6,7 @@ LoRA family shares `lora_core`), one interface (`api`):
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
     peft.merge(model) / peft.unmerge(model)
+    peft.merge_and_unload(model)                 # the plain llama.Transformer with the adapter folded in
     peft.save_adapter(model, folder) / peft.load_adapter(model, folder)
     peft.export_hf(model, folder)                # a LoRA adapter in Hugging Face PEFT's layout
 
@@ -28,11 +29,12 @@ from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, m
 from .excitor import ExcitorConfig
 from .hf_export import export_hf
 from .lora_core import LoraConfig
+from .unload import merge_and_unload
 from .disable import disable_adapters
 from .training.preference import dpo_loss, reward_accuracy, reward_loss, sequence_logps
 from .training.reward_model import reward_model
 
 __all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
-           "export_hf", "disable_adapters", "sequence_logps", "reward_loss", "reward_accuracy", "dpo_loss",
-           "reward_model"]
+           "export_hf", "merge_and_unload", "disable_adapters", "sequence_logps", "reward_loss", "reward_accuracy",
+           "dpo_loss", "reward_model"]

@@ -309,10 +309,7 @@ def dpo(policy, pairs: list[Pair], tokenizer, cfg: Config, r: int) -> tuple[llam
         raise RuntimeError(f"DPO's first step saw policy != reference (margin {history[0]['rewards/margins']})")
     if cfg.dpo_method == "full":
         return model, history
-    peft.merge(model)  # W ← W + sBA; the plain model below takes the merged weights by their unchanged names
-    plain = build_model(cfg, model.args.vocab_size)
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if ".lora_" not in k})
-    return plain, history
+    return peft.merge_and_unload(model), history  # W ← W + sBA, as a plain llama.Transformer
 
 
 # =====================================================================================================================

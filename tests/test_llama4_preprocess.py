@@ -3,18 +3,13 @@
 HF's processor runs on torchvision, which cannot live in the project's environment: PyPI's Linux torchvision wheels
 are CUDA builds whose compiled ops do not load next to the CPU torch wheel, and transformers then fails to import
 even its Llama 4 model classes. So torchvision is installed into a folder of its own (`pip install --target <dir>
---no-deps torchvision==0.28.0`, or the folder named by $HF_TORCHVISION_DIR) and HF's processor runs in a subprocess
-whose import path puts that folder first. There the compiled ops are only needed by the meta-kernel registrations
-torchvision makes at import time, which the subprocess stubs out; the transforms the processor calls (resize, pad,
-normalize) are Python over torch ops. The test is skipped when pip cannot install the wheel (offline).
+--no-deps torchvision==0.28.0`, or the folder named by $HF_TORCHVISION_DIR) and HF's processor runs in a reference
+process (tests/reference/isolation.py) whose import path puts that folder first; the reference side is
+tests/reference/outside/hf_image_processor.py. The test is skipped when pip cannot install the wheel (offline).
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +19,7 @@ import torch
 from llama.vision.llama4_preprocess import (SPECIAL_TOKENS, as_rgb_tensor, image_prompt_tokens, preprocess,
                                             supported_canvases)
 from tests.reference.isolated_install import install_target
+from tests.reference.isolation import reference
 
 TORCHVISION_PIN = "torchvision==0.28.0"  # the release that pairs with torch 2.13
 
@@ -32,31 +28,6 @@ TORCHVISION_PIN = "torchvision==0.28.0"  # the release that pairs with torch 2.1
 def torchvision_dir() -> Path:
     return install_target((TORCHVISION_PIN,), env_var="HF_TORCHVISION_DIR", default_name="llama-peft-zoo-torchvision",
                           check="torchvision/transforms")
-
-
-HF_SCRIPT = textwrap.dedent('''
-    import sys, types
-    from pathlib import Path
-    tv_dir, work = Path(sys.argv[1]), Path(sys.argv[2])
-    sys.path.insert(0, str(tv_dir))
-    sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    import numpy as np
-    import PIL.Image
-    import torch
-    import torchvision
-    assert Path(torchvision.__file__).resolve().is_relative_to(tv_dir.resolve()), torchvision.__file__
-    from transformers import Llama4ImageProcessor
-    cases = torch.load(work / "in.pt", weights_only=True)
-    out = {}
-    for name, case in cases.items():
-        images = list(case["images"])
-        if case["pil"]:  # HF's PIL path: uint8 [3, H, W] -> PIL RGB image
-            images = [PIL.Image.fromarray(np.ascontiguousarray(i.permute(1, 2, 0).numpy())) for i in images]
-        kwargs = {"max_patches": int(case["max_tiles"]), "resize_to_max_canvas": bool(case["to_max"])}
-        result = Llama4ImageProcessor()(images=images, return_tensors="pt", **kwargs)
-        out[name] = {"pixel_values": result["pixel_values"], "aspect_ratios": result["aspect_ratios"]}
-    torch.save(out, work / "out.pt")
-''')
 
 
 def synthetic(h: int, w: int, seed: int) -> torch.Tensor:
@@ -82,17 +53,11 @@ CASES = {  # name: (sizes, max tiles, resize_to_max_canvas, through PIL)
 
 
 @pytest.fixture(scope="module")
-def hf_outputs(torchvision_dir, tmp_path_factory):
-    work = tmp_path_factory.mktemp("hf-processor")
+def hf_outputs(torchvision_dir):
     cases = {name: {"images": [synthetic(h, w, seed=i) for i, (h, w) in enumerate(sizes)],
-                    "max_tiles": torch.tensor(m), "to_max": torch.tensor(to_max), "pil": torch.tensor(pil)}
+                    "max_tiles": m, "to_max": to_max, "pil": pil}
              for name, (sizes, m, to_max, pil) in CASES.items()}
-    torch.save(cases, work / "in.pt")
-    env = {**os.environ, "PYTHONPATH": ""}
-    done = subprocess.run([sys.executable, "-c", HF_SCRIPT, str(torchvision_dir), str(work)], cwd=work,
-                          capture_output=True, text=True, timeout=600, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return cases, torch.load(work / "out.pt", weights_only=True)
+    return cases, reference(path=[torchvision_dir]).call("hf_image_processor.process", cases, str(torchvision_dir))
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -110,9 +75,8 @@ def test_equal_to_hf_llama4_image_processor(hf_outputs, name):
 
 def test_image_prompt_matches_hf_processor_layout():
     """Token layout of HF `Llama4Processor._prompt_split_image` (strings), mapped through the released ids."""
-    from transformers import Llama4Processor
     for grid in [(1, 1), (2, 3), (4, 1)]:
-        text = Llama4Processor._prompt_split_image(None, grid, 144)
+        text = reference().call("hf_llama.llama4_prompt_split_image", grid, 144)
         names = text.replace("|>", "|>\n").split()  # one marker per line
         assert image_prompt_tokens(grid) == [SPECIAL_TOKENS[n] for n in names]
     assert image_prompt_tokens((1, 1)).count(SPECIAL_TOKENS["<|patch|>"]) == 144

@@ -1,7 +1,8 @@
 """Llama 4 multimodal: float64 parity with HF `Llama4ForConditionalGeneration`, checkpoints, generation, bad input.
 
 The reference (tests/reference/llama4_multimodal.py) is HF transformers 5.24 built from its own config classes with
-every parameter random, saved with `save_pretrained` and read back through `llama.load`, so the config translation,
+every parameter random in the reference process (tests/reference/isolation.py), saved with `save_pretrained` and read
+back through `llama.load`, so the config translation,
 the weight names and the model are all checked against HF's own reading of the same folder. Batches mix a row with
 two images (1 tile; 4 tiles + the global view) and a row without one.
 """
@@ -11,9 +12,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Llama4ForConditionalGeneration, Llama4VisionConfig
-from transformers.models.llama4.modeling_llama4 import Llama4VisionRotaryEmbedding
-from transformers.models.llama4.modeling_llama4 import pixel_shuffle as hf_pixel_shuffle
 
 import llama
 from llama import ModelArgs, Transformer
@@ -22,22 +20,17 @@ from llama.formats.io import CheckpointError
 from llama.vision.llama4_encoder import pixel_shuffle, rope_2d
 from llama.vision.llama4_model import Llama4Multimodal
 from llama.vision.llama4_preprocess import image_prompt_tokens, preprocess
-from tests.reference.llama4_multimodal import (IMAGE_TOKEN, TOKENS_PER_TILE, hf_config, hf_logits, image_prompt,
-                                               pixels, random_hf, relative_error)
+from tests.reference.isolation import reference
+from tests.reference.llama4_multimodal import (IMAGE_TOKEN, TOKENS_PER_TILE, hf_logits, image_prompt, pixels,
+                                               relative_error, save_hf)
 
 CONFIGS = {"scout-like": (1, True, True), "maverick-like": (2, False, False)}  # (moe step, QK norm, scaled RoPE)
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    """name -> (HF model, its save_pretrained folder), built once per module."""
-    out = {}
-    for name, cfg in CONFIGS.items():
-        hf = random_hf(hf_config(*cfg))
-        folder = tmp_path_factory.mktemp(name)
-        hf.save_pretrained(folder)
-        out[name] = hf, folder
-    return out
+    """name -> the save_pretrained folder of a random HF model of that shape, built once per module."""
+    return {name: save_hf(tmp_path_factory.mktemp(name), *cfg) for name, cfg in CONFIGS.items()}
 
 
 def mixed_batch(seed=1):
@@ -63,14 +56,14 @@ def with_final_norm_input(norm: torch.nn.Module, forward):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_float64_parity_with_hf_through_files(folders, name):
-    hf, folder = folders[name]
+    folder = folders[name]
     ours = llama.load(folder).eval()
     assert isinstance(ours, Llama4Multimodal) and ours.args.vision_args.image_token_id == IMAGE_TOKEN
     x, px = mixed_batch()
-    ref, ref_hidden = with_final_norm_input(hf.language_model.model.norm, lambda: hf_logits(hf, x, px))
+    ref, ref_hidden = hf_logits(folder, x, px, hidden=True)
+    features = reference().call("hf_llama4_multimodal.image_features", str(folder), px)
     with torch.no_grad():  # the projected image features: encoder, pixel shuffle, adapter, projector
-        features = hf.get_image_features(pixel_values=px, return_dict=True).last_hidden_state
-        assert relative_error(ours.encode_images(px), hf.multi_modal_projector(features.flatten(0, 1))) <= 1e-10
+        assert relative_error(ours.encode_images(px), features) <= 1e-10
     for implementation in ("sdpa", "math"):  # "math": the formula written out, in the encoder and the trunk
         ours.set_attention_implementation(implementation)
         logits, hidden = with_final_norm_input(ours.norm, lambda: ours(x, pixel_values=px))
@@ -80,8 +73,7 @@ def test_float64_parity_with_hf_through_files(folders, name):
 
 def test_images_reach_their_row_only(folders):
     """Guards the parity test against vacuity: other pixels move row 0's logits after its first image, not row 1's."""
-    hf, folder = folders["scout-like"]
-    ours = llama.load(folder).eval()
+    ours = llama.load(folders["scout-like"]).eval()
     x, px = mixed_batch()
     with torch.no_grad():
         a, b = ours(x, pixel_values=px), ours(x, pixel_values=px + 1)
@@ -92,28 +84,24 @@ def test_images_reach_their_row_only(folders):
 
 
 def test_two_rows_with_images(folders):
-    hf, folder = folders["maverick-like"]
+    folder = folders["maverick-like"]
     ours = llama.load(folder).eval()
     gen = torch.Generator().manual_seed(5)
     rows = [image_prompt([2], gen, text=9), image_prompt([1, 1], gen, text=6)]
     x, px = torch.tensor(rows), pixels(4, seed=5)
     with torch.no_grad():
-        assert relative_error(ours(x, pixel_values=px), hf_logits(hf, x, px)) <= 1e-10
+        assert relative_error(ours(x, pixel_values=px), hf_logits(folder, x, px)) <= 1e-10
 
 
-@torch.no_grad()
-def hf_greedy(hf, prompt: list[int], px: torch.Tensor, n: int) -> list[int]:
+def hf_greedy(folder, prompt: list[int], px: torch.Tensor, n: int) -> list[int]:
     """Greedy continuation by HF, recomputing the whole sequence at every step (no cache)."""
-    seq = list(prompt)
-    for _ in range(n):
-        seq.append(int(hf_logits(hf, torch.tensor([seq]), px)[0, -1].argmax()))
-    return seq[len(prompt):]
+    return reference().call("hf_llama4_multimodal.greedy", str(folder), prompt, px, n)
 
 
 def test_kv_cache_generation_encodes_each_image_once(folders):
     """Rows of different lengths: row 1's image lies past the shortest prompt, so its tokens enter the cache one per
     step; each still gets its own feature, and the encoder runs once for all six tiles."""
-    hf, folder = folders["scout-like"]
+    folder = folders["scout-like"]
     ours = llama.load(folder).eval()
     gen = torch.Generator().manual_seed(7)
     prompts = [image_prompt([1], gen, text=2), image_prompt([2], gen, text=20)]  # 21 and 55 tokens
@@ -122,8 +110,8 @@ def test_kv_cache_generation_encodes_each_image_once(folders):
     ours.vision_embeddings.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     out = llama.generate(ours, prompts, max_new_tokens=4, pixel_values=px)
     assert calls == [3]
-    assert out[0] == hf_greedy(hf, prompts[0], px[:1], 4)
-    assert out[1] == hf_greedy(hf, prompts[1], px[1:], 4)
+    assert out[0] == hf_greedy(folder, prompts[0], px[:1], 4)
+    assert out[1] == hf_greedy(folder, prompts[1], px[1:], 4)
 
 
 def randomise(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -151,11 +139,9 @@ def test_save_hf_is_read_by_transformers(tmp_path):
     llama.save(ours, tmp_path / "out", format="hf")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == ["Llama4ForConditionalGeneration"] and config["image_token_index"] == 200
-    hf = Llama4ForConditionalGeneration.from_pretrained(tmp_path / "out", dtype=torch.float64,
-                                                        attn_implementation="sdpa").eval()
     x, px = tiny_batch()
     with torch.no_grad():
-        assert relative_error(ours(x, pixel_values=px), hf_logits(hf, x, px)) <= 1e-10
+        assert relative_error(ours(x, pixel_values=px), hf_logits(tmp_path / "out", x, px)) <= 1e-10
     back = llama.load(tmp_path / "out")
     assert back.args.name == "tiny-llama-4-scout-vision"  # the preset is recognised, vision included
     assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), back.state_dict().values()))
@@ -196,7 +182,7 @@ def test_meta_vision_shards_follow_the_converters_split_table(tmp_path):
 
 def test_folder_without_its_vision_tensors_is_refused(folders, tmp_path):
     """Nothing is dropped or invented silently: a multimodal config whose weights lack the encoder is an error."""
-    _, folder = folders["scout-like"]
+    folder = folders["scout-like"]
     weights = load_file(folder / "model.safetensors")
     (tmp_path / "cut").mkdir()
     save_file({k: v for k, v in weights.items() if not k.startswith("vision_model.")},
@@ -212,14 +198,13 @@ def test_folder_without_its_vision_tensors_is_refused(folders, tmp_path):
 def test_encoder_pieces_equal_hf_at_the_released_size():
     """2D RoPE tables (336-pixel tiles, 14-pixel patches, head dim 88) and pixel shuffle, bit for bit."""
     v = PRESETS["llama-4-scout-vision"].args.vision_args
-    config = Llama4VisionConfig(hidden_size=v.dim, num_attention_heads=v.n_heads, image_size=v.image_size,
-                                patch_size=v.patch_size, rope_parameters={"rope_type": "default",
-                                                                          "rope_theta": v.rope_theta})
-    freqs = Llama4VisionRotaryEmbedding._compute_freqs_ci(config)[:, 0]  # [577, 44] complex64
-    cos, sin = rope_2d(v)
-    assert torch.equal(cos, freqs.real) and torch.equal(sin, freqs.imag)
+    config = dict(hidden_size=v.dim, num_attention_heads=v.n_heads, image_size=v.image_size, patch_size=v.patch_size,
+                  rope_parameters={"rope_type": "default", "rope_theta": v.rope_theta})
     x = torch.randn(2, v.grid_size ** 2, 8, dtype=torch.float64)
-    assert torch.equal(pixel_shuffle(x, 2), hf_pixel_shuffle(x, 0.5))
+    real, imag, shuffled = reference().call("hf_llama4_multimodal.encoder_pieces", config, x)  # [577, 44] tables
+    cos, sin = rope_2d(v)
+    assert torch.equal(cos, real) and torch.equal(sin, imag)
+    assert torch.equal(pixel_shuffle(x, 2), shuffled)
 
 
 def test_preprocess_prompt_and_model_fit_together():

@@ -11,6 +11,7 @@ import llama
 import peft
 from peft import count
 from tests.reference.paper_peft import make_model, max_rel_error, tokens
+from tests.reference.tolerance import tolerance
 
 CONFIGS = {
     "lora": peft.LoraConfig(r=4, alpha=8, target_modules=("wq", "wv", "w2"), use_rslora=True),
@@ -216,7 +217,9 @@ def test_llama4_identity_gradients_and_decoding(preset, name):
         model.setup_cache(toks.shape[0], 16)
         steps = [model(toks[:, :5], start_pos=0)] + [model(toks[:, t:t + 1], start_pos=t) for t in range(5, 9)]
     # Llama 4 rounds q/k to float32 (complex64 RoPE, QK norm), so decoding matches to float32 precision only
-    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) < 1e-5
+    a = model.args
+    bound = tolerance(torch.float32, a.n_layers * (a.head_dim + 9))  # per layer as in test_llama4's cache test
+    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) <= bound
 
 
 def test_export_hf_refuses_moe_shared_experts(tmp_path):

@@ -38,13 +38,19 @@ import torch
 
 from ..config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
 from . import llama4_vision as vision
-from .hf import max_seq_len_from_config, positions_config, rope_from_config, weight_files
-from .io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
-                 write_json, write_safetensors, write_torch)
-from .meta import shard_paths  # consolidated.NN.pth listing, shared with the dense reader
+from .hf import (CONFIG_BOOLS, CONFIG_INTS, CONFIG_REALS, max_seq_len_from_config, positions_config, rope_from_config,
+                 weight_files, write_safetensors_shards)
+from .io import (LLAMA4_FIELDS, CheckpointError, check_fields, check_state_dict, iter_safetensors, read_json,
+                 torch_load_tensors, write_json, write_torch)
+from .meta import PARAMS_INTS, PARAMS_REALS, shard_paths  # shared with the dense reader
 
-LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning",
-                 "vision_args")
+# Llama 4's own numeric fields (checked for their type before anything reads them).
+HF_INTS = CONFIG_INTS + ("num_local_experts", "num_experts_per_tok", "interleave_moe_layer_step",
+                         "intermediate_size_mlp", "attention_chunk_size", "no_rope_layer_interval")
+HF_REALS = CONFIG_REALS + ("floor_scale", "attn_scale", "router_aux_loss_coef")
+HF_BOOLS = CONFIG_BOOLS + ("use_qk_norm", "attn_temperature_tuning")
+PARAMS_L4_INTS = PARAMS_INTS + ("nope_layer_interval", "attention_chunk_size")
+PARAMS_L4_REALS = PARAMS_REALS + ("ffn_exp", "floor_scale", "attn_scale")
 HF_MODEL_TYPES = ("llama4_text", "llama4")
 
 
@@ -165,6 +171,7 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
     if config.get("model_type") == "llama4":  # multimodal: the text trunk lives in text_config / language_model.
         vision_args = vision.args_from_hf(config, path=path)
         config, prefix = config.get("text_config") or {}, "language_model."
+    check_fields(config, path, ints=HF_INTS, reals=HF_REALS, bools=HF_BOOLS)
     if config.get("attention_bias") or config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: attention biases or a non-SiLU activation are not Llama 4; cannot load")
     L = config.get("num_hidden_layers", 48)
@@ -278,35 +285,16 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     return args, sd
 
 
-def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[Path]:
-    """model.safetensors (or shards + index, same names as the dense writer), then config.json last."""
+def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """model.safetensors (or shards + index, as the dense writer), then config.json."""
+    config = hf_config_from_args(args, next(iter(sd.values())).dtype)  # refuses what HF cannot hold, first
     text = {k: v for k, v in sd.items() if not vision.is_vision_key(k)}
     prefix = "language_model." if args.vision_args is not None else ""
     hf = {prefix + k: v.contiguous() for k, v in to_hf_state_dict(text).items()
           if not (args.tie_word_embeddings and k == "lm_head.weight")}
     hf.update({k: v.contiguous() for k, v in vision.to_hf_state_dict(sd).items()})
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in hf.items():  # greedy fill in model order
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written = []
-    for name, shard in zip(names, shards):
-        write_safetensors(folder / name, shard, metadata={"format": "pt"})
-        written.append(folder / name)
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        write_json(folder / "model.safetensors.index.json", index)
-        written.append(folder / "model.safetensors.index.json")
-    write_json(folder / "config.json", hf_config_from_args(args, next(iter(sd.values())).dtype))
-    return written + [folder / "config.json"]
+    write_safetensors_shards(hf, folder, max_shard_size)
+    write_json(folder / "config.json", config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,6 +318,8 @@ def args_from_params(params: dict, *, path, max_seq_len: Optional[int] = None) -
 
 
 def _args_from_params(params: dict, max_seq_len: Optional[int], path) -> ModelArgs:
+    check_fields(params, path, ints=PARAMS_L4_INTS, reals=PARAMS_L4_REALS,
+                 bools=("use_scaled_rope", "use_qk_norm", "attn_temperature_tuning"))
     scaling = None
     if params.get("use_scaled_rope"):
         scaling = dataclasses.replace(_META_L4_SCALING, **{f: params[k] for f, k in _META_SCALING_KEYS.items()
@@ -520,12 +510,8 @@ def read_meta(folder: Path, *, max_seq_len: Optional[int] = None) -> tuple[Model
     return args, sd
 
 
-def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> list[Path]:
+def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> None:
     params = params_from_args(args)
-    written = []
     for rank, shard in enumerate(split_for_meta(sd, args, num_shards)):
-        path = folder / f"consolidated.{rank:02d}.pth"
-        write_torch(path, shard)
-        written.append(path)
+        write_torch(folder / f"consolidated.{rank:02d}.pth", shard)
     write_json(folder / "params.json", params)
-    return written + [folder / "params.json"]
