@@ -83,7 +83,7 @@ def _norm(norm: RMSNorm) -> RMSNorm:
 
 def _frozen(module: nn.Module) -> Optional[nn.Module]:
     """The plain module an adapter wraps, built over the same tensors; None where `module` carries no adapter."""
-    if isinstance(module, QLoRALinear):  # before LoRALinear's siblings: a QLoRALinear is an NF4Linear plus LoRA
+    if isinstance(module, QLoRALinear):  # an NF4Linear plus LoRA factors: its frozen part is that NF4Linear
         return NF4Linear(module.qweight, module.compute_dtype)
     if isinstance(module, (LoRALinear, BiasScaleLinear)):
         return _linear(module.weight)
@@ -109,7 +109,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     if any(hasattr(p, "full_tensor") for p in model.parameters()):  # FSDP2 swaps in gathered tensors at each forward
         raise ValueError("disable_adapters cannot run on an FSDP-sharded model (the swapped-in modules would hold the "
                          "shards); precompute the reference log-probabilities instead (dpo.precompute_reference)")
-    swaps = []  # (parent, attribute, adapted module), in the order they were swapped
+    swaps = []  # (parent, attribute, adapted module, its frozen stand-in), in the order they are swapped
     for parent in list(model.modules()):
         for attr, child in list(parent.named_children()):
             frozen = _frozen(child)
