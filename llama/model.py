@@ -271,14 +271,20 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, **images) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         start_pos: position of tokens[:, 0] when decoding with a KV cache (None: no cache, positions 0 … T-1).
         segment_ids [B, T]: for packed sequences; tokens attend only within their segment and positions restart
         at 0 at each segment start.
+        images: refused with an error naming them: this model reads text only (pixel_values and the other image
+        inputs go to a multimodal model, e.g. llama.build("llama-3.2-11b-vision")).
         """
-        self._check_tokens(tokens, start_pos)
+        if images:
+            raise TypeError(f"{self.args.name or 'this model'} is a text-only Transformer and takes no image inputs "
+                            f"({', '.join(sorted(images))}); build a multimodal preset (llama.build("
+                            f"'llama-3.2-11b-vision')) or drop the images")
+        check_tokens(tokens, start_pos, self.args.max_seq_len, self.args.vocab_size)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         mask = None
@@ -297,24 +303,25 @@ class Transformer(nn.Module):
         logits = self.output(self.norm(h))  # [B, T, V]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
-                             f"use tokens[None] for a single sequence")
-        end = (start_pos or 0) + tokens.shape[1]
-        if end > self.args.max_seq_len:
-            raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len="
-                             f"{self.args.max_seq_len}; shorten the input or raise max_seq_len (with RoPE scaling)")
-        # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
-        # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
-        if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.args.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.args.vocab_size}); "
-                                 f"check that the tokenizer matches the model's vocab_size")
+def check_tokens(tokens: torch.Tensor, start_pos: Optional[int], max_seq_len: int, vocab_size: int) -> None:
+    """Refuse what a forward pass cannot take: non-integer or non-2D tokens, too long a context, ids out of range."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
+                         f"use tokens[None] for a single sequence")
+    end = (start_pos or 0) + tokens.shape[1]
+    if end > max_seq_len:
+        raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len={max_seq_len}; "
+                         f"shorten the input or raise max_seq_len (with RoPE scaling)")
+    # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
+    # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
+    if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size}); "
+                             f"check that the tokenizer matches the model's vocab_size")
 
 
 def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import torch
 
 from llama import ModelArgs, Transformer, list_models
 from llama.config import PRESETS, RopeScaling, count_parameters
+from llama.registry import MULTIMODAL_PRESETS
 
 # name: (exact published parameter count, SwiGLU hidden size F = HF intermediate_size)
 PUBLISHED = {
@@ -54,6 +55,7 @@ GENERATION_ROWS = {
 }
 
 RELEASED = [name for name, preset in PRESETS.items() if preset.published is not None]
+RELEASED_MULTIMODAL = [name for name, preset in MULTIMODAL_PRESETS.items() if preset.published is not None]
 
 
 def dense_formula(a: ModelArgs) -> int:
@@ -113,7 +115,8 @@ def test_zoo_table_reports_every_preset_matching(capsys):
 
     assert zoo.main([]) == 0
     out = capsys.readouterr().out
-    assert f"{len(RELEASED)}/{len(RELEASED)} released presets" in out
+    n = len(RELEASED) + len(RELEASED_MULTIMODAL)
+    assert f"{n}/{n} released presets" in out
     assert "405,853,388,800" in out
 
 

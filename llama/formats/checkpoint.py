@@ -20,8 +20,10 @@ import torch
 
 from ..config import ModelArgs
 from ..model import Transformer
+from ..registry import build
 from ..rope import RotaryEmbedding
-from . import hf, llama4, meta
+from ..vision.mllama import MllamaTransformer
+from . import hf, llama4, meta, mllama
 from .io import CheckpointError, check_state_dict, expected_shapes, fsync_dir, require_dense
 
 FORMATS = ("hf", "meta")
@@ -56,8 +58,8 @@ def detect_format(path: PathLike) -> str:
 
 
 def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
-         format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
-    """Build a `Transformer` from a Meta or Hugging Face checkpoint folder.
+         format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Union[Transformer, MllamaTransformer]:
+    """Build a `Transformer` (or, for Llama 3.2 Vision, a `MllamaTransformer`) from a Meta or HF checkpoint folder.
 
     dtype: convert floating-point weights to this dtype (None: keep the stored dtype, e.g. bfloat16).
     format: 'meta' or 'hf' to skip detection. max_seq_len: override the context length (Meta's params.json does
@@ -67,7 +69,14 @@ def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[s
     fmt = format or detect_format(folder)
     if fmt not in FORMATS:
         raise ValueError(f"unknown checkpoint format {fmt!r}; use one of {FORMATS}")
-    if llama4.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/formats/llama4.py)
+    if mllama.is_mllama_folder(folder, fmt):  # Llama 3.2 Vision (llama/formats/mllama.py)
+        if fmt == "meta":
+            raise CheckpointError(f"{folder} is Meta's layout of Llama 3.2 Vision, which llama.load does not read "
+                                  f"(see llama/formats/mllama.py); load the Hugging Face folder of the model instead")
+        args, sd = mllama.read_hf(folder)
+        if max_seq_len is not None:
+            args.text.max_seq_len = max_seq_len
+    elif llama4.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/formats/llama4.py)
         args, sd = llama4.read(folder, fmt, max_seq_len=max_seq_len)
     elif fmt == "meta":
         args, sd = meta.read_meta(folder, max_seq_len=max_seq_len)
@@ -79,19 +88,20 @@ def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[s
     return build_model(args, sd, dtype=dtype, device=device)
 
 
-def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
-                device: Union[str, torch.device] = "cpu") -> Transformer:
-    """Transformer(args) whose parameters are the tensors of `sd` (Meta names), without a second copy."""
-    with torch.device("meta"):
-        model = Transformer(args)
+def build_model(args, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
+                device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """llama.build(args) whose parameters are the tensors of `sd` (Meta names), without a second copy."""
+    model = build(args, device="meta")
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
     model.load_state_dict({k: place(v) for k, v in sd.items()}, strict=True, assign=True)
-    if args.tie_word_embeddings:  # assign=True replaced the shared Parameter by two; share one again
+    if getattr(args, "tie_word_embeddings", False):  # assign=True replaced the shared Parameter by two; share again
         model.output.weight = model.tok_embeddings.weight
-    model.rope = _fresh_rope(model.rope, device)
+    for module in model.modules():
+        if isinstance(getattr(module, "rope", None), RotaryEmbedding):
+            module.rope = _fresh_rope(module.rope, device)
     return model
 
 
@@ -116,14 +126,18 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise ValueError(f"unknown checkpoint format {format!r}; use format='hf' or format='meta'")
     if not isinstance(num_shards, int) or num_shards < 1:
         raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
-    if not isinstance(model, Transformer):
-        raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
+    if not isinstance(model, (Transformer, MllamaTransformer)):
+        raise TypeError(f"save() needs a llama.Transformer or MllamaTransformer, got {type(model).__name__}")
+    if isinstance(model, MllamaTransformer) and format != "hf":
+        raise CheckpointError("Llama 3.2 Vision models are saved in the Hugging Face layout only (format='hf'); "
+                              "Meta's layout of them is not documented in this project's sources")
     if format == "hf" and num_shards != 1:
         raise ValueError("num_shards splits Meta checkpoints for model parallelism; for format='hf' use "
                          "max_shard_size to split the safetensors files")
     args = model.args
-    is_llama4 = llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
-    if not is_llama4:
+    is_mllama = isinstance(model, MllamaTransformer)
+    is_llama4 = not is_mllama and llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
+    if not is_llama4 and not is_mllama:
         require_dense(args, "this model")
     sd = _model_state_dict(model, dtype)
     folder = Path(path)
@@ -133,7 +147,7 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
         raise CheckpointError(f"{folder} already holds a {'Hugging Face' if format == 'meta' else 'Meta'} "
                    f"checkpoint ({other}); save into an empty folder so loaders are not confused")
     if format == "hf":
-        write_hf = llama4.write_hf if is_llama4 else hf.write_hf
+        write_hf = mllama.write_hf if is_mllama else llama4.write_hf if is_llama4 else hf.write_hf
         written = write_hf(args, sd, folder, hf.parse_size(max_shard_size))
     else:
         write_meta = llama4.write_meta if is_llama4 else meta.write_meta
@@ -143,7 +157,7 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
     return folder
 
 
-def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+def _model_state_dict(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The model's parameters under Meta names, checked against its config (adapters must be merged first)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     if set(sd) != set(expected_shapes(model.args)):

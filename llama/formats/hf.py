@@ -270,6 +270,15 @@ def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_sha
     """Write safetensors (sharded with an index above max_shard_size bytes), then config.json last."""
     hf = {hf_name(k): v for k, v in _permuted(sd, args, permute_to_hf).items()
           if not (args.tie_word_embeddings and k == "output.weight")}
+    written = write_safetensors_shards(hf, folder, max_shard_size)
+    dtype = next(iter(sd.values())).dtype
+    write_json(folder / CONFIG_FILE, config_from_args(args, dtype))
+    return written + [folder / CONFIG_FILE]
+
+
+def write_safetensors_shards(hf: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[Path]:
+    """model.safetensors, or model-0000k-of-0000n.safetensors + index when the tensors exceed max_shard_size bytes;
+    returns the files written (each atomically)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for key, tensor in hf.items():  # greedy fill in model order, as transformers does
@@ -291,9 +300,7 @@ def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_sha
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         write_json(folder / SAFETENSORS_INDEX, index)
         written.append(folder / SAFETENSORS_INDEX)
-    dtype = next(iter(sd.values())).dtype
-    write_json(folder / CONFIG_FILE, config_from_args(args, dtype))
-    return written + [folder / CONFIG_FILE]
+    return written
 
 
 def parse_size(size) -> int:

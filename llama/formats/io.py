@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelArgs
-from ..model import Transformer
+from ..registry import build
 
 
 class CheckpointError(ValueError):
@@ -100,14 +100,14 @@ def require_dense(args: ModelArgs, what: str) -> None:
                    f"dense generations (LLaMA 1 to Llama 3.3) only")
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of `Transformer(args)`, built on the meta device (allocates nothing)."""
-    with torch.device("meta"):
-        model = Transformer(args)
+def expected_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of `llama.build(args)` (a Transformer for ModelArgs), built on the meta
+    device (allocates nothing)."""
+    model = build(args, device="meta")
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, *, config_file: str, weights: str,
+def check_state_dict(sd: dict[str, torch.Tensor], args, *, config_file: str, weights: str,
                      file_name: Callable[[str], str] = lambda name: name, extra_unexpected: tuple = ()) -> None:
     """Raise CheckpointError naming every missing, unexpected and mis-shaped key (in the file's own naming)."""
     expected = expected_shapes(args)
