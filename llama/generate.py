@@ -22,14 +22,13 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
-
-from .model import Transformer
+from torch import nn
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None, images: Optional[dict] = None) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens of each prompt.
 
     temperature: 0 picks the most likely token (greedy, deterministic); > 0 samples from softmax(logits / T).
@@ -40,6 +39,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         Tokens inside the prompt never stop a row.
     seed / generator: source of randomness for sampling (give at most one). Same seed, same model, same prompts
         -> same output. Neither: PyTorch's global generator.
+    images: for a multimodal model (`llama.vision.MllamaTransformer`), its image inputs (pixel_values,
+        aspect_ratio_ids, aspect_ratio_mask; cross_attention_mask optional), passed with the first forward call only:
+        the model encodes them once and keeps their keys and values in its cache. The prompts must then all have
+        the same length, so that every <|image|> token is in that first call.
 
     The model's KV cache is (re)allocated for this call and cleared again before returning, also on error.
     """
@@ -48,7 +51,10 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     stop = sorted({int(t) for t in stop_tokens})
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both (a seed builds a fresh generator)")
-    device = model.norm.weight.device
+    if images and len({len(p) for p in prompts}) > 1:
+        raise ValueError("with images, every prompt must have the same length (the images and their <|image|> "
+                         "tokens go in the first forward call); pad the prompts or generate them separately")
+    device = next(model.parameters()).device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     if max_new_tokens == 0:
@@ -69,7 +75,8 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     try:
         prev = 0
         for cur in range(min_len, S):
-            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]  # [B, V]: prediction for position cur
+            first = images if prev == 0 and images else {}  # images go with the first call only
+            logits = model(tokens[:, prev:cur], start_pos=prev, **first)[:, -1]  # [B, V]: prediction for position cur
             next_token = sample(logits, temperature, top_p, generator)  # [B]
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
             tokens[:, cur] = next_token
@@ -120,7 +127,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 # -- argument checks (each message names the problem and the fix) ------------------------------------------------
 
 
-def _check_prompts(model: Transformer, prompts, max_new_tokens) -> list[list[int]]:
+def _check_prompts(model: nn.Module, prompts, max_new_tokens) -> list[list[int]]:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or isinstance(prompts, str):

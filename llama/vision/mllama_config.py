@@ -132,6 +132,11 @@ class MllamaArgs:
                              f"[{self.text.vocab_size}, {self.vocab_size}) (Llama 3.2 Vision: 128256)")
 
     @property
+    def max_seq_len(self) -> int:
+        """Longest text input (the text model's context)."""
+        return self.text.max_seq_len
+
+    @property
     def vocab_size(self) -> int:
         """Input ids accepted: the text vocabulary plus the learnable rows (HF `embed_tokens` has V + 8 rows)."""
         return self.text.vocab_size + self.n_learnable_embeddings
