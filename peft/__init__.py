@@ -1,6 +1,7 @@
 """Parameter-efficient fine-tuning of the LLaMA zoo: LoRA (rsLoRA, DoRA, QLoRA), LLaMA-Adapter V1 and V2, LLaMA-Excitor.
 
-One file per method (`lora`, `qlora`, `adapter_v1`, `adapter_v2`, `excitor`), one interface (`api`):
+One file per method (`lora`, `qlora`, `adapter_v1`, `adapter_v2`, `excitor`, and the visual branches
+`adapter_v2_visual`, `excitor_visual` for multimodal models), one interface (`api`):
 
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
@@ -14,12 +15,15 @@ Methods attach through the two override points of `llama.model` (linear-layer re
 
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, merge, save_adapter,
                   trainable_parameters, unmerge)
 from .excitor import ExcitorConfig
+from .excitor_visual import ExcitorVisualConfig
 from .hf_export import export_hf
 from .lora import LoraConfig
 
-__all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "apply", "trainable_parameters",
+__all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "AdapterV2VisualConfig",
+           "ExcitorVisualConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
            "export_hf"]

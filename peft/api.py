@@ -10,6 +10,10 @@
 A method is a config dataclass (with a `method` name) plus a module with `attach(model, config) -> parameter names`
 and, where the method can fold into the weights, `merge(model)` / `unmerge(model)`. `apply` records what it
 attached in `model.peft_state`, which every other function here reads.
+
+On a multimodal model (`llama.vision.MllamaTransformer`) the text-only methods attach to its text trunk
+(`model.text_model`; parameter names get the prefix `text_model.`), and the visual methods (`adapter_v2_visual`,
+`excitor_visual`) attach to the whole model, reading its frozen image encoder.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from . import adapter_v1, adapter_v2, excitor, lora
+from . import adapter_v1, adapter_v2, adapter_v2_visual, excitor, excitor_visual, lora
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .excitor import ExcitorConfig
+from .excitor_visual import ExcitorVisualConfig
 from .lora import LoraConfig
-from .targets import check_model
+from .targets import check_model, text_trunk
+from .visual import is_multimodal
 
-Config = Union[LoraConfig, AdapterV1Config, AdapterV2Config, ExcitorConfig]
+Config = Union[LoraConfig, AdapterV1Config, AdapterV2Config, ExcitorConfig, AdapterV2VisualConfig,
+               ExcitorVisualConfig]
 
 # method name -> (config class, module implementing attach [and merge/unmerge])
 METHODS = {
@@ -42,8 +50,11 @@ METHODS = {
     "adapter_v1": (AdapterV1Config, adapter_v1),
     "adapter_v2": (AdapterV2Config, adapter_v2),
     "excitor": (ExcitorConfig, excitor),
+    "adapter_v2_visual": (AdapterV2VisualConfig, adapter_v2_visual),
+    "excitor_visual": (ExcitorVisualConfig, excitor_visual),
 }
-MERGEABLE = ("lora", "adapter_v2")
+VISUAL_METHODS = ("adapter_v2_visual", "excitor_visual")  # attach to a whole multimodal model
+MERGEABLE = ("lora", "adapter_v2", "adapter_v2_visual")
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
 # ModelArgs fields that fix the shapes of every adapter parameter
@@ -78,7 +89,16 @@ def apply(model: nn.Module, config: Config) -> nn.Module:
     if existing is not None:
         raise ValueError(f"this model already has an adapter attached ({existing.config.method}); a method is "
                          f"applied once per model: build a fresh model to apply another (load_adapter changes weights)")
-    names = METHODS[config.method][1].attach(model, config)  # validates fully before changing the model
+    attach = METHODS[config.method][1].attach  # each validates fully before changing the model
+    if config.method in VISUAL_METHODS:
+        if not is_multimodal(model):
+            raise TypeError(f"{config.method} needs a multimodal model with an image encoder (e.g. "
+                            f"llama.build('llama-3.2-11b-vision')), got a text-only {type(model).__name__}; use "
+                            f"{config.method.removesuffix('_visual')} for text-only fine-tuning")
+        names = attach(model, config)
+    else:
+        trunk, prefix = text_trunk(model)
+        names = [prefix + name for name in attach(trunk, config)]
     declared = set(names)
     for name, p in model.named_parameters(remove_duplicate=False):  # freeze the base, train the adapter
         p.requires_grad_(name in declared)
@@ -137,7 +157,9 @@ def config_from_dict(data: dict) -> Config:
 
 
 def model_shape(model: nn.Module) -> dict:
-    return {key: getattr(model.args, key) for key in SHAPE_FIELDS}
+    """The text trunk's shape fields (a multimodal model's trunk for visual adapters too)."""
+    args = text_trunk(model)[0].args
+    return {key: getattr(args, key) for key in SHAPE_FIELDS}
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
