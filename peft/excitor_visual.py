@@ -79,8 +79,8 @@ class SharedFeatureProjection(nn.Module):
 class VisualExcitorBlock(ExcitorBlock):
     """An Excitor block whose inner prompt attention also reads the projected image tokens."""
 
-    def __init__(self, config: ExcitorVisualConfig, dim: int, n_heads: int, head_dim: int, source: SharedFeatureProjection,
-                 dtype=torch.float32, device=None):
+    def __init__(self, config: ExcitorVisualConfig, dim: int, n_heads: int, head_dim: int,
+                 source: SharedFeatureProjection, dtype=torch.float32, device=None):
         super().__init__(config, dim, n_heads, head_dim, None, dtype, device)
         width, r = n_heads * head_dim, config.visual_rank or config.rank
         self._source = (source,)  # shared by every block: kept out of this module's parameters

@@ -81,7 +81,8 @@ def test_cached_decoding_keeps_the_prefill_images(name):
 
 
 def test_excitor_visual_keys_follow_the_stacked_prompt_attention():
-    """Key^extra = softmax(Q^e [P; F̂W_k]ᵀ/τ)[P; F̂W_v] over the valid entries (module notes), minus its uniform mixture."""
+    """Key^extra = softmax(Q^e [P; F̂W_k]ᵀ/τ)[P; F̂W_v] over the valid entries (module notes), minus the uniform
+    mixture."""
     model, _, tokens, inputs = model_with("excitor")
     block = model.text_model.layers[3].attention.extension
     with torch.no_grad():

@@ -15,7 +15,8 @@ Names (ours = Meta's reference module names, `MllamaTransformer.state_dict()` <-
     text_model.tok_embeddings ++ learnable_embedding   language_model.model.embed_tokens [V + 8, C]
     text_model.layers.i.*                       language_model.model.layers.{i + blocks before i}.* (q/k rows permuted
                                                 between Meta's interleaved and HF's half-split RoPE, as for dense Llama)
-    cross_attention_layers.k.*                  language_model.model.layers.{s_k + k}.cross_attn* (no RoPE: no permutation)
+    cross_attention_layers.k.*                  language_model.model.layers.{s_k + k}.cross_attn* (no RoPE, so no
+                                                permutation)
     text_model.norm / output                    language_model.model.norm / language_model.lm_head
 HF's `cross_attention_layers` are indices in that merged list: block k sits at s_k + k, where s_k is the
 self-attention layer it precedes (Meta's fusion schedule).

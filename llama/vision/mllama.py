@@ -33,6 +33,10 @@ Meta. The two agree on every row that sees an image only if no earlier row diffe
 KV cache: `setup_cache` allocates the text model's cache; the blocks then keep the image keys and values computed
 by the call that passes the images (each image is encoded once) and reuse them on later calls (start_pos > 0),
 together with the last token's row of the cross-attention mask (the newest image stays visible).
+
+Adapters use the text model's override points on `text_model` (peft applies text-only methods there); the visual
+PEFT branches read `vision_model.vision_encoder`'s output through PyTorch forward hooks (`peft/visual.py`), so
+nothing here knows about them.
 """
 
 from __future__ import annotations

@@ -84,7 +84,8 @@ class MllamaVisionArgs:
 
 def fusion_schedule(n_layers: int, n_cross_attention_layers: int) -> tuple[int, ...]:
     """Self-attention layers preceded by a cross-attention block (Meta `_init_fusion_schedule`): every k-th layer
-    counted from the top, k = ceil(L / n). 32 layers, 8 blocks: (3, 7, 11, …, 31); 80 layers, 20 blocks: (3, 7, …, 79)."""
+    counted from the top, k = ceil(L / n). 32 layers, 8 blocks: (3, 7, 11, …, 31); 80 layers, 20 blocks:
+    (3, 7, …, 79)."""
     k = math.ceil(n_layers / n_cross_attention_layers)
     return tuple(list(range(n_layers))[::-1][::k][:n_cross_attention_layers][::-1])
 

@@ -26,6 +26,7 @@ from transformers.models.mllama.processing_mllama import (convert_sparse_cross_a
                                                           get_cross_attention_token_mask)
 
 from llama.vision import MllamaArgs
+from tests.reference.hf import rope_parameters
 
 
 def hf_config(args: MllamaArgs) -> MllamaConfig:
@@ -33,12 +34,6 @@ def hf_config(args: MllamaArgs) -> MllamaConfig:
     cross = [s + k for k, s in enumerate(args.fusion_schedule)]  # positions in HF's merged layer list
     grids = [[h, w] for h in range(1, v.max_num_tiles + 1) for w in range(1, v.max_num_tiles + 1)
              if h * w <= v.max_num_tiles]
-    rope = {"rope_type": "default", "rope_theta": t.rope_theta}
-    if t.rope_scaling is not None:
-        s = t.rope_scaling
-        rope = {"rope_type": "llama3", "rope_theta": t.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
     assert min(v.intermediate_layers) >= 1, "transformers 5.24 cannot record the state entering layer 0"
     vision = dict(hidden_size=v.dim, hidden_act="gelu", num_hidden_layers=v.n_layers,
                   num_global_layers=v.n_global_layers, attention_heads=v.n_heads, num_channels=v.in_channels,
@@ -47,7 +42,8 @@ def hf_config(args: MllamaArgs) -> MllamaConfig:
                   intermediate_layers_indices=[i - 1 for i in v.intermediate_layers], supported_aspect_ratios=grids)
     text = dict(vocab_size=t.vocab_size, hidden_size=t.dim, hidden_act="silu",
                 num_hidden_layers=t.n_layers + len(cross), num_attention_heads=t.n_heads,
-                num_key_value_heads=t.n_kv_heads, intermediate_size=t.ffn_hidden_dim, rope_parameters=rope,
+                num_key_value_heads=t.n_kv_heads, intermediate_size=t.ffn_hidden_dim,
+                rope_parameters=rope_parameters(t),
                 rms_norm_eps=t.norm_eps, max_position_embeddings=t.max_seq_len, tie_word_embeddings=False,
                 cross_attention_layers=cross, pad_token_id=None)  # HF's pad id 128004 is not a tiny-vocab row
     return MllamaConfig(vision_config=vision, text_config=text, image_token_index=args.image_token_id)
