@@ -18,8 +18,17 @@ def test_drawn_scenes_show_their_colour_and_quadrant():
     ys, xs = lit.nonzero(as_tuple=True)
     assert ys.float().mean() > 14 and xs.float().mean() > 14  # lower-right quadrant
     assert torch.equal(img[:, ys[0], xs[0]], torch.tensor(vm.COLOURS["blue"], dtype=torch.uint8))
-    circle, square = (vm.draw("red", s, "upper-left", random.Random(1)).sum(0) > 0 for s in ("circle", "square"))
-    assert circle.sum() < square.sum()  # same size and place: the square covers its disc's corners too
+
+    def bbox_fill_and_rows(shape):
+        lit = vm.draw("red", shape, "upper-left", random.Random(1)).sum(0) > 0
+        ys, xs = lit.nonzero(as_tuple=True)
+        box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+        return float(lit.sum() / box), int(lit[ys.min()].sum()), int(lit[ys.max()].sum())
+
+    assert bbox_fill_and_rows("square")[0] == 1.0  # fills its bounding box
+    assert bbox_fill_and_rows("circle")[0] < 0.9  # the corners stay dark
+    _, top, bottom = bbox_fill_and_rows("triangle")
+    assert top < bottom  # apex up
 
 
 def test_seeded_rerun_reproduces_every_number(tmp_path):
