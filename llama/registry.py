@@ -1,7 +1,8 @@
 """`llama.build(name_or_args)`: the module for any preset or args object, text-only or multimodal.
 
-Text presets live in `llama.config.PRESETS` (one `ModelArgs` each, built as `llama.Transformer`). A multimodal family
-adds two things here, from its own files, so this module never has to know it:
+Presets described by `ModelArgs` live in `llama.config.PRESETS` and are built as `llama.Transformer`, or as
+`Llama4Multimodal` when they carry Llama 4's `vision_args` (`llama.vision.llama4_model.module_for`). A family with
+args of its own (Llama 3.2 Vision: `MllamaArgs`) adds two things here, from its own files:
 
     register_architecture(MllamaArgs, MllamaTransformer, count_mllama_parameters)   # args type -> module, formula
     register_preset("llama-3.2-11b-vision", args, published=..., source=..., family=...)
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from .config import PRESETS, ModelArgs, Preset, count_parameters
-from .model import Transformer
+from .vision.llama4_model import module_for
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,8 @@ class Architecture:
     count: Callable[[Any], int]  # closed-form parameter count from the released shapes, independent of the module
 
 
-ARCHITECTURES: dict[type, Architecture] = {ModelArgs: Architecture(Transformer, count_parameters)}
+# ModelArgs: the text Transformer, or Llama4Multimodal when the args carry Llama 4's vision_args
+ARCHITECTURES: dict[type, Architecture] = {ModelArgs: Architecture(module_for, count_parameters)}
 MULTIMODAL_PRESETS: dict[str, Preset] = {}
 
 
@@ -75,7 +77,8 @@ def architecture(args: Any) -> Architecture:
 
 def build(name_or_args: Union[str, Any], *, device: Union[str, torch.device, None] = None,
           dtype: Optional[torch.dtype] = None) -> nn.Module:
-    """The model for a preset name or an args object: `Transformer` for text presets, the multimodal module else.
+    """The model for a preset name or an args object: `Transformer` for text presets, the multimodal module else
+    (`Llama4Multimodal` for llama-4-*-vision, `MllamaTransformer` for llama-3.2-*-vision).
 
     device="meta" builds the structure without allocating memory (for counting parameters); dtype casts the
     floating-point parameters after building.

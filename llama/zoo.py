@@ -15,7 +15,8 @@ from .registry import all_presets, build, count_parameters_of
 
 
 def module_parameter_count(name: str) -> int:
-    """Unique parameters of the preset's model, built on the meta device (tied matrices count once)."""
+    """Unique parameters of the preset's module (`llama.build`: `Transformer`, `Llama4Multimodal` or
+    `MllamaTransformer`), built on the meta device (tied matrices count once)."""
     return sum(p.numel() for p in build(name, device="meta").parameters())
 
 
@@ -24,8 +25,8 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
     for name, preset in all_presets().items():
         if preset.published is None and not include_tiny:
             continue
-        text_only = isinstance(preset.args, ModelArgs)
-        a = preset.args if text_only else preset.args.text
+        model_args = isinstance(preset.args, ModelArgs)  # text or Llama 4 (vision_args); else MllamaArgs
+        a = preset.args if model_args else preset.args.text
         computed = module_parameter_count(name)
         rows.append(dict(name=name, family=preset.family, dim=a.dim, n_layers=a.n_layers, n_heads=a.n_heads,
                          n_kv_heads=a.n_kv_heads, head_dim=a.head_dim, ffn_hidden_dim=a.ffn_hidden_dim,
@@ -33,12 +34,20 @@ def zoo_table(include_tiny: bool = False) -> list[dict]:
                          max_seq_len=a.max_seq_len, tied=a.tie_word_embeddings,
                          rope_scaling=a.rope_scaling.rope_type + f"x{a.rope_scaling.factor:g}" if a.rope_scaling else "-",
                          experts=a.moe_args.num_experts if a.moe_args else "-",
-                         vision="-" if text_only else type(preset.args).__name__.removesuffix("Args"),
-                         # = computed for dense models; top-1 of E for Llama 4 (text presets)
-                         active=count_active_parameters(a) if text_only else computed,
+                         vision=vision_column(preset.args),
+                         # = computed for dense models; top-1 of E for Llama 4
+                         active=count_active_parameters(a) if model_args else computed,
                          computed=computed, formula=count_parameters_of(preset.args), published=preset.published,
                          match=computed == preset.published if preset.published else None))
     return rows
+
+
+def vision_column(args) -> str:
+    """Encoder layers × width: Llama 4's vision_args, or Llama 3.2 Vision's local + global layers."""
+    if isinstance(args, ModelArgs):
+        return f"{args.vision_args.n_layers}x{args.vision_args.dim}" if args.vision_args else "-"
+    v = args.vision
+    return f"{v.n_layers}+{v.n_global_layers}x{v.dim}"
 
 
 def format_table(rows: list[dict]) -> str:

@@ -1,7 +1,8 @@
 """Parameter-efficient fine-tuning of the LLaMA zoo: LoRA (rsLoRA, DoRA, QLoRA), LLaMA-Adapter V1 and V2, LLaMA-Excitor.
 
-One file per method (`lora`, `qlora`, `adapter_v1`, `adapter_v2`, `excitor`, and the visual branches
-`adapter_v2_visual`, `excitor_visual` for multimodal models), one interface (`api`):
+One file per method (`lora`, `qlora`, `lora_experts`, `qlora_experts`, `adapter_v1`, `adapter_v2`, `excitor`, and
+the visual branches `adapter_v2_visual`, `excitor_visual` for multimodal models; the LoRA family shares
+`lora_core`), one interface (`api`):
 
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
@@ -21,7 +22,7 @@ from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, m
 from .excitor import ExcitorConfig
 from .excitor_visual import ExcitorVisualConfig
 from .hf_export import export_hf
-from .lora import LoraConfig
+from .lora_core import LoraConfig
 
 __all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "AdapterV2VisualConfig",
            "ExcitorVisualConfig", "apply", "trainable_parameters",

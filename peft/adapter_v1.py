@@ -36,8 +36,8 @@ from torch import nn
 
 from llama.model import AttentionExtension, repeat_kv
 
-from .lora import master_dtype
-from .targets import top_layers
+from .lora_core import master_dtype
+from .targets import check_free_extensions, top_layers
 
 GATE_ACTIVATIONS = ("tanh", "identity")
 
@@ -118,12 +118,10 @@ class AdaptionPrompt(AttentionExtension):
         return f"adapter_len={K}, dim={C}, heads={self.gate.numel()}, gate_activation={self.gate_activation}"
 
 
-def validate(model: nn.Module, adapter_layers: int, what: str = "adapter_layers") -> list[int]:
-    layers = top_layers(model, adapter_layers, what)
-    for i in layers:
-        if model.layers[i].attention.extension is not None:
-            raise ValueError(f"layer {i} already has an attention extension "
-                             f"({type(model.layers[i].attention.extension).__name__}); build a fresh model")
+def validate(model: nn.Module, config: AdapterV1Config) -> list[int]:
+    """The topmost `adapter_layers` layers, each without an attention extension yet."""
+    layers = top_layers(model, config.adapter_layers, "adapter_layers")
+    check_free_extensions(model, layers)
     return layers
 
 
@@ -141,8 +139,7 @@ def attach_prompts(model: nn.Module, layers: list[int], adapter_len: int, gate_a
     return names
 
 
-def attach(model: nn.Module, config: AdapterV1Config) -> list[str]:
-    layers = validate(model, config.adapter_layers)
+def attach(model: nn.Module, config: AdapterV1Config, layers: list[int]) -> list[str]:
     return attach_prompts(model, layers, config.adapter_len, config.gate_activation, config.prompt_init_std)
 
 

@@ -39,12 +39,10 @@ from torch import nn
 
 from llama.model import RMSNorm
 
-from . import adapter_v1
-from .adapter_v1 import check_prompt_options
-from .lora import master_dtype
-from .targets import LINEAR_NAMES, check_target_names, iter_linears, shared_parameter_ids
-
-BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from .adapter_v1 import AdaptionPrompt, attach_prompts, check_prompt_options
+from .lora_core import master_dtype
+from .targets import (BLOCK_LINEARS, LINEAR_NAMES, check_free_extensions, check_plain_linears, check_target_names,
+                      iter_linears, shared_parameter_ids, top_layers)
 
 
 @dataclass
@@ -77,8 +75,6 @@ class BiasScaleLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, scale_side: str = "output", shares_weight: bool = False):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("BiasScaleLinear expects a bias-free linear layer, as every LLaMA linear layer is")
         N, K = base.weight.shape
         self.in_features, self.out_features, self.scale_side = K, N, scale_side
         self.weight = base.weight  # frozen W (the same Parameter object, so ties survive)
@@ -149,14 +145,19 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RMSNorm)]
 
 
-def attach(model: nn.Module, config: AdapterV2Config, make_prompt=adapter_v1.AdaptionPrompt) -> list[str]:
-    """Bias/scale on the linears, norms unfrozen, prompts (built by `make_prompt`) in the last layers -> names."""
-    prompt_layers = adapter_v1.validate(model, config.adapter_layers) if config.adapter_layers else []
+def validate(model: nn.Module, config: AdapterV2Config) -> tuple[list[int], list]:
+    """The prompt layers (topmost `adapter_layers`, without an extension yet) and the bias/scale linears (plain)."""
+    prompt_layers = top_layers(model, config.adapter_layers, "adapter_layers") if config.adapter_layers else []
+    check_free_extensions(model, prompt_layers)
     found = list(iter_linears(model, config.bias_scale_modules))
-    for name, _, _, child in found:
-        if type(child) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
-                             f"attached there; build a fresh model")
+    check_plain_linears(found)
+    return prompt_layers, found
+
+
+def attach(model: nn.Module, config: AdapterV2Config, plan: tuple[list[int], list],
+           make_prompt=AdaptionPrompt) -> list[str]:
+    """Bias/scale on the linears, norms unfrozen, prompts (built by `make_prompt`) in the last layers -> names."""
+    prompt_layers, found = plan
     shared = shared_parameter_ids(model)
     names = []
     for name, parent, attr, child in found:
@@ -165,8 +166,8 @@ def attach(model: nn.Module, config: AdapterV2Config, make_prompt=adapter_v1.Ada
         names += [f"{name}.bias", f"{name}.scale"]
     if config.train_norms:  # §4.1: every normalisation layer is unfrozen
         names += norm_parameter_names(model)
-    names += adapter_v1.attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation,
-                                       config.prompt_init_std, make_prompt)
+    names += attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation, config.prompt_init_std,
+                            make_prompt)
     return names
 
 

@@ -39,7 +39,8 @@ from torch import nn
 from . import adapter_v1, adapter_v2
 from .adapter_v1 import AdaptionPrompt
 from .adapter_v2 import AdapterV2Config, merge, unmerge  # noqa: F401  (bias/scale merge: same as Adapter V2)
-from .lora import master_dtype
+from .lora_core import master_dtype
+from .targets import check_free_extensions
 from .visual import VisualContext
 
 FUSIONS = ("early", "late")
@@ -126,23 +127,30 @@ class VisualAdaptionPrompt(AdaptionPrompt):
         return out * has_image.to(out.dtype)[:, None, None, None]
 
 
-def attach(model: nn.Module, config: AdapterV2VisualConfig) -> list[str]:
+def validate(model: nn.Module, config: AdapterV2VisualConfig) -> tuple[list[int], list]:
+    """Adapter V2's plan for `model.text_model`, after the visual branch's own checks."""
+    trunk = model.text_model
+    if config.visual_fusion == "early":
+        if config.adapter_layers >= trunk.args.n_layers:
+            raise ValueError(f"early fusion puts the visual prompts in layer 0, but adapter_layers="
+                             f"{config.adapter_layers} covers all {trunk.args.n_layers} layers; use adapter_layers <= "
+                             f"{trunk.args.n_layers - 1}")
+        check_free_extensions(trunk, [0])
+    if getattr(model, "adapter_visual", None) is not None:
+        raise ValueError("this model already has a visual adapter attached; build a fresh model")
+    return adapter_v2.validate(trunk, config)
+
+
+def attach(model: nn.Module, config: AdapterV2VisualConfig, plan: tuple[list[int], list]) -> list[str]:
     """Adapter V2 on `model.text_model`, the projection as `model.adapter_visual`, the early branch on layer 0."""
     trunk = model.text_model
     early = config.visual_fusion == "early"
-    if early and config.adapter_layers >= trunk.args.n_layers:
-        raise ValueError(f"early fusion puts the visual prompts in layer 0, but adapter_layers={config.adapter_layers} "
-                         f"covers all {trunk.args.n_layers} layers; use adapter_layers <= {trunk.args.n_layers - 1}")
-    if getattr(model, "adapter_visual", None) is not None:
-        raise ValueError("this model already has a visual adapter attached; build a fresh model")
-    if early and trunk.layers[0].attention.extension is not None:
-        raise ValueError("layer 0 already has an attention extension; build a fresh model")
     context = VisualContext(model)
     ref = trunk.tok_embeddings.weight
     source = VisualProjection(context, trunk.args.dim, None if early else config.adapter_len, config.prompt_init_std,
                               master_dtype(ref.dtype), ref.device)
     late_prompt = AdaptionPrompt if early else _maker(source, early=False)
-    names = ["text_model." + n for n in adapter_v2.attach(trunk, config, late_prompt)]
+    names = ["text_model." + n for n in adapter_v2.attach(trunk, config, plan, late_prompt)]
     model.adapter_visual = source
     names += [f"adapter_visual.{n}" for n, _ in source.named_parameters()]
     if early:  # the paper's first-layer visual prompts, with their own zero-init gate

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
 
+from llama.formats.io import atomic_write_bytes
 from llama.registry import build
 
 from .adapter_v1 import AdapterV1Config
@@ -25,18 +27,17 @@ from .adapter_v2_visual import AdapterV2VisualConfig
 from .api import apply, trainable_parameters
 from .excitor import ExcitorConfig
 from .excitor_visual import ExcitorVisualConfig
-from .lora import LoraConfig
-
-ALL_BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from .lora_core import LoraConfig
+from .targets import BLOCK_LINEARS
 
 # (label, model, config, paper figure, exact published count if any, source of the figure)
 ROWS = [
     ("LoRA r=8 wq,wv", "llama-7b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), "4.2M", 4_194_304,
      "LLaMA-Adapter Tab. 3 (Alpaca-LoRA); 2·32·4096·8·2"),
     ("LoRA r=8 wq,wv", "llama-65b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), None, None, ""),
-    ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+    ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS),
      None, None, "Guanaco recipe; no paper figure (computed: 159.9M)"),
-    ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+    ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS),
      None, None, ""),
     ("Adapter V1 K=10 L=30", "llama-7b", AdapterV1Config(), "1.2M", None, "LLaMA-Adapter §4.1, Tab. 3"),
     ("Adapter V1 K=10 L=30", "llama-65b", AdapterV1Config(), None, None, ""),
@@ -101,8 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = table()
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_bytes(Path(args.json), (json.dumps(rows, indent=2) + "\n").encode())
     return 0 if all(r["exact_match"] is not False for r in rows) else 1
 
 

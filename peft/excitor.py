@@ -53,8 +53,8 @@ from torch import nn
 from llama.model import AttentionExtension
 from llama.rope import apply_rotary
 
-from .lora import master_dtype
-from .targets import top_layers
+from .lora_core import master_dtype
+from .targets import check_free_extensions, top_layers
 
 
 @dataclass
@@ -194,11 +194,14 @@ class ExcitorBlock(AttentionExtension):
                 f"gate={tuple(self.gate.shape)} {self.gate_activation}, extra_key_rope={self.extra_key_rope}")
 
 
-def attach(model: nn.Module, config: ExcitorConfig) -> list[str]:
+def validate(model: nn.Module, config: ExcitorConfig) -> list[int]:
+    """The topmost `adapter_layers` layers, each without an attention extension yet."""
     layers = top_layers(model, config.adapter_layers, "adapter_layers")
-    for i in layers:
-        if model.layers[i].attention.extension is not None:
-            raise ValueError(f"layer {i} already has an attention extension; build a fresh model")
+    check_free_extensions(model, layers)
+    return layers
+
+
+def attach(model: nn.Module, config: ExcitorConfig, layers: list[int]) -> list[str]:
     ref = model.tok_embeddings.weight
     names = []
     for i in layers:

@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .excitor import ExcitorBlock, ExcitorConfig
-from .lora import master_dtype
-from .targets import top_layers
+from .lora_core import master_dtype
+from .targets import check_free_extensions, top_layers
 from .visual import VisualContext
 
 
@@ -111,15 +111,18 @@ def _low_rank(width: int, r: int, dtype, device) -> tuple[nn.Parameter, nn.Param
     return down, up
 
 
-def attach(model: nn.Module, config: ExcitorVisualConfig) -> list[str]:
-    """The shared projection as `model.adapter_visual`, a visual Excitor block in each of the top L trunk layers."""
-    trunk = model.text_model
-    layers = top_layers(trunk, config.adapter_layers, "adapter_layers")
-    for i in layers:
-        if trunk.layers[i].attention.extension is not None:
-            raise ValueError(f"layer {i} already has an attention extension; build a fresh model")
+def validate(model: nn.Module, config: ExcitorVisualConfig) -> list[int]:
+    """The topmost `adapter_layers` layers of `model.text_model`, each without an attention extension yet."""
+    layers = top_layers(model.text_model, config.adapter_layers, "adapter_layers")
+    check_free_extensions(model.text_model, layers)
     if getattr(model, "adapter_visual", None) is not None:
         raise ValueError("this model already has a visual adapter attached; build a fresh model")
+    return layers
+
+
+def attach(model: nn.Module, config: ExcitorVisualConfig, layers: list[int]) -> list[str]:
+    """The shared projection as `model.adapter_visual`, a visual Excitor block in each of the top L trunk layers."""
+    trunk = model.text_model
     ref = trunk.tok_embeddings.weight
     dtype = master_dtype(ref.dtype)
     attn0 = trunk.layers[layers[0]].attention

@@ -22,7 +22,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .api import _state, atomic_write_bytes
+from llama.formats.io import atomic_write_bytes
+
+from .api import _state
 
 # Meta name -> HF module path inside a decoder layer (or at the top for the head)
 HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

@@ -42,14 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
+from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training.checkpointing import check_writable  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
 from peft.training.recipe import (DataSection, EvalSection, ModelSection, RunConfig, apply_method,  # noqa: E402
                                   build_data, build_model, exact_match_accuracy, run)
-
-BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 
 # Each method's options and peak learning rate. LoRA and QLoRA share one config (the QLoRA recipe's "all block
 # linears"), so the pair isolates the effect of the NF4 base. Adapters/Excitor use every layer of the tiny base.
@@ -58,8 +57,8 @@ BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
 # papers (LLaMA-Adapter: 9e-3 at batch 64 with far larger models).
 METHODS: dict[str, tuple[dict, float]] = {
     "full": ({}, 1e-3),
-    "lora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 1e-2),
-    "qlora": ({"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS}, 1e-2),
+    "lora": ({"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)}, 1e-2),
+    "qlora": ({"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)}, 1e-2),
     "adapter_v1": ({"adapter_len": 10}, 1e-1),
     "adapter_v2": ({"adapter_len": 10}, 3e-2),
     "excitor": ({"adapter_len": 10, "rank": 8}, 3e-2),

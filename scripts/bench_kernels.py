@@ -40,6 +40,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `scripts`, `kernels`
+# Without a CUDA device the kernels run in Triton's interpreter, which has to be chosen before triton is first
+# imported (kernels/_triton.py); an explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from scripts._bench_kernels_cpu import cpu_only  # noqa: E402
 from scripts._bench_kernels_report import (LEGEND, evaluate_targets, print_table, progress, rel_err,  # noqa: E402
@@ -309,6 +313,7 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
 def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list[dict]:
     from kernels import nf4_quantize, qlora_matmul
     from kernels import qlora as qlora_mod
+    from kernels import schedules
     from kernels.nf4_dequant import nf4_dequantize_reference
 
     rows = []
@@ -333,10 +338,11 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                    "rel_err_fused": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=True), expected)),
                    "rel_err_dequant_gemm": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False),
                                                                    expected))}
-            row["fused_config"] = str(getattr(qlora_mod._tuned_qgemm, "best_config", ""))
-            row["fused_split_k"] = qlora_mod.split_k(M, N, K, device)
+            row["fused_split_k"] = schedules.split_k(M, N, K, device)
+            fused_kernel = qlora_mod._tuned_split_k if row["fused_split_k"] > 1 else qlora_mod._tuned_qgemm
+            row["fused_config"] = str(getattr(fused_kernel, "best_config", ""))
             columns = {"triton_fused": lambda: qlora_matmul(x, q, A, B, SCALE, fused=True),
-                       "triton_fused_one_split": one_split(qlora_mod, lambda: qlora_matmul(x, q, A, B, SCALE,
+                       "triton_fused_one_split": one_split(schedules, lambda: qlora_matmul(x, q, A, B, SCALE,
                                                                                          fused=True)),
                        "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
                        "eager_dequant_matmul": lambda: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE),
@@ -361,14 +367,14 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
     return rows
 
 
-def one_split(qlora_mod, fn):
+def one_split(schedules, fn):
     """fn run with the fused kernel's split-K switched off (the kernel as run 2 timed it), for comparison."""
     def run():
-        saved, qlora_mod.MAX_SPLIT_K = qlora_mod.MAX_SPLIT_K, 1
+        saved, schedules.MAX_SPLIT_K = schedules.MAX_SPLIT_K, 1
         try:
             return fn()
         finally:
-            qlora_mod.MAX_SPLIT_K = saved
+            schedules.MAX_SPLIT_K = saved
     return run
 
 

@@ -20,6 +20,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1  # silences Triton 3.9's notice; every launch here sets fp fusion explicitly
+export TRITON_INTERPRET=0          # compiled kernels (one mode per process; tests/conftest.py picks this on a GPU too)
 
 PY=""
 for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do

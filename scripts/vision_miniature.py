@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 
 import peft  # noqa: E402
 from llama import ModelArgs, build  # noqa: E402
-from llama.vision import MllamaArgs, MllamaVisionArgs  # noqa: E402
+from llama import MllamaArgs, MllamaVisionArgs  # noqa: E402
 from llama.vision.mllama_preprocess import preprocess  # noqa: E402
 from peft.training.data import IGNORE_INDEX, Row  # noqa: E402
 from peft.training.loop import TrainConfig, train  # noqa: E402

@@ -7,9 +7,10 @@ The expected numbers are typed in here (papers, Meta/HF configs, HF totals, coun
 import pytest
 import torch
 
-from llama import ModelArgs, Transformer, list_models
+from llama import ModelArgs, list_models
 from llama.config import PRESETS, RopeScaling, count_parameters
 from llama.registry import MULTIMODAL_PRESETS
+from llama.vision.llama4_model import module_for
 
 # name: (exact published parameter count, SwiGLU hidden size F = HF intermediate_size)
 PUBLISHED = {
@@ -36,6 +37,9 @@ PUBLISHED = {
     # Llama 4 text models (text part of the HF totals; vision encoder and projector not included)
     "llama-4-scout": (107_769_861_120, None),
     "llama-4-maverick": (400_711_848_960, None),
+    # Llama 4 as released: HF safetensors totals of Llama-4-Scout-17B-16E and Llama-4-Maverick-17B-128E
+    "llama-4-scout-vision": (108_641_793_536, None),
+    "llama-4-maverick-vision": (401_583_781_376, None),
 }
 
 # name: (n_kv_heads, norm_eps, rope_theta, vocab_size, max_seq_len, tied, llama3 scaling factor or None)
@@ -76,7 +80,7 @@ def test_parameter_count_on_meta_device_equals_published(name):
     published, ffn = PUBLISHED[name]
     args = ModelArgs.from_name(name)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = module_for(args)  # the text Transformer, or Llama4Multimodal for the -vision presets
     assert model.norm.weight.device.type == "meta"  # nothing was allocated
     unique = {id(p): p for p in model.parameters()}  # tied matrices count once
     assert sum(p.numel() for p in unique.values()) == published

@@ -15,6 +15,7 @@ import torch
 
 from llama import ModelArgs, Transformer
 from llama.attention import causal_attention, chunked_causal_mask
+from tests.reference.tolerance import forward_tolerance, relative_error
 
 
 def pattern(T: int, start: int, chunk) -> torch.Tensor:
@@ -64,7 +65,8 @@ def test_long_prefix_logits_do_not_depend_on_later_tokens():
     x = torch.randint(0, 256, (1, 3000))
     with torch.no_grad():
         full, prefix = model(x), model(x[:, :1300])  # the prefix ends inside the third chunk
-    assert torch.allclose(full[:, :1300], prefix, rtol=1e-5, atol=1e-5)
+    # the same float32 computation on 3000 and 1300 tokens: only the blocking of the reductions differs
+    assert relative_error(full[:, :1300], prefix) <= forward_tolerance(model.args, x.shape[1], torch.float32)
 
 
 MEASURE = textwrap.dedent("""

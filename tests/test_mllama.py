@@ -3,20 +3,21 @@
 Every gate of the reference is opened to a random angle and every table is random, so each path (pre/post tile
 embeddings, gated position embeddings, padding tiles, intermediate features, both gates of each block, rows without an
 image) moves the logits. The float64 bound 1e-10 is ~10⁶ ulps: summation-order differences stay far below it, a
-wrong sign, index or permutation lands near 1.
+wrong sign, index or permutation lands near 1. The hidden state before the final RMSNorm is compared too: that norm
+rounds to float32, which would hide smaller differences in the logits. HF runs in the reference process
+(tests/reference/mllama.py).
 """
 
 import dataclasses
-import json
 
 import pytest
 import torch
-from transformers import MllamaForConditionalGeneration
 
 import llama
-from llama.vision import MllamaArgs, MllamaTransformer, cross_attention_mask_from_tokens
+from llama import MllamaArgs, MllamaTransformer
 from llama.vision.mllama_encoder import VisionEncoder
-from tests.reference.mllama import mixed_batch, random_hf_mllama, relative_error
+from tests.reference.mllama import (MIXED_NUM_TILES, hf_cross_attention_mask, hf_generate, hf_logits,
+                                    hf_state_dict, mixed_batch, relative_error, save_hf)
 
 TOL = 1e-10
 
@@ -28,20 +29,13 @@ def args():
 
 @pytest.fixture(scope="module")
 def hf_folder(args, tmp_path_factory):
-    """A saved random HF model; its config is then given the published meaning of the feature indices (see
-    tests/reference/mllama.py: the in-memory HF model uses i − 1 for transformers 5.24's off-by-one)."""
-    folder = tmp_path_factory.mktemp("mllama_hf")
-    hf = random_hf_mllama(args)
-    hf.save_pretrained(folder)
-    config = json.loads((folder / "config.json").read_text())
-    config["vision_config"]["intermediate_layers_indices"] = list(args.vision.intermediate_layers)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder, hf
+    """A saved random HF model (its config.json holds Meta's meaning of the feature indices)."""
+    return save_hf(tmp_path_factory.mktemp("mllama_hf"), args)
 
 
 @pytest.fixture(scope="module")
 def loaded(hf_folder):
-    return llama.load(hf_folder[0], dtype=torch.float64)
+    return llama.load(hf_folder, dtype=torch.float64)
 
 
 def test_load_gives_the_multimodal_module_with_hf_weights(loaded, args):
@@ -51,34 +45,44 @@ def test_load_gives_the_multimodal_module_with_hf_weights(loaded, args):
     assert all(b.gate_attn.item() != 0 and b.gate_ffwd.item() != 0 for b in loaded.cross_attention_layers)
 
 
+def with_hidden(model, tokens, inputs):
+    """(logits, the input of the final RMSNorm) of our model."""
+    seen = []
+    handle = model.text_model.norm.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.no_grad():
+            return model(tokens, **inputs), seen[-1]
+    finally:
+        handle.remove()
+
+
 def test_logits_match_hf_on_a_mixed_batch(loaded, hf_folder, args):
     tokens, inputs = mixed_batch(args)
-    with torch.no_grad():
-        ref = hf_folder[1](input_ids=tokens, **inputs).logits
-        ours = loaded(tokens, **inputs)
+    ref, ref_hidden = hf_logits(hf_folder, tokens, inputs)
+    ours, hidden = with_hidden(loaded, tokens, inputs)
     assert ours.shape == (4, 8, args.text.vocab_size)
     assert relative_error(ours, ref) < TOL
+    assert relative_error(hidden, ref_hidden) < TOL
 
 
 def test_mask_derived_from_image_tokens_equals_hf_processor(loaded, args):
     tokens, inputs = mixed_batch(args)
-    num_tiles = torch.tensor([[2, 0], [2, 1], [0, 0], [1, 2]])
-    ours = cross_attention_mask_from_tokens(tokens, args.image_token_id, num_tiles, args.vision.max_num_tiles)
-    assert torch.equal(ours, inputs["cross_attention_mask"])
+    ref = hf_cross_attention_mask(tokens, args.image_token_id, MIXED_NUM_TILES, args.vision.max_num_tiles)
+    assert torch.equal(inputs["cross_attention_mask"], ref)
     given = {k: v for k, v in inputs.items() if k != "cross_attention_mask"}
     with torch.no_grad():
         assert torch.equal(loaded(tokens, **given), loaded(tokens, **inputs))
 
 
-def test_rows_before_their_first_image_ignore_the_images(loaded, args):
+def test_rows_before_their_first_image_ignore_the_images(loaded, hf_folder, args):
     """Meta's row mask m: a row that sees no image gets neither cross-attention nor the gated FFN, so its logits do
     not depend on the pixels; transformers 5.24 without the fix leaks the images into it (transformers#39379)."""
     tokens, inputs = mixed_batch(args)
     other = dict(inputs, pixel_values=inputs["pixel_values"] + 0.5)
     with torch.no_grad():
         a, b = loaded(tokens, **inputs), loaded(tokens, **other)
-        hf = random_hf_mllama(args, meta_row_mask=False)
-        leak = hf(input_ids=tokens, **inputs).logits - hf(input_ids=tokens, **other).logits
+    leak = hf_logits(hf_folder, tokens, inputs, meta_row_mask=False)[0] - \
+        hf_logits(hf_folder, tokens, other, meta_row_mask=False)[0]
     assert torch.equal(a[2], b[2]) and torch.equal(a[0, 0], b[0, 0]) and torch.equal(a[1, :2], b[1, :2])
     assert not torch.equal(a[0, 1:], b[0, 1:])
     assert float(leak[2].abs().max()) > 1e-3  # the text-only row of HF's batch sees the images
@@ -97,10 +101,9 @@ def test_text_only_input_and_closed_gates_give_the_text_model(args):
 
 def test_save_round_trip_is_loadable_by_transformers(loaded, hf_folder, tmp_path, args):
     out = llama.save(loaded, tmp_path / "out")
-    hf = MllamaForConditionalGeneration.from_pretrained(out, dtype=torch.float64)
-    ref = hf_folder[1].state_dict()
-    assert set(hf.state_dict()) == set(ref)
-    assert all(torch.equal(hf.state_dict()[k], ref[k]) for k in ref)
+    ours, ref = hf_state_dict(out), hf_state_dict(hf_folder)
+    assert set(ours) == set(ref)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
     again = llama.load(out, dtype=torch.float64)
     tokens, inputs = mixed_batch(args)
     with torch.no_grad():
@@ -131,14 +134,11 @@ def test_intermediate_features_are_the_states_entering_the_listed_layers(args):
 
 def test_kv_cache_generation_matches_hf_and_encodes_each_image_once(loaded, hf_folder, args):
     tokens, inputs = mixed_batch(args)
-    hf = hf_folder[1]
-    with torch.no_grad():
-        ref = hf.generate(input_ids=tokens, **inputs, max_new_tokens=6, do_sample=False, pad_token_id=0,
-                          eos_token_id=None)[:, tokens.shape[1]:]
+    ref = hf_generate(hf_folder, tokens, inputs, 6)
     calls = []
     hook = loaded.vision_model.register_forward_hook(lambda *a: calls.append(1))
     try:
-        ours = llama.generate(loaded, tokens.tolist(), max_new_tokens=6, images=inputs)
+        ours = llama.generate(loaded, tokens.tolist(), max_new_tokens=6, **inputs)
     finally:
         hook.remove()
     assert ours == ref.tolist()

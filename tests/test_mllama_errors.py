@@ -7,7 +7,7 @@ import torch
 
 import llama
 from llama.formats import CheckpointError
-from llama.vision import MllamaArgs
+from llama import MllamaArgs
 from tests.reference.mllama import mixed_batch
 
 
@@ -91,15 +91,15 @@ def test_incomplete_or_misplaced_image_inputs(model, batch):
 def test_images_given_to_a_text_only_model(batch):
     tokens, inputs = batch
     text_model = llama.build("tiny-llama-3")
-    with pytest.raises(TypeError, match=r"text-only Transformer and takes no image inputs \(aspect_ratio_ids, "
-                                        r"aspect_ratio_mask, cross_attention_mask, pixel_values\)"):
+    with pytest.raises(ValueError, match=r"text-only Transformer and cannot take image inputs \(aspect_ratio_ids, "
+                                         r"aspect_ratio_mask, cross_attention_mask, pixel_values\)"):
         text_model(tokens.clamp(max=255), **inputs)
 
 
 def test_generate_with_images_needs_equal_prompt_lengths(model, batch):
     tokens, inputs = batch
     with pytest.raises(ValueError, match="with images, every prompt must have the same length"):
-        llama.generate(model, [tokens[0].tolist(), tokens[1, :5].tolist()], 2, images=inputs)
+        llama.generate(model, [tokens[0].tolist(), tokens[1, :5].tolist()], 2, **inputs)
 
 
 def test_meta_layout_and_bad_configs_are_refused(model, tmp_path):

@@ -1,4 +1,5 @@
-"""Llama 3.2 Vision preprocessing in PyTorch against Pillow and HF's MllamaImageProcessor (Pillow backend).
+"""Llama 3.2 Vision preprocessing in PyTorch against Pillow and HF's MllamaImageProcessor (Pillow backend, in the
+reference process: tests/reference/mllama.py).
 
 Equality is exact (torch.equal): the resize reproduces Pillow's fixed-point arithmetic, and normalisation runs the
 same float32 operations as HF's numpy code.
@@ -9,10 +10,10 @@ import PIL
 import pytest
 import torch
 from PIL import Image
-from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
 
-from llama.vision import MllamaVisionArgs
+from llama import MllamaVisionArgs
 from llama.vision.mllama_preprocess import CLIP_MEAN, CLIP_STD, best_grid, preprocess, resize_bilinear_uint8
+from tests.reference.mllama import hf_process_images
 
 
 def drawn_image(height: int, width: int, seed: int) -> torch.Tensor:
@@ -60,20 +61,18 @@ def test_preprocess_equals_hf_processor(tile, max_tiles):
     sizes = [[(70, 130)], [(40, 20), (13, 250), (56, 56)], [], [(230, 90), (9, 11)]]
     images = [[drawn_image(h, w, seed=10 * b + i) for i, (h, w) in enumerate(row)] for b, row in enumerate(sizes)]
     ours = preprocess(images, args, pillow_13=PILLOW_13)
-    hf = MllamaImageProcessorPil(size={"height": tile, "width": tile}, max_image_tiles=max_tiles,
-                                 image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
-    # HF's processor cannot take a row without images; it pads rows to the most images: compare row by row
+    # HF's processor cannot take a row without images: it processes the others row by row
+    refs = iter(hf_process_images([row for row in images if row], tile, max_tiles, CLIP_MEAN, CLIP_STD))
     for b, row in enumerate(images):
         if not row:
             assert torch.equal(ours["pixel_values"][b], torch.zeros_like(ours["pixel_values"][b]))
             assert ours["aspect_ratio_ids"][b].tolist() == [0] * 3
             continue
-        ref = hf([[img.numpy() for img in row]], return_tensors="pt")
-        n = len(row)
-        assert torch.equal(ours["pixel_values"][b, :n], ref["pixel_values"][0])
-        assert torch.equal(ours["aspect_ratio_ids"][b, :n], ref["aspect_ratio_ids"][0])
-        assert torch.equal(ours["aspect_ratio_mask"][b, :n], ref["aspect_ratio_mask"][0])
-        assert ours["num_tiles"][b] == ref["num_tiles"][0]
+        ref, n = next(refs), len(row)
+        assert torch.equal(ours["pixel_values"][b, :n], ref["pixel_values"])
+        assert torch.equal(ours["aspect_ratio_ids"][b, :n], ref["aspect_ratio_ids"])
+        assert torch.equal(ours["aspect_ratio_mask"][b, :n], ref["aspect_ratio_mask"])
+        assert ours["num_tiles"][b] == ref["num_tiles"]
     assert ours["pixel_values"].shape == (4, 3, max_tiles, 3, tile, tile)
 
 

@@ -103,7 +103,7 @@ def test_excitor_visual_keys_follow_the_stacked_prompt_attention():
 
 
 def test_trainable_counts_by_hand():
-    a = llama.vision.MllamaArgs.from_name("tiny-llama-3.2-vision")
+    a = llama.MllamaArgs.from_name("tiny-llama-3.2-vision")
     C, L, Wv, H = a.text.dim, a.text.n_layers, a.vision.output_dim, a.text.n_heads
     F_, KV = a.text.ffn_hidden_dim, a.text.n_kv_heads * a.text.head_dim
     bias_scale = 2 * L * (C + KV + KV + C + F_ + C + F_)  # wq wk wv wo w1 w2 w3: bias + output-side scale

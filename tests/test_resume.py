@@ -30,12 +30,12 @@ from peft.training.recipe import load_config, run
 kill_after = int(os.environ.get("KILL_AFTER_STEP", "0"))
 kill_save = os.environ.get("KILL_WRITING_POINTER", "")
 if kill_save:
-    real = checkpointing.write_bytes_atomic
+    real = checkpointing.atomic_write_bytes
     def dying(path, data):
         if path.name == "latest" and data.decode() == kill_save:
             os.kill(os.getpid(), signal.SIGKILL)  # the step directory is complete and renamed; the pointer is not
         real(path, data)
-    checkpointing.write_bytes_atomic = dying
+    checkpointing.atomic_write_bytes = dying
 def hook(step, record):
     if step == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)

@@ -305,8 +305,8 @@ def read_hf(folder: Path) -> tuple[MllamaArgs, dict[str, torch.Tensor]]:
     return args, sd
 
 
-def write_hf(args: MllamaArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[Path]:
-    """Safetensors shards (with an index above max_shard_size bytes), then config.json last."""
-    written = write_safetensors_shards(to_hf_state_dict(sd, args), folder, max_shard_size)
-    write_json(folder / CONFIG_FILE, config_from_args(args, next(iter(sd.values())).dtype))
-    return written + [folder / CONFIG_FILE]
+def write_hf(args: MllamaArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """Safetensors shards (with an index above max_shard_size bytes), then config.json."""
+    config = config_from_args(args, next(iter(sd.values())).dtype)
+    write_safetensors_shards(to_hf_state_dict(sd, args), folder, max_shard_size)
+    write_json(folder / CONFIG_FILE, config)

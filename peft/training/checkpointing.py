@@ -33,36 +33,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from llama.formats.io import atomic_write_bytes, fsync_dir, fsync_file
+
 POINTER = "latest"
-
-
-# =====================================================================================================================
-# Atomic file primitives
-# =====================================================================================================================
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, os.replace, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def check_writable(out_dir: Path) -> None:
@@ -143,13 +116,13 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
         (tmp / "meta.json").write_text(json.dumps({"step": step, "meta": meta, "parameters": _describe(model)},
                                                   indent=1, default=str))
         for name in ("trainable.safetensors", "state.pt", "meta.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         if final.exists():  # a leftover of a run killed between this rename and the pointer update; never `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        write_bytes_atomic(ckpt_dir / POINTER, final.name.encode())  # the commit point
+        fsync_dir(ckpt_dir)
+        atomic_write_bytes(ckpt_dir / POINTER, final.name.encode())  # the commit point
         _prune(ckpt_dir, keep)
     ctx.barrier()
     return final

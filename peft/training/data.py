@@ -36,8 +36,8 @@ import sentencepiece
 import torch
 
 import llama
+from llama.formats.io import atomic_write_bytes
 
-from .checkpointing import write_bytes_atomic
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: positions with this target add nothing to the loss
 
@@ -102,7 +102,7 @@ def builtin_corpus(cache: Optional[str | os.PathLike] = None, max_chars: int = 4
     if not docs:
         raise RuntimeError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}; this Python ships without "
                            f"its standard-library sources: pass your own corpus with a text file (data.path=...)")
-    write_bytes_atomic(path, json.dumps(docs).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(docs).encode("utf-8"))
     return docs
 
 
@@ -143,7 +143,7 @@ def builtin_tokenizer(cache: Optional[str | os.PathLike] = None, vocab_size: int
     digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
     path = cache_dir(cache) / f"tokenizer-bpe{vocab_size}-{digest}.model"
     if not path.exists():
-        write_bytes_atomic(path, train_tokenizer(documents, vocab_size))
+        atomic_write_bytes(path, train_tokenizer(documents, vocab_size))
     return llama.Tokenizer(path)
 
 

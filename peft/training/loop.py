@@ -40,6 +40,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 
+from llama.formats.io import atomic_write_bytes
+
 from . import checkpointing
 from .data import IGNORE_INDEX, Batch, Row, RowOrder, collate
 
@@ -270,9 +272,9 @@ class MetricsLog:
     def _rewrite(self) -> None:
         if self.jsonl is None:
             return
-        checkpointing.write_bytes_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())
         lines = [",".join(CSV_FIELDS)] + [self._csv_line(r) for r in self.records]
-        checkpointing.write_bytes_atomic(self.csv, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(self.csv, ("\n".join(lines) + "\n").encode())
 
     @staticmethod
     def _csv_line(r: dict) -> str:

@@ -28,20 +28,21 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import llama
+from llama.formats.io import atomic_write_bytes, write_safetensors
 
 from ..adapter_v1 import AdapterV1Config
 from ..adapter_v2 import AdapterV2Config
 from ..api import apply
 from ..api import merge as merge_adapter
 from ..excitor import ExcitorConfig
-from ..lora import LoraConfig
+from ..lora_core import LoraConfig
 from . import data as D
-from .checkpointing import check_writable, trainable_names, write_bytes_atomic
+from .checkpointing import check_writable, trainable_names
 from .loop import Dist, TrainConfig, TrainResult, init_distributed, set_seed, train
 
 METHODS = ("full", "lora", "qlora", "adapter_v1", "adapter_v2", "excitor")
@@ -386,7 +387,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         return None
     final = Path(cfg.train.out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
+    atomic_write_bytes(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
     shutil.copyfile(tokenizer.path, final / "tokenizer.model")
     if cfg.method["name"] == "full":
         base = llama.Transformer(model.args)
@@ -399,9 +400,7 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         if not tensors or empty:
             raise RuntimeError(f"the adapter to export is empty ({len(tensors)} tensors, empty: {empty[:3]}); the "
                                f"sharded parameters were not gathered")
-        tmp = final / ".adapter.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final / "adapter.safetensors")
+        write_safetensors(final / "adapter.safetensors", tensors)
     ctx.barrier()
     return final
 
