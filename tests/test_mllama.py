@@ -151,8 +151,14 @@ def test_kv_cache_generation_matches_hf_and_encodes_each_image_once(loaded, hf_f
         loaded.setup_cache(4, full.shape[1])
         steps = [loaded(full[:, :8], 0, **inputs)]
         steps += [loaded(full[:, t:t + 1], t) for t in range(8, full.shape[1])]
+        # the same with HF's convention: a mask over every position so far, which the model slices
+        grown = torch.cat([inputs["cross_attention_mask"]] + [inputs["cross_attention_mask"][:, -1:]] * 6, dim=1)
+        loaded.setup_cache(4, full.shape[1])
+        again = [loaded(full[:, :5], 0, **dict(inputs, cross_attention_mask=grown))]
+        again += [loaded(full[:, t:t + 1], t, cross_attention_mask=grown) for t in range(5, full.shape[1])]
         loaded.clear_cache()
     assert relative_error(torch.cat(steps, dim=1), reference) < TOL
+    assert relative_error(torch.cat(again, dim=1), reference) < TOL
 
 
 def test_presets_count_the_published_parameters():

@@ -250,13 +250,14 @@ class MllamaTransformer(nn.Module):
         n_images = self.cross_attention_layers[0].cache[0].shape[2] // (v.max_num_tiles * v.n_tokens) \
             if aspect_ratio_ids is None else aspect_ratio_ids.shape[1]
         if cross_attention_mask is not None:
-            if cross_attention_mask.dim() != 4 or cross_attention_mask.shape[0] != B \
-                    or cross_attention_mask.shape[1] not in (T, pos + T) \
-                    or tuple(cross_attention_mask.shape[2:]) != (n_images, v.max_num_tiles):
-                raise ValueError(f"cross_attention_mask must have shape [batch={B}, tokens={T} (or all {pos + T} "
-                                 f"positions so far), images={n_images}, tiles={v.max_num_tiles}], got "
-                                 f"{tuple(cross_attention_mask.shape)}")
-            cross_attention_mask = cross_attention_mask[:, -T:]
+            m = cross_attention_mask
+            if m.dim() != 4 or m.shape[0] != B or not (m.shape[1] == T or m.shape[1] >= pos + T) \
+                    or tuple(m.shape[2:]) != (n_images, v.max_num_tiles):
+                raise ValueError(f"cross_attention_mask must have shape [batch={B}, tokens={T} (or at least the "
+                                 f"{pos + T} positions so far), images={n_images}, tiles={v.max_num_tiles}], got "
+                                 f"{tuple(m.shape)}")
+            # the rows of these tokens: all of it, or positions pos … pos+T-1 of a longer mask (as HF slices it)
+            cross_attention_mask = m if m.shape[1] == T else m[:, pos:pos + T]
         elif aspect_ratio_ids is not None:  # the call with the images: Meta's rule over the <|image|> tokens
             cross_attention_mask = cross_attention_mask_from_tokens(
                 tokens, self.args.image_token_id, _num_tiles(self.args, aspect_ratio_ids), v.max_num_tiles)

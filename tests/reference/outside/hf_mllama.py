@@ -7,9 +7,11 @@ Runs in the reference process (tests/reference/isolation.py). The config shapes 
 Two places where transformers 5.24 departs from Meta's reference (which our model follows) are bridged here, so the
 comparison covers every path (docs/vision.md):
   * intermediate encoder features: 5.24 records the state *leaving* layer i, Meta the state *entering* it. Folders
-    hold Meta's meaning; `_load` gives HF the indices i − 1 so that it computes that meaning.
+    hold Meta's meaning; `_load` gives HF the indices i − 1 so that it computes that meaning (when the installed
+    transformers records leaving states: `_shift`, measured on a two-layer encoder).
   * rows that see no image: 5.24 zeroes only their FFN output, Meta also their cross-attention output
-    (transformers#39379); `_meta_row_mask` adds the second zeroing with two hooks (off with meta_row_mask=False).
+    (transformers#39379); `_meta_row_mask` adds the second zeroing with two hooks (off with meta_row_mask=False;
+    harmless where transformers already zeroes them).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from hf_llama import random_weights_
-from transformers import MllamaConfig, MllamaForConditionalGeneration
+from transformers import MllamaConfig, MllamaForConditionalGeneration, MllamaVisionConfig
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+from transformers.models.mllama.modeling_mllama import MllamaVisionEncoder
 from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
                                                           get_cross_attention_token_mask)
 
@@ -48,14 +51,23 @@ def save_random(text: dict, vision: dict, image_token: int, folder: str, *, seed
     path.write_text(json.dumps(saved, indent=2))
 
 
+@torch.no_grad()
+def _shift() -> int:
+    """1 if this transformers' encoder records the state leaving each layer (5.24), 0 if entering it (Meta)."""
+    config = MllamaVisionConfig(hidden_size=8, attention_heads=2, intermediate_size=16, num_hidden_layers=2)
+    x = torch.randn(1, 3, 8)
+    return 0 if torch.equal(MllamaVisionEncoder(config, 2)(x).hidden_states[0], x) else 1
+
+
 def _hf_indices(vision: dict) -> dict:
-    """transformers 5.24 reads index i as the state leaving layer i: give it i − 1 for Meta's "entering layer i"."""
-    return {**vision, "intermediate_layers_indices": [i - 1 for i in vision["intermediate_layers_indices"]]}
+    """Index i − 1 for Meta's "the state entering layer i" where transformers reads i as the state leaving it."""
+    return {**vision, "intermediate_layers_indices": [i - _shift() for i in vision["intermediate_layers_indices"]]}
 
 
 def _load(folder: str, meta_row_mask: bool = True) -> MllamaForConditionalGeneration:
     config = MllamaConfig.from_pretrained(folder)
-    config.vision_config.intermediate_layers_indices = [i - 1 for i in config.vision_config.intermediate_layers_indices]
+    config.vision_config.intermediate_layers_indices = [
+        i - _shift() for i in config.vision_config.intermediate_layers_indices]
     model = MllamaForConditionalGeneration.from_pretrained(folder, config=config, dtype=torch.float64,
                                                            attn_implementation="sdpa").eval()
     if meta_row_mask:
