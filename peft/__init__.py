@@ -7,6 +7,7 @@ the visual branches `adapter_v2_visual`, `excitor_visual` for multimodal models;
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
     peft.merge(model) / peft.unmerge(model)
+    peft.merge_and_unload(model)                 # the plain llama.Transformer with the adapter folded in
     peft.save_adapter(model, folder) / peft.load_adapter(model, folder)
     peft.export_hf(model, folder)                # a LoRA adapter in Hugging Face PEFT's layout
 
@@ -23,8 +24,9 @@ from .excitor import ExcitorConfig
 from .excitor_visual import ExcitorVisualConfig
 from .hf_export import export_hf
 from .lora_core import LoraConfig
+from .unload import merge_and_unload
 
 __all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "AdapterV2VisualConfig",
            "ExcitorVisualConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
-           "export_hf"]
+           "export_hf", "merge_and_unload"]

@@ -24,18 +24,15 @@ import torch
 from safetensors.torch import save_file
 
 import peft
-from tests.reference.isolated_install import install_target
+from tests.reference.isolated_install import hf_peft_folder
 from tests.reference.isolation import reference
 from tests.reference.paper_peft import forward_with_hidden, make_model, max_rel_error, tokens
-
-HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
 
 
 @pytest.fixture(scope="module")
 def hf_peft_dir() -> Path:
     """A folder holding HF `peft` (and `accelerate`), never the project's own environment."""
-    return install_target(HF_PEFT_PINS, env_var="HF_PEFT_DIR", default_name="llama-peft-zoo-hf-peft",
-                          check="peft/tuners")
+    return hf_peft_folder()
 
 
 HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",

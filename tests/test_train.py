@@ -13,7 +13,7 @@ from llama import ModelArgs, Transformer
 from tests.reference.tolerance import forward_reduction_length, forward_tolerance, tolerance
 from peft.training import data as D
 from peft.training.loop import (Dist, NonFiniteLoss, TrainConfig, WarmupCosine, accumulate_gradients, build_optimizer,
-                                train)
+                                split_batch, train)
 
 V = 40
 
@@ -217,11 +217,19 @@ def test_metrics_jsonl_and_csv(tmp_path):
 
 def test_world_size_that_does_not_fit():
     cfg = TrainConfig(steps=1, batch_size=8, micro_batch_size=2, progress=False)
-    with pytest.raises(ValueError, match=r"batch_size=8 does not fit world_size=3 × micro_batch_size=2"):
+    with pytest.raises(ValueError, match=r"batch_size=8 does not split over 3 processes; make it a multiple of 3 "
+                                         r"\(or run 1 or 2 or 4 or 8 processes\)"):
         train(tiny_model(), random_rows(8), cfg, pad_id=0, ctx=Dist(rank=0, world_size=3))
-    with pytest.raises(ValueError, match="multiple of 12"):
+    with pytest.raises(ValueError, match="gives 2 rows per rank, not a whole number of micro_batch_size=3; make "
+                                         "batch_size a multiple of 12"):
         train(tiny_model(), random_rows(8), dataclasses.replace(cfg, micro_batch_size=3), pad_id=0,
               ctx=Dist(rank=0, world_size=4))
+
+
+def test_micro_batch_size_defaults_to_one_per_rank():
+    assert split_batch(TrainConfig(batch_size=16), 1) == (16, 16)
+    assert split_batch(TrainConfig(batch_size=16), 2) == (8, 8)
+    assert split_batch(TrainConfig(batch_size=16, micro_batch_size=4), 2) == (8, 4)
 
 
 def test_output_directory_not_writable(tmp_path):

@@ -4,7 +4,7 @@ Shapes: B batch (rows), T sequence length (positions per row).
 
 Sections, in the order a run uses them:
   1. a pre-training corpus that needs no download: the docstrings of the Python standard library, read at run time;
-  2. a SentencePiece BPE tokenizer trained on that corpus at first use and cached;
+  2. tokenizers: a SentencePiece BPE trained on that corpus at first use and cached, or plain UTF-8 bytes;
   3. synthetic instruction tasks defined in code (reverse, sort, add, recall), scored by exact match, with a
      held-out evaluation split;
   4. user data: a plain-text file (pre-training) or a JSONL file of {"prompt", "response"} objects (SFT);
@@ -145,6 +145,51 @@ def builtin_tokenizer(cache: Optional[str | os.PathLike] = None, vocab_size: int
     if not path.exists():
         atomic_write_bytes(path, train_tokenizer(documents, vocab_size))
     return llama.Tokenizer(path)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: 256 ids, the vocabulary of the `tiny-*` presets; no file, nothing to train.
+
+    The three special ids are ASCII's own control codes for the job, which text never needs: NUL (0) pads, STX
+    (start of text, 2) is bos, ETX (end of text, 3) is eos. Text that contains one of them is refused rather than
+    silently read as a special token. The same interface as `llama.Tokenizer` (encode, decode, n_words, bos_id,
+    eos_id, pad_id, stop_tokens); `path` is None.
+    """
+
+    kind = "bytes"
+    path = None
+    n_words = vocab_size = 256
+    pad_id, bos_id, eos_id = 0, 2, 3
+    stop_tokens = (3,)
+
+    def encode(self, s: str, *, bos: bool, eos: bool, **_) -> list[int]:
+        ids = list(s.encode("utf-8"))
+        for special in (self.pad_id, self.bos_id, self.eos_id):
+            if special in ids:
+                raise ValueError(f"text contains the control byte {special:#04x} at character {ids.index(special)}, "
+                                 f"which the byte tokenizer reserves (pad NUL, bos STX, eos ETX); remove it")
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of the byte ids (special ids dropped; a cut multi-byte character becomes U+FFFD)."""
+        bad = [t for t in ids if not 0 <= t < 256]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the byte tokenizer's vocabulary [0, 256)")
+        specials = (self.pad_id, self.bos_id, self.eos_id)
+        return bytes(t for t in ids if t not in specials).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(n_words=256, pad_id=0, bos_id=2, eos_id=3)"
+
+
+def load_tokenizer(spec: Optional[str | os.PathLike], cache: Optional[str | os.PathLike] = None,
+                   vocab_size: int = 1024, corpus_chars: int = 4_000_000):
+    """The tokenizer a config names: "bytes" (ByteTokenizer), a tokenizer file, or None (the built-in BPE)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec:
+        return llama.Tokenizer(spec)
+    return builtin_tokenizer(cache, vocab_size, builtin_corpus(cache, corpus_chars))
 
 
 # =====================================================================================================================

@@ -54,7 +54,8 @@ class TrainConfig:
 
     steps: int = 100
     batch_size: int = 16  # rows per optimizer step, all micro-batches and ranks together
-    micro_batch_size: int = 16  # rows per forward pass on one rank (the knob that sets activation memory)
+    micro_batch_size: Optional[int] = None  # rows per forward pass on one rank (the knob that sets activation
+    #                                         memory); None: batch_size / world_size, one micro-batch per rank
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the cosine decays from lr to lr·min_lr_ratio
     warmup_steps: int = 10
@@ -75,8 +76,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if key == "micro_batch_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
         for key in ("warmup_steps", "eval_every", "save_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be a non-negative integer, got {getattr(self, key)!r}")
@@ -327,6 +331,30 @@ def _diagnose(model: nn.Module, logits_finite: bool, loss_finite: bool, grad_nor
             f"train.precision=fp32")
 
 
+# TrainConfig fields a resumed run must keep: everything that changes the numbers (the others only change memory,
+# logging and checkpointing: micro_batch_size, log_every, eval_every, save_every, keep_checkpoints, progress)
+RESUME_FIXED = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+                "grad_clip", "precision", "seed")
+
+
+def split_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(rows per rank, rows per micro-batch) of one optimizer step; a batch that does not split is an error."""
+    per_rank, rem = divmod(cfg.batch_size, world_size)
+    if rem or per_rank == 0:
+        raise ValueError(f"train.batch_size={cfg.batch_size} does not split over {world_size} processes; make it a "
+                         f"multiple of {world_size} (or run {_divisors(cfg.batch_size)} processes)")
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.batch_size={cfg.batch_size} over {world_size} process(es) gives {per_rank} rows per "
+                         f"rank, not a whole number of micro_batch_size={micro}; make batch_size a multiple of "
+                         f"{world_size * micro}, or leave micro_batch_size unset (one micro-batch per rank)")
+    return per_rank, micro
+
+
+def _divisors(n: int) -> str:
+    return " or ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
 def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: int, length: Optional[int] = None,
           eval_rows: Optional[Sequence[Row]] = None, evaluators: Sequence[Callable[[nn.Module], dict]] = (),
           callbacks: Sequence[Callable[[int, dict], None]] = (), meta: Optional[dict] = None,
@@ -339,33 +367,28 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
     meta: what a checkpoint must match on resume (model shape, method, data); stored in every checkpoint.
     """
     ctx = ctx or init_distributed()
-    per_rank, rem = divmod(cfg.batch_size, ctx.world_size)
-    if rem or per_rank % cfg.micro_batch_size:
-        raise ValueError(f"train.batch_size={cfg.batch_size} does not fit world_size={ctx.world_size} × "
-                         f"micro_batch_size={cfg.micro_batch_size}: each rank needs a whole number of micro-batches; "
-                         f"make batch_size a multiple of {ctx.world_size * cfg.micro_batch_size} or change the number "
-                         f"of processes")
-    accum = per_rank // cfg.micro_batch_size
+    per_rank, micro_size = split_batch(cfg, ctx.world_size)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None and ctx.is_main:
         checkpointing.check_writable(out_dir)
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
     meta = dict(meta or {})
-    # what a resumed run must share with the checkpoint (steps too: the LR schedule's length is part of its state)
-    meta.update(n_rows=len(rows), batch_size=cfg.batch_size, seed=cfg.seed, steps=cfg.steps)
+    # what a resumed run must share with the checkpoint: the data, and every setting of the optimisation (steps too:
+    # the LR schedule's length is part of its state); micro_batch_size and the bookkeeping keys may change
+    meta.update(n_rows=len(rows), **{key: getattr(cfg, key) for key in RESUME_FIXED})
 
     if ctx.world_size > 1:
         shard_model(model)
     device = _device(model)
     optimizer, schedule = build_optimizer(model, cfg)
-    start_step = 0
+    start_step, totals = 0, {}
     if ckpt_dir is not None:
         found = checkpointing.latest(ckpt_dir)
         if cfg.resume:
             if found is None:
                 raise ValueError(f"train.resume=true but {ckpt_dir} holds no checkpoint; start without resume or point "
                                  f"train.out_dir at the run to continue")
-            start_step = checkpointing.load(found, model, optimizer, schedule, meta, ctx)
+            start_step, totals = checkpointing.load(found, model, optimizer, schedule, meta, ctx)
         elif found is not None:
             raise ValueError(f"{out_dir} already holds checkpoints of a run (newest: {found.name}); pass "
                              f"train.resume=true to continue it, or choose a fresh train.out_dir")
@@ -378,15 +401,16 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
 
     model.train()
-    train_time, tokens_seen = 0.0, 0
+    # totals over the whole run, including the steps before a resume (stored in every checkpoint)
+    train_time, tokens_seen = totals.get("train_time_s", 0.0), totals.get("tokens", 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         # -- the rows of this step, this rank's share, and the global number of target tokens N ------------------
         step_rows = order.take(step * cfg.batch_size, cfg.batch_size)
         mine = step_rows[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-        micro = [collate([rows[i] for i in mine[j:j + cfg.micro_batch_size]], pad_id, length).to(device)
-                 for j in range(0, per_rank, cfg.micro_batch_size)]
+        micro = [collate([rows[i] for i in mine[j:j + micro_size]], pad_id, length).to(device)
+                 for j in range(0, per_rank, micro_size)]
         n_global = ctx.all_sum(sum(b.n_targets for b in micro))
         if n_global == 0:
             raise ValueError(f"step {step}: no target token in the whole batch; every row is masked (check the data)")
@@ -415,8 +439,7 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if is_eval and (eval_rows or evaluators):
             if eval_rows:
-                record["eval_loss"] = evaluate_loss(model, list(eval_rows), cfg.micro_batch_size, pad_id, length,
-                                                    device)
+                record["eval_loss"] = evaluate_loss(model, list(eval_rows), micro_size, pad_id, length, device)
             for fn in evaluators:
                 record.update(fn(model))
             model.train()
@@ -429,7 +452,8 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
             bar.update(1)
         if ckpt_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
             checkpointing.save(ckpt_dir, done, model, optimizer, schedule, meta, ctx, keep=cfg.keep_checkpoints,
-                               data_position=done * cfg.batch_size)
+                               data_position=done * cfg.batch_size,
+                               totals={"tokens": tokens_seen, "train_time_s": train_time})
     if bar is not None:
         bar.close()
     return TrainResult(log.records, cfg.steps, train_time, tokens_seen, start_step or None)

@@ -30,3 +30,12 @@ def install_target(pins: tuple[str, ...], *, env_var: str, default_name: str, ch
             pytest.skip(f"pip could not install {', '.join(pins)} into {folder} (offline?): "
                         f"{done.stderr.strip().splitlines()[-1:]}")
     return folder
+
+
+HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions the HF PEFT tests were written against
+
+
+def hf_peft_folder() -> Path:
+    """The folder holding HF `peft` (and `accelerate`) for the reference process ($HF_PEFT_DIR, else a temp folder)."""
+    return install_target(HF_PEFT_PINS, env_var="HF_PEFT_DIR", default_name="llama-peft-zoo-hf-peft",
+                          check="peft/tuners")

@@ -60,3 +60,21 @@ def run_case(work: str, hf_peft_dir: str) -> dict:
     n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
     return {"hf_lora": hf_lora, "export": export, "hf_lora_hidden": hf_lora_hidden, "export_hidden": export_hidden,
             "n_lora_tensors_loaded": n_lora}
+
+
+def greedy_from_checkpoints(merged_dir: str, base_dir: str, adapter_dir: str, tokens: torch.Tensor,
+                            n_new: int) -> dict:
+    """A merged HF checkpoint, and a base HF checkpoint with an HF PEFT adapter folder on it, each loaded the way a
+    user loads them (`from_pretrained`), in float64: their logits on `tokens` [B, T] and `n_new` greedy tokens."""
+    merged = LlamaForCausalLM.from_pretrained(merged_dir)
+    adapted = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base_dir), adapter_dir)
+    out = {}
+    for name, model in (("merged", merged), ("adapter", adapted)):
+        model = model.to(torch.float64).eval()
+        with torch.no_grad():
+            out[name + "_logits"] = model(tokens).logits
+            ids = tokens
+            for _ in range(n_new):  # greedy without a cache: the plainest decoding there is
+                ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=1)
+        out[name + "_ids"] = ids[:, tokens.shape[1]:]
+    return out
