@@ -54,6 +54,7 @@ from llama import MllamaArgs, MllamaVisionArgs  # noqa: E402
 from llama.vision.mllama_preprocess import preprocess  # noqa: E402
 from peft.training.data import IGNORE_INDEX, Row  # noqa: E402
 from peft.training.loop import TrainConfig, train  # noqa: E402
+from scripts._ablation import readable_log_axis, variant_colors  # noqa: E402
 from scripts._cli import experiment_parser, positive, run_cli, start  # noqa: E402
 
 # -- the task ---------------------------------------------------------------------------------------------------------
@@ -216,20 +217,21 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = variant_colors(report["results"])
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.6))
     for method, r in report["results"].items():
-        ax.scatter(r["trainable"], 100 * r["accuracy"]["all"], s=40)
-        ax.annotate(method, (r["trainable"], 100 * r["accuracy"]["all"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+        ax.scatter(r["trainable"], 100 * r["accuracy"]["all"], s=50, color=colors[method], label=method)
         curve, ema, smooth = r["loss_curve"], None, []
         for x in curve:
             ema = x if ema is None else 0.9 * ema + 0.1 * x
             smooth.append(ema)
-        ax2.plot(range(1, len(curve) + 1), smooth, label=method)
+        ax2.plot(range(1, len(curve) + 1), smooth, color=colors[method], label=method)
     ax.axhline(25, color="k", lw=0.8, ls="--", label="guessing without the image")
-    ax.set(xscale="log", xlabel="trainable parameters", ylabel="held-out accuracy (%)", ylim=(0, 100),
-           title="accuracy against trainable parameters")
-    ax.legend(fontsize=8)
+    counts = [r["trainable"] for r in report["results"].values()]
+    ax.set(xscale="log", xlim=(min(counts) / 1.5, max(counts) * 1.5), xlabel="trainable parameters",
+           ylabel="held-out accuracy (%)", ylim=(0, 100), title="accuracy against trainable parameters")
+    readable_log_axis(ax, "x")
+    ax.legend(fontsize=8, loc="lower right")
     ax2.set(xlabel="step", ylabel="loss on the answer (EMA 0.9)", title="training loss")
     ax2.legend(fontsize=8)
     fig.tight_layout()
