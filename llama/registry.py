@@ -44,11 +44,12 @@ def register_architecture(args_type: type, module: Callable[[Any], nn.Module], c
     ARCHITECTURES[args_type] = Architecture(module, count)
 
 
-def register_preset(name: str, args: Any, *, published: Optional[int], source: str, family: str) -> None:
-    """Add a named preset whose args are of a registered (non-text) type."""
+def register_preset(name: str, args: Any, *, published: Optional[int], source: str, family: str,
+                    exact: bool = True) -> None:
+    """Add a named preset whose args are of a registered (non-text) type (`exact`: see `llama.config.Preset`)."""
     if name in PRESETS or name in MULTIMODAL_PRESETS:
         raise ValueError(f"preset {name!r} is already registered")
-    MULTIMODAL_PRESETS[name] = Preset(args, published, source, family)
+    MULTIMODAL_PRESETS[name] = Preset(args, published, source, family, exact=exact)
 
 
 def all_presets() -> dict[str, Preset]:
