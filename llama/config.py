@@ -420,17 +420,20 @@ def count_vision_parameters(v: Llama4VisionArgs, text_dim: int) -> int:
 @dataclass(frozen=True)
 class Preset:
     args: ModelArgs
-    published: Optional[int]  # exact published parameter count (None for tiny test presets)
+    published: Optional[int]  # the release's parameter count (None for tiny test presets)
     source: str = ""
     family: str = ""
     fields: dict = field(default_factory=dict)  # the constructor arguments of `args` (derived sizes left out)
+    # True: `published` is an exact published total (HF safetensors count). False: no exact total was published
+    # (papers and model cards round, e.g. "6.7B"), so `published` is counted from the released shapes (`source`).
+    exact: bool = True
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def _add(name: str, published: Optional[int], source: str, family: str, **kw) -> None:
-    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family, dict(name=name, **kw))
+def _add(name: str, published: Optional[int], source: str, family: str, exact: bool = True, **kw) -> None:
+    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family, dict(name=name, **kw), exact)
 
 
 _L3_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -446,7 +449,7 @@ for _name, (_d, _l, _h, _n) in {
     "llama-65b": (8192, 80, 64, 65_285_660_672),
 }.items():
     _add(_name, _n, "LLaMA paper Tab. 2 (6.7/13.0/32.5/65.2B); exact count from the released shapes", "LLaMA 1",
-         dim=_d, n_layers=_l, n_heads=_h, norm_eps=1e-6, max_seq_len=2048)
+         exact=False, dim=_d, n_layers=_l, n_heads=_h, norm_eps=1e-6, max_seq_len=2048)
 
 # Llama 2 (arXiv 2307.09288, Tab. 1): eps 1e-5, context 4096; GQA (8 KV heads) only for 70B.
 _add("llama-2-7b", 6_738_415_616, "HF safetensors total 6,738,417,664 minus 2,048 inv_freq buffer elements",
@@ -458,16 +461,16 @@ _add("llama-2-70b", 68_976_648_192, "HF total minus 5,120 inv_freq elements", "L
 
 # Code Llama (arXiv 2308.12950): theta 1e6 for 16k context; 7B/13B/70B have 32,016 rows (4 infilling tokens).
 _add("code-llama-7b", 6_738_546_688, "computed from HF config (no exact published count)", "Code Llama",
-     dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-13b", 13_016_028_160, "computed from HF config", "Code Llama",
+     exact=False, dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
+_add("code-llama-13b", 13_016_028_160, "computed from HF config", "Code Llama", exact=False,
      dim=5120, n_layers=40, n_heads=40, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-34b", 33_743_970_304, "computed from HF config", "Code Llama",
+_add("code-llama-34b", 33_743_970_304, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.0, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-70b", 68_976_910_336, "computed from HF config", "Code Llama",
+_add("code-llama-70b", 68_976_910_336, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32016, multiple_of=4096, ffn_dim_multiplier=1.3,
      rope_theta=1e6, max_seq_len=16384)
 # 70B Instruct / Python: theta 1e4 and 4096 context (Meta, codellama#188).
-_add("code-llama-70b-instruct", 68_976_910_336, "computed from HF config", "Code Llama",
+_add("code-llama-70b-instruct", 68_976_910_336, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32016, multiple_of=4096, ffn_dim_multiplier=1.3,
      rope_theta=1e4, max_seq_len=4096)
 

@@ -271,7 +271,7 @@ class Transformer(nn.Module):
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
                 segment_ids: Optional[torch.Tensor] = None, embeddings: Optional[torch.Tensor] = None,
-                pixel_values: Optional[torch.Tensor] = None) -> torch.Tensor:
+                pixel_values: Optional[torch.Tensor] = None, **image_inputs) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         start_pos: position of tokens[:, 0] when decoding with a KV cache (None: no cache, positions 0 … T-1).
@@ -279,9 +279,10 @@ class Transformer(nn.Module):
         at 0 at each segment start.
         embeddings [B, T, C]: input vectors to use instead of tok_embeddings(tokens) (a multimodal model passes the
         token embeddings with image features written in: `llama.vision`).
-        pixel_values: refused here with a clear error; images go to a multimodal model (`llama.vision`).
+        pixel_values (and the other image inputs of an HF processor, e.g. aspect_ratio_ids): refused here with a
+        clear error; images go to a multimodal model (`llama.vision`).
         """
-        self._check_inputs(tokens, start_pos, segment_ids, embeddings, pixel_values)
+        self._check_inputs(tokens, start_pos, segment_ids, embeddings, pixel_values, image_inputs)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         mask = None
@@ -297,13 +298,16 @@ class Transformer(nn.Module):
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int], segment_ids: Optional[torch.Tensor],
-                      embeddings: Optional[torch.Tensor], pixel_values: Optional[torch.Tensor]) -> None:
+                      embeddings: Optional[torch.Tensor], pixel_values: Optional[torch.Tensor],
+                      image_inputs: Optional[dict] = None) -> None:
         """Every check of forward's arguments, before any computation (forward itself then reads as the model)."""
-        if pixel_values is not None:
-            raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take "
-                             f"pixel_values; build a multimodal preset (e.g. llama-4-scout-vision) or load a "
-                             f"multimodal checkpoint (Llama4ForConditionalGeneration) to pass images")
-        self._check_tokens(tokens, start_pos)
+        images = sorted((image_inputs or {}) | ({} if pixel_values is None else {"pixel_values": pixel_values}))
+        if images:
+            raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take image "
+                             f"inputs ({', '.join(images)}); build a multimodal preset (e.g. llama-4-scout-vision, "
+                             f"llama-3.2-11b-vision) or load a multimodal checkpoint (Llama4ForConditionalGeneration, "
+                             f"MllamaForConditionalGeneration) to pass images")
+        check_tokens(tokens, start_pos, self.args.max_seq_len, self.args.vocab_size)
         B, T = tokens.shape
         if segment_ids is not None:
             if start_pos is not None:
@@ -314,24 +318,25 @@ class Transformer(nn.Module):
             raise ValueError(f"embeddings must have shape [batch, seq_len, dim] = {[B, T, self.args.dim]} to match "
                              f"tokens, got {list(embeddings.shape)}")
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
-                             f"use tokens[None] for a single sequence")
-        end = (start_pos or 0) + tokens.shape[1]
-        if end > self.args.max_seq_len:
-            raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len="
-                             f"{self.args.max_seq_len}; shorten the input or raise max_seq_len (with RoPE scaling)")
-        # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
-        # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
-        if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.args.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.args.vocab_size}); "
-                                 f"check that the tokenizer matches the model's vocab_size")
+def check_tokens(tokens: torch.Tensor, start_pos: Optional[int], max_seq_len: int, vocab_size: int) -> None:
+    """Refuse what a forward pass cannot take: non-integer or non-2D tokens, too long a context, ids out of range."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
+                         f"use tokens[None] for a single sequence")
+    end = (start_pos or 0) + tokens.shape[1]
+    if end > max_seq_len:
+        raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len={max_seq_len}; "
+                         f"shorten the input or raise max_seq_len (with RoPE scaling)")
+    # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
+    # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
+    if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size}); "
+                             f"check that the tokenizer matches the model's vocab_size")
 
 
 def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

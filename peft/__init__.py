@@ -1,7 +1,8 @@
 """Parameter-efficient fine-tuning of the LLaMA zoo: LoRA (rsLoRA, DoRA, QLoRA), LLaMA-Adapter V1 and V2, LLaMA-Excitor.
 
-One file per method (`lora`, `qlora`, `lora_experts`, `qlora_experts`, `adapter_v1`, `adapter_v2`, `excitor`; the
-LoRA family shares `lora_core`), one interface (`api`):
+One file per method (`lora`, `qlora`, `lora_experts`, `qlora_experts`, `adapter_v1`, `adapter_v2`, `excitor`, and
+the visual branches `adapter_v2_visual`, `excitor_visual` for multimodal models; the LoRA family shares
+`lora_core`), one interface (`api`):
 
     peft.apply(model, peft.LoraConfig(r=8))      # freeze the base, attach in place
     peft.trainable_parameters(model)
@@ -24,9 +25,11 @@ Post-training (Llama 2 / Llama 3: reward model, rejection sampling, DPO; `peft.t
 
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .api import (adapter_parameters, adapter_state_dict, apply, load_adapter, merge, save_adapter,
                   trainable_parameters, unmerge)
 from .excitor import ExcitorConfig
+from .excitor_visual import ExcitorVisualConfig
 from .hf_export import export_hf
 from .lora_core import LoraConfig
 from .unload import merge_and_unload
@@ -34,7 +37,8 @@ from .disable import disable_adapters
 from .training.preference import dpo_loss, reward_accuracy, reward_loss, sequence_logps
 from .training.reward_model import reward_model
 
-__all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "apply", "trainable_parameters",
+__all__ = ["LoraConfig", "AdapterV1Config", "AdapterV2Config", "ExcitorConfig", "AdapterV2VisualConfig",
+           "ExcitorVisualConfig", "apply", "trainable_parameters",
            "adapter_parameters", "adapter_state_dict", "merge", "unmerge", "save_adapter", "load_adapter",
            "export_hf", "merge_and_unload", "disable_adapters", "sequence_logps", "reward_loss", "reward_accuracy",
            "dpo_loss", "reward_model"]

@@ -126,14 +126,15 @@ def validate(model: nn.Module, config: AdapterV1Config) -> list[int]:
 
 
 def attach_prompts(model: nn.Module, layers: list[int], adapter_len: int, gate_activation: str,
-                   prompt_init_std: float) -> list[str]:
-    """Give each layer in `layers` an `AdaptionPrompt`; return the new parameters' names."""
+                   prompt_init_std: float, make=AdaptionPrompt) -> list[str]:
+    """Give each layer in `layers` an `AdaptionPrompt` (or what `make` builds from the same arguments, e.g. one with
+    visual tokens added); return the new parameters' names."""
     names = []
     ref = model.tok_embeddings.weight  # the model's dtype and device
     for i in layers:
         attn = model.layers[i].attention
-        attn.extension = AdaptionPrompt(adapter_len, model.args.dim, attn.n_heads, gate_activation, prompt_init_std,
-                                        master_dtype(ref.dtype), ref.device)
+        attn.extension = make(adapter_len, model.args.dim, attn.n_heads, gate_activation, prompt_init_std,
+                              master_dtype(ref.dtype), ref.device)
         names += [f"layers.{i}.attention.extension.prompt", f"layers.{i}.attention.extension.gate"]
     return names
 

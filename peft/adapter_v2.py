@@ -21,10 +21,9 @@ Differences and choices (arXiv 2304.15010 §4 vs. the OpenGVLab/LLaMA-Adapter co
     The released multimodal-7B code instead has biases only, on wq wo w1 w2 w3.
   * Parameter groups (§4 item 4, "joint training with disjoint parameters"): the language group (late prompts and
     gates, norms, biases, scales) is trained on instruction data; the visual group (visual projection, early
-    zero-init gates) on image–text data. Only the language group exists here: visual tokens are an extension point
-    (`peft.adapter_v1.set_visual_prompts` adds them to the prompts, as the released multimodal code does; the paper's
-    early fusion at layer 1 with 20 visual prompts would be a second `AdaptionPrompt` on layer 0 fed by a vision
-    encoder, which lives outside this package).
+    zero-init gates) on image–text data. This file holds the language group; the visual branch (the paper's early
+    fusion at layer 1 with 20 visual prompts, or the released code's visual tokens added to every prompt) is
+    `peft.adapter_v2_visual`, on a multimodal model whose own frozen encoder provides the image features.
   * Merging folds b and s into the weights exactly (output side: W' = diag(s) W, b' = s ⊙ b; input side:
     W' = W diag(s), b' = b); the layer then computes W'x + b'. Norm gains are already in place. Prompts cannot merge.
   * The norm gains train in place, so attaching records each gain's starting value (a non-persistent buffer
@@ -43,7 +42,7 @@ from torch import nn
 
 from llama.model import RMSNorm
 
-from .adapter_v1 import attach_prompts, check_prompt_options
+from .adapter_v1 import AdaptionPrompt, attach_prompts, check_prompt_options
 from .lora_core import master_dtype
 from .targets import (BLOCK_LINEARS, LINEAR_NAMES, check_free_extensions, check_plain_linears, check_target_names,
                       iter_linears, shared_parameter_ids, top_layers)
@@ -160,7 +159,9 @@ def validate(model: nn.Module, config: AdapterV2Config) -> tuple[list[int], list
     return prompt_layers, found
 
 
-def attach(model: nn.Module, config: AdapterV2Config, plan: tuple[list[int], list]) -> list[str]:
+def attach(model: nn.Module, config: AdapterV2Config, plan: tuple[list[int], list],
+           make_prompt=AdaptionPrompt) -> list[str]:
+    """Bias/scale on the linears, norms unfrozen, prompts (built by `make_prompt`) in the last layers -> names."""
     prompt_layers, found = plan
     shared = shared_parameter_ids(model)
     names = []
@@ -171,7 +172,8 @@ def attach(model: nn.Module, config: AdapterV2Config, plan: tuple[list[int], lis
     if config.train_norms:  # §4.1: every normalisation layer is unfrozen
         record_base_gains(model)
         names += norm_parameter_names(model)
-    names += attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation, config.prompt_init_std)
+    names += attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation, config.prompt_init_std,
+                            make_prompt)
     return names
 
 
@@ -201,11 +203,16 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """The paper's disjoint groups (§4 item 4): "language" (trained on instruction data) and "visual" (image–text).
 
     language: adaption prompts and gates of the late layers, norm gains, biases and scales.
-    visual:   visual projection and early zero-init gates; empty here (the multimodal branch is an extension point).
+    visual:   the visual projection and the early zero-init gated prompts (`peft.adapter_v2_visual`); empty without
+              a visual branch.
     """
     state = getattr(model, "peft_state", None)
-    if state is None or state.config.method != "adapter_v2":
+    if state is None or state.config.method not in ("adapter_v2", "adapter_v2_visual"):
         raise ValueError("parameter_groups needs a model with LLaMA-Adapter V2 attached: "
                          "call peft.apply(model, peft.AdapterV2Config(...)) first")
     params = dict(model.named_parameters())
-    return {"language": {n: params[n] for n in state.parameter_names}, "visual": {}}
+    early = getattr(state.config, "visual_fusion", None) == "early"
+    visual = [n for n in state.parameter_names if n.startswith("adapter_visual.")
+              or (early and n.startswith("text_model.layers.0.attention.extension."))]
+    return {"language": {n: params[n] for n in state.parameter_names if n not in visual},
+            "visual": {n: params[n] for n in visual}}

@@ -13,6 +13,10 @@ A method is a config dataclass (with a `method` name, checked on its own when bu
 into the weights, `merge(model)` / `unmerge(model)`. A `LoraConfig` with `quantize_base=True` is validated and
 attached by `peft.qlora`; merging stays `peft.lora`'s (every LoRA layer, NF4 or not, merges itself).
 `apply` records what it attached in `model.peft_state`, which every other function here reads.
+
+On a multimodal model with a text trunk of its own (`llama.MllamaTransformer`) the text-only methods attach to that
+trunk (`model.text_model`; parameter names get the prefix `text_model.`), and the visual methods
+(`adapter_v2_visual`, `excitor_visual`) attach to the whole model, reading its frozen image encoder.
 """
 
 from __future__ import annotations
@@ -33,14 +37,18 @@ from torch import nn
 
 from llama.formats.io import atomic_write_bytes, staged_folder
 
-from . import adapter_v1, adapter_v2, excitor, lora, qlora
+from . import adapter_v1, adapter_v2, adapter_v2_visual, excitor, excitor_visual, lora, qlora
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .excitor import ExcitorConfig
+from .excitor_visual import ExcitorVisualConfig
 from .lora_core import LoraConfig
-from .targets import check_model
+from .targets import check_model, text_trunk
+from .visual import is_multimodal
 
-Config = Union[LoraConfig, AdapterV1Config, AdapterV2Config, ExcitorConfig]
+Config = Union[LoraConfig, AdapterV1Config, AdapterV2Config, ExcitorConfig, AdapterV2VisualConfig,
+               ExcitorVisualConfig]
 
 # method name -> (config class, module implementing validate and attach [and merge/unmerge])
 METHODS = {
@@ -48,8 +56,11 @@ METHODS = {
     "adapter_v1": (AdapterV1Config, adapter_v1),
     "adapter_v2": (AdapterV2Config, adapter_v2),
     "excitor": (ExcitorConfig, excitor),
+    "adapter_v2_visual": (AdapterV2VisualConfig, adapter_v2_visual),
+    "excitor_visual": (ExcitorVisualConfig, excitor_visual),
 }
-MERGEABLE = ("lora", "adapter_v2")
+VISUAL_METHODS = ("adapter_v2_visual", "excitor_visual")  # attach to a whole multimodal model
+MERGEABLE = ("lora", "adapter_v2", "adapter_v2_visual")
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
 # ModelArgs fields that fix the shapes of every adapter parameter
@@ -89,8 +100,16 @@ def apply(model: nn.Module, config: Config) -> nn.Module:
                          f"applied once per model: build a fresh model to apply another (load_adapter changes weights)")
     # LoRA on NF4 base weights (QLoRA) is LoRA's config with quantize_base: its own validate and attach
     method = qlora if isinstance(config, LoraConfig) and config.quantize_base else METHODS[config.method][1]
-    plan = method.validate(model, config)
-    names = method.attach(model, config, plan)
+    if config.method in VISUAL_METHODS:
+        if not is_multimodal(model):
+            raise TypeError(f"{config.method} needs a multimodal model with an image encoder (e.g. "
+                            f"llama.build('llama-3.2-11b-vision')), got a text-only {type(model).__name__}; use "
+                            f"{config.method.removesuffix('_visual')} for text-only fine-tuning")
+        target, prefix = model, ""
+    else:
+        target, prefix = text_trunk(model)
+    plan = method.validate(target, config)
+    names = [prefix + name for name in method.attach(target, config, plan)]
     declared = set(names)
     for name, p in model.named_parameters(remove_duplicate=False):  # freeze the base, train the adapter
         p.requires_grad_(name in declared)
@@ -149,7 +168,9 @@ def config_from_dict(data: dict) -> Config:
 
 
 def model_shape(model: nn.Module) -> dict:
-    return {key: getattr(model.args, key) for key in SHAPE_FIELDS}
+    """The text trunk's shape fields (a multimodal model's trunk for visual adapters too)."""
+    args = text_trunk(model)[0].args
+    return {key: getattr(args, key) for key in SHAPE_FIELDS}
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,7 +1,12 @@
 """`python -m peft.count`: trainable parameters of each method on LLaMA-7B and 65B, next to the papers' figures.
 
-Every count is measured, not computed from a formula: the real `Transformer` is built on the `meta` device (no
-memory), the method is attached with `peft.apply`, and `peft.trainable_parameters` is read off.
+Every count is measured, not computed from a formula: the real model (`llama.build`: a `Transformer`, or Llama 3.2
+Vision for the visual branches) is built on the `meta` device (no memory), the method is attached with
+`peft.apply`, and `peft.trainable_parameters` is read off.
+
+The visual branches have no published count for this base: the papers put a 768-wide CLIP feature through their
+projection, Llama 3.2 Vision's encoder gives 7680 features per token, so the projection alone is 7680·4096 + 4096
+at 11B (~31.5M, most of each visual row).
 """
 
 from __future__ import annotations
@@ -13,14 +18,15 @@ from typing import Optional
 
 import torch
 
-from llama.config import ModelArgs
 from llama.formats.io import atomic_write_bytes
-from llama.model import Transformer
+from llama.registry import build
 
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .api import apply, trainable_parameters
 from .excitor import ExcitorConfig
+from .excitor_visual import ExcitorVisualConfig
 from .lora_core import LoraConfig
 from .targets import BLOCK_LINEARS
 
@@ -47,12 +53,18 @@ ROWS = [
     ("Excitor K=30 r=16 L=30", "llama-7b", ExcitorConfig(), "7.6M", None,
      "secondary summary of the paper (emergentmind)"),
     ("Excitor K=30 r=16 L=30", "llama-65b", ExcitorConfig(), None, None, ""),
+    ("Adapter V2 visual, early fusion (paper)", "llama-3.2-11b-vision", AdapterV2VisualConfig(), None, None,
+     "V2 Tab. 1 reports 14M with CLIP ViT-L/14 on 7B"),
+    ("Adapter V2 visual, late fusion (code)", "llama-3.2-11b-vision",
+     AdapterV2VisualConfig(visual_fusion="late"), None, None, "released multimodal-7B code"),
+    ("Excitor visual K=30 r=16 L=30", "llama-3.2-11b-vision", ExcitorVisualConfig(), None, None,
+     "no multimodal count published"),
 ]
 
 
 def measured(model_name: str, config) -> int:
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_name(model_name))
+        model = build(model_name)
         apply(model, config)
     return trainable_parameters(model)
 

@@ -26,9 +26,17 @@ EXPERT_MATRICES = ("w1", "w2", "w3")
 
 
 def check_model(model: nn.Module) -> None:
-    """PEFT methods need a `llama.Transformer`-shaped model: `.args`, `.layers[i].attention`, `.output`."""
-    if not (hasattr(model, "args") and hasattr(model, "layers") and hasattr(model, "output")):
+    """PEFT methods need a `llama.Transformer`-shaped model (`.args`, `.layers[i].attention`, `.output`), or a
+    multimodal model whose `text_model` is one."""
+    trunk, _ = text_trunk(model)
+    if not (hasattr(trunk, "args") and hasattr(trunk, "layers") and hasattr(trunk, "output")):
         raise TypeError(f"expected a llama.Transformer (with .args, .layers and .output), got {type(model).__name__}")
+
+
+def text_trunk(model: nn.Module) -> tuple[nn.Module, str]:
+    """(the text Transformer, its name prefix): a multimodal model's `text_model`, else the model itself."""
+    trunk = getattr(model, "text_model", None)
+    return (trunk, "text_model.") if isinstance(trunk, nn.Module) else (model, "")
 
 
 def check_target_names(names: Sequence[str], allowed: Sequence[str] = LINEAR_NAMES) -> tuple[str, ...]:

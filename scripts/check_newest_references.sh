@@ -43,6 +43,7 @@ cd "$ROOT"
 export HF_PEFT_DIR="$WORK/hf-peft"
 exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
   tests/test_hf_parity.py tests/test_checkpoint.py tests/test_rope_scaling.py tests/test_llama4.py \
-  tests/test_llama4_vision.py tests/test_llama4_preprocess.py tests/test_model.py tests/test_generate.py \
+  tests/test_llama4_vision.py tests/test_llama4_preprocess.py tests/test_mllama.py tests/test_mllama_preprocess.py \
+  tests/test_model.py tests/test_generate.py \
   tests/test_tokenizer.py tests/test_chat_format.py tests/test_nf4_bnb_parity.py tests/test_lora_hf.py \
   tests/test_bad_inputs.py

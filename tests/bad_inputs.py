@@ -175,7 +175,7 @@ for name, changes, words in [
     ("head_dim '16'", dict(head_dim="16"), ["params.json", "'head_dim'", "quotes"]),
     ("ffn_dim_multiplier '1.3'", dict(ffn_dim_multiplier="1.3"), ["params.json", "'ffn_dim_multiplier'", "quotes"]),
     ("no dim", dict(dim=REMOVE), ["params.json has no 'dim' field", "restore the original"]),
-    ("vision params", dict(vision_chunk_size=560), ["Llama 4 or Llama 3.2 Vision"]),
+    ("vision params", dict(vision_chunk_size=560), ["Meta's layout of Llama 3.2 Vision", "Hugging Face folder"]),
 ]:
     add("params.json", name, edited_config("meta-single", "params.json", changes), CheckpointError, *words)
 

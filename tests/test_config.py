@@ -9,6 +9,7 @@ import torch
 
 from llama import ModelArgs, list_models
 from llama.config import PRESETS, RopeScaling, count_parameters
+from llama.registry import MULTIMODAL_PRESETS, all_presets
 from llama.vision.llama4_model import module_for
 
 # name: (exact published parameter count, SwiGLU hidden size F = HF intermediate_size)
@@ -58,6 +59,7 @@ GENERATION_ROWS = {
 }
 
 RELEASED = [name for name, preset in PRESETS.items() if preset.published is not None]
+RELEASED_MULTIMODAL = [name for name, preset in MULTIMODAL_PRESETS.items() if preset.published is not None]
 
 
 def dense_formula(a: ModelArgs) -> int:
@@ -117,8 +119,16 @@ def test_zoo_table_reports_every_preset_matching(capsys):
 
     assert zoo.main([]) == 0
     out = capsys.readouterr().out
-    assert f"{len(RELEASED)}/{len(RELEASED)} released presets" in out
-    assert "405,853,388,800" in out
+    presets = all_presets()
+    exact = [name for name in RELEASED + RELEASED_MULTIMODAL if presets[name].exact]
+    shapes = [name for name in RELEASED + RELEASED_MULTIMODAL if not presets[name].exact]
+    assert f"{len(exact)}/{len(exact)} released presets reproduce their exact published" in out
+    assert f"{len(shapes)}/{len(shapes)} more" in out
+    # only releases without an exact published total are marked as counted from their shapes
+    assert {name for name in shapes} == {n for n in presets if n.startswith(("llama-7b", "llama-13b", "llama-33b",
+                                                                            "llama-65b", "code-llama"))} | {
+        "llama-3.2-90b-vision"}
+    assert "405,853,388,800" in out and "88,593,355,323*" in out and "6,738,415,616*" in out
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

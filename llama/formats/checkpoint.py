@@ -21,9 +21,10 @@ import torch
 from ..checks import check_int, parse_device, parse_dtype
 from ..config import ModelArgs
 from ..model import Transformer
+from ..registry import build
 from ..rope import RotaryEmbedding
-from ..vision.llama4_model import module_for
-from . import hf, llama4, meta
+from ..vision.mllama import MllamaTransformer
+from . import hf, llama4, meta, mllama
 from .io import CheckpointError, check_state_dict, expected_shapes, require_dense, staged_folder
 
 FORMATS = ("hf", "meta")
@@ -58,9 +59,9 @@ def detect_format(path: PathLike) -> str:
 
 
 def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device] = "cpu",
-         format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Transformer:
+         format: Optional[str] = None, max_seq_len: Optional[int] = None) -> Union[Transformer, MllamaTransformer]:
     """Build a `Transformer` from a Meta or Hugging Face checkpoint folder (a `Llama4Multimodal`, which takes
-    `pixel_values`, from a Llama 4 multimodal one).
+    `pixel_values`, from a Llama 4 multimodal one; a `MllamaTransformer` from a Llama 3.2 Vision one).
 
     dtype: convert floating-point weights to this dtype, a torch.dtype or a name ("bf16", "bfloat16", "float32";
     None: keep the stored dtype). device: "cpu", "cuda", "cuda:1", ... format: 'meta' or 'hf' to skip detection.
@@ -74,7 +75,14 @@ def load(path: PathLike, *, dtype: Optional[torch.dtype] = None, device: Union[s
         raise ValueError(f"unknown checkpoint format {format!r}; use format='hf', format='meta' or leave it None "
                          f"(detected from the folder)")
     fmt = format or detect_format(folder)
-    if llama4.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/formats/llama4.py)
+    if mllama.is_mllama_folder(folder, fmt):  # Llama 3.2 Vision (llama/formats/mllama.py)
+        if fmt == "meta":
+            raise CheckpointError(f"{folder} is Meta's layout of Llama 3.2 Vision, which llama.load does not read "
+                                  f"(see llama/formats/mllama.py); load the Hugging Face folder of the model instead")
+        args, sd = mllama.read_hf(folder)
+        if max_seq_len is not None:
+            args.text.max_seq_len = max_seq_len
+    elif llama4.is_llama4_folder(folder, fmt):  # Llama 4: fused / expert tensors (llama/formats/llama4.py)
         args, sd = llama4.read(folder, fmt, max_seq_len=max_seq_len)
     elif fmt == "meta":
         args, sd = meta.read_meta(folder, max_seq_len=max_seq_len)
@@ -92,20 +100,21 @@ def _folder_argument(path, action: str) -> Path:
     return Path(path)
 
 
-def build_model(args: ModelArgs, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
-                device: Union[str, torch.device] = "cpu") -> Transformer:
-    """The model of `args` (text `Transformer` or `Llama4Multimodal`) whose parameters are the tensors of `sd` (Meta
-    names), without a second copy."""
-    with torch.device("meta"):
-        model = module_for(args)
+def build_model(args, sd: dict[str, torch.Tensor], *, dtype: Optional[torch.dtype] = None,
+                device: Union[str, torch.device] = "cpu") -> torch.nn.Module:
+    """The model of `args` (`llama.build`: text `Transformer`, `Llama4Multimodal` or `MllamaTransformer`) whose
+    parameters are the tensors of `sd` (Meta names), without a second copy."""
+    model = build(args, device="meta")
 
     def place(t: torch.Tensor) -> torch.Tensor:
         return t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
 
     model.load_state_dict({k: place(v) for k, v in sd.items()}, strict=True, assign=True)
-    if args.tie_word_embeddings:  # assign=True replaced the shared Parameter by two; share one again
+    if getattr(args, "tie_word_embeddings", False):  # assign=True replaced the shared Parameter by two; share again
         model.output.weight = model.tok_embeddings.weight
-    model.rope = _fresh_rope(model.rope, device)
+    for module in model.modules():
+        if isinstance(getattr(module, "rope", None), RotaryEmbedding):
+            module.rope = _fresh_rope(module.rope, device)
     return model
 
 
@@ -130,17 +139,22 @@ def save(model: Transformer, path: PathLike, format: str = "hf", *, num_shards: 
     leaves the old checkpoint or the new one, never a mix, and a failed save leaves nothing behind. Other files
     in an existing folder (tokenizer, README) are kept; weight files of an earlier save are not.
     """
-    if not isinstance(model, Transformer):
-        raise TypeError(f"save() needs a llama.Transformer, got {type(model).__name__}")
+    if not isinstance(model, (Transformer, MllamaTransformer)):
+        raise TypeError(f"save() needs a llama.Transformer or MllamaTransformer, got {type(model).__name__}")
+    if isinstance(model, MllamaTransformer) and format != "hf":
+        raise CheckpointError("Llama 3.2 Vision models are saved in the Hugging Face layout only (format='hf'); "
+                              "Meta's layout of them is not documented in this project's sources")
     folder, num_shards, shard_bytes, dtype = check_save_arguments(path, format, num_shards, max_shard_size, dtype)
     args = model.args
-    is_llama4 = llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
-    if not is_llama4:
+    is_mllama = isinstance(model, MllamaTransformer)
+    is_llama4 = not is_mllama and llama4.uses_llama4(args)  # Llama 4: its own writers (llama/formats/llama4.py)
+    if not is_llama4 and not is_mllama:
         require_dense(args, "this model")
     sd = _model_state_dict(model, dtype)
     with staged_folder(folder, replaced=_is_checkpoint_file) as stage:
         if format == "hf":
-            (llama4.write_hf if is_llama4 else hf.write_hf)(args, sd, stage, shard_bytes)
+            (mllama.write_hf if is_mllama else llama4.write_hf if is_llama4 else hf.write_hf)(args, sd, stage,
+                                                                                            shard_bytes)
         else:
             (llama4.write_meta if is_llama4 else meta.write_meta)(args, sd, stage, num_shards)
     return folder
@@ -169,7 +183,7 @@ def check_save_arguments(path, format: str, num_shards, max_shard_size, dtype
     return folder, num_shards, shard_bytes, dtype
 
 
-def _model_state_dict(model: Transformer, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
+def _model_state_dict(model: torch.nn.Module, dtype: Optional[torch.dtype]) -> dict[str, torch.Tensor]:
     """The model's parameters under Meta names, checked against its config (adapters must be merged first)."""
     sd = {k: v.detach() for k, v in model.state_dict().items()}
     on_meta = [k for k, v in sd.items() if v.is_meta]

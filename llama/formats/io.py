@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from ..checks import ConfigError, check_bool, check_int, check_real
 from ..config import ModelArgs
-from ..vision.llama4_model import module_for
+from ..registry import build
 
 
 class CheckpointError(ValueError):
@@ -136,14 +136,14 @@ def require_dense(args: ModelArgs, what: str) -> None:
                    f"dense generations (LLaMA 1 to Llama 3.3) only")
 
 
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter of the model `args` describes, built on the meta device (allocates nothing)."""
-    with torch.device("meta"):
-        model = module_for(args)
+def expected_shapes(args) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every parameter of the model `args` describes (`llama.build(args)`), built on the meta
+    device (allocates nothing)."""
+    model = build(args, device="meta")
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def check_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, *, config_file: str, weights: str,
+def check_state_dict(sd: dict[str, torch.Tensor], args, *, config_file: str, weights: str,
                      file_name: Callable[[str], str] = lambda name: name, extra_unexpected: tuple = ()) -> None:
     """Raise CheckpointError naming every missing, unexpected and mis-shaped key (in the file's own naming)."""
     expected = expected_shapes(args)

@@ -71,8 +71,8 @@ def check_params(params: dict, path: Path) -> dict:
     params = params.get("model", params)  # some releases wrap the fields in {"model": {...}}
     other = [k for k in ("moe_args", "nope_layer_interval", "vision_args", "vision_chunk_size") if k in params]
     if other:
-        raise CheckpointError(f"{path} describes a Llama 4 or Llama 3.2 Vision model ({other}); llama.load reads "
-                   f"the dense text generations (LLaMA 1 to Llama 3.3) only")
+        raise CheckpointError(f"{path} describes a Llama 4 or Llama 3.2 Vision model ({other}); this reader takes the "
+                   f"dense text generations (LLaMA 1 to Llama 3.3) only")
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(f"{path} has no {key!r} field; it is not a Meta params.json (restore the original)")

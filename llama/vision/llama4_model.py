@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import ModelArgs
-from ..model import Transformer
+from ..model import Transformer, check_tokens
 from .llama4_encoder import VisionEmbeddings
 
 
@@ -115,7 +115,7 @@ class Llama4Multimodal(Transformer):
         """
         if pixel_values is not None and image_features is not None:
             raise ValueError("pass either pixel_values or image_features (already encoded), not both")
-        self._check_tokens(tokens, start_pos)
+        check_tokens(tokens, start_pos, self.args.max_seq_len, self.args.vocab_size)
         if pixel_values is not None:
             image_features = self.encode_images(pixel_values)
         if image_features is not None:

@@ -28,7 +28,7 @@ import os
 import random
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -400,6 +400,9 @@ class Row:
     tokens: list[int]
     targets: list[int]
     segments: Optional[list[int]] = None  # None: a single sequence (plain causal attention)
+    # extra model inputs of this row (a multimodal model's image tensors, e.g. pixel_values [I, Tt, C, P, P]);
+    # collate stacks them along a new batch axis, so every row of a batch must give the same names and shapes
+    inputs: Optional[dict[str, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -441,6 +444,7 @@ class Batch:
     targets: torch.Tensor  # [B, T] long, IGNORE_INDEX where there is no loss
     segment_ids: Optional[torch.Tensor]  # [B, T] long, or None when no row is packed
     n_tokens: int  # real (non-padding) input tokens, for tokens/s
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra model inputs, stacked per row: [B, ...]
 
     @property
     def n_targets(self) -> int:
@@ -448,7 +452,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         seg = None if self.segment_ids is None else self.segment_ids.to(device)
-        return Batch(self.tokens.to(device), self.targets.to(device), seg, self.n_tokens)
+        return Batch(self.tokens.to(device), self.targets.to(device), seg, self.n_tokens,
+                     {k: v.to(device) for k, v in self.inputs.items()})
 
 
 def collate(rows: Sequence[Row], pad_id: int, length: Optional[int] = None) -> Batch:
@@ -467,7 +472,11 @@ def collate(rows: Sequence[Row], pad_id: int, length: Optional[int] = None) -> B
             segs = r.segments if r.segments is not None else [0] * n
             segment_ids[i, :n] = torch.tensor(segs)
             segment_ids[i, n:] = (segs[-1] + 1) if segs else 0  # [B, T]: padding is one more segment
-    return Batch(tokens, targets, segment_ids, sum(len(r) for r in rows))
+    names = {tuple(sorted(r.inputs or {})) for r in rows}
+    if len(names) > 1:
+        raise ValueError(f"rows of one batch give different extra inputs {sorted(names)}; give every row the same")
+    inputs = {k: torch.stack([r.inputs[k] for r in rows]) for k in (rows[0].inputs or {})}
+    return Batch(tokens, targets, segment_ids, sum(len(r) for r in rows), inputs)
 
 
 class RowOrder:

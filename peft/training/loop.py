@@ -201,10 +201,12 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, T, V] and the model's weighted auxiliary loss (0 for dense models).
 
+    The rows' extra inputs (`Row.inputs`, e.g. a multimodal model's pixel_values) go in as keyword arguments.
+
     Llama 4 mixture-of-experts models report their Switch load-balancing and ST-MoE router z-losses of the last
     forward through `Transformer.aux_loss()`, already multiplied by the coefficients in `args.moe_args`.
     """
-    kwargs = {} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}
+    kwargs = dict(batch.inputs) if batch.segment_ids is None else {"segment_ids": batch.segment_ids, **batch.inputs}
     logits = model(batch.tokens, **kwargs)
     aux_loss = getattr(model, "aux_loss", None)
     aux = aux_loss() if aux_loss is not None else logits.new_zeros(())

@@ -49,15 +49,20 @@ GENERATIONS: dict[str, ModelArgs] = {
 }
 
 
+def rope_parameters(args: ModelArgs) -> dict:
+    """HF's `rope_parameters` for `args` (transformers 5: theta inside; the reference builds llama3 scaling only)."""
+    if args.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    s = args.rope_scaling
+    assert s.rope_type == "llama3", "the reference only builds llama3 scaling"
+    return {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
+
+
 def hf_config(args: ModelArgs, **overrides) -> dict:
     """The LlamaConfig fields HF would hold for `args` (transformers 5 layout: theta inside rope_parameters)."""
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        assert s.rope_type == "llama3", "the reference only builds llama3 scaling"
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+    rope = rope_parameters(args)
     fields = dict(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
