@@ -31,12 +31,17 @@ os.dup2(2, 1)  # print() of the reference libraries must not corrupt the protoco
 import wire  # noqa: E402  (after the path set-up above)
 
 
+# This repository's code: its packages and test folders (a virtual environment inside the checkout, as `.venv/` is,
+# holds the reference libraries themselves and does not count).
+PROJECT = [repo / folder for folder in ("llama", "peft", "kernels", "scripts", "tests")]
+
+
 def from_checkout() -> list[str]:
-    """Modules imported from this repository's files (must stay empty)."""
+    """Modules imported from this repository's code (must stay empty)."""
     found = []
     for name, module in list(sys.modules.items()):
         origin = getattr(module, "__file__", None)
-        if origin and Path(origin).resolve().is_relative_to(repo):
+        if origin and any(Path(origin).resolve().is_relative_to(folder) for folder in PROJECT):
             found.append(f"{name} ({origin})")
     return found
 
