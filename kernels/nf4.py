@@ -1,6 +1,7 @@
 """NF4 storage with double quantisation, bit-compatible with bitsandbytes (QLoRA, arXiv 2305.14314 §3).
 
-Shapes: n = numel of the weight, nb = ceil(n / blocksize) first-level blocks, nb2 = ceil(nb / 256).
+Shapes: n = numel of the weight, nb = ceil(n / blocksize) first-level blocks, nb2 = ceil(nb / 256); in the
+        device functions W [.., W_K] is the weight as rows, R rows and COLS columns of a tile, BK x BN a GEMM tile.
 
 The format (bitsandbytes `quantize_4bit(..., quant_type="nf4", compress_statistics=True)`; bitsandbytes
 `functional.py`, `csrc/kernels.cu`; QLoRA arXiv 2305.14314 §2-3, App. E):
@@ -15,8 +16,10 @@ The format (bitsandbytes `quantize_4bit(..., quant_type="nf4", compress_statisti
      quantised in blocks of 256 to uint8 codes of the signed 8-bit "dynamic" code book; absmax2 holds the
      float32 absmax of each group of 256. Storage: 4 + 8/64 + 32/(64*256) = 4.127 bits per parameter
      (4 + 32/64 = 4.5 without double quantisation); see `storage_bits_per_param`.
-Dequantisation (`kernels.nf4_dequant`): w = NF4[q] * absmax_b in float32, one cast to the output dtype, with
+Dequantisation: w = NF4[q] * absmax_b in float32, one cast to the output dtype, with
   absmax_b = code2[c_b] * absmax2[b // 256] + offset   (float32; multiply, round, then add, as bitsandbytes).
+The device functions at the end of this file read the format inside a kernel (values, tiles, absmax); the
+dequantisation kernel (`kernels.nf4_dequant`) and the fused NF4 + LoRA GEMM (`kernels.qlora`) are built on them.
 
 Quantisation here reproduces bitsandbytes' CPU path exactly (tests/test_nf4_bnb_parity.py): the NF4 level is its
 pure-PyTorch default (nearest code by midpoints, ties to the lower code) and the absmax level is its C++ CPU
@@ -34,7 +37,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._triton import cached_on
+import triton
+import triton.language as tl
+
+from ._triton import SUPPORTED_DTYPES, cached_on
 
 # The 16 NF4 values (QLoRA App. E; bitsandbytes `get_4bit_type("nf4")`): quantiles of N(0, 1), rescaled to [-1, 1],
 # 7 negative, an exact 0 and 8 positive. Hard-coded as published; regenerating them differs in the last digits.
@@ -47,7 +53,6 @@ NF4_VALUES = (
 NF4_ZERO_INDEX = 7
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)  # the sizes bitsandbytes accepts
 ABSMAX_BLOCKSIZE = 256  # second-level block size of double quantisation
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def nf4_code(device: torch.device | str = "cpu") -> torch.Tensor:
@@ -153,8 +158,8 @@ def _check_state(q: NF4Weight) -> None:
     """Every invariant the dequantisers rely on; each error names the problem and the fix."""
     if q.blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {q.blocksize} is not supported; use one of {BLOCKSIZES} (bitsandbytes' sizes)")
-    if q.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"NF4Weight.dtype must be one of {FLOAT_DTYPES}, got {q.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"NF4Weight.dtype must be one of {SUPPORTED_DTYPES}, got {q.dtype}")
     if q.packed.dtype != torch.uint8:
         raise TypeError(f"packed must be uint8, got {q.packed.dtype}; view other storage as bytes with "
                         f"packed.view(torch.uint8)")
@@ -211,8 +216,8 @@ def nf4_quantize(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
     """Quantise a float weight (any shape, any device) to NF4; bit-identical to bitsandbytes on CPU (docstring)."""
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
-    if weight.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"weight dtype {weight.dtype} cannot be quantised; cast it to one of {FLOAT_DTYPES}")
+    if weight.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"weight dtype {weight.dtype} cannot be quantised; cast it to one of {SUPPORTED_DTYPES}")
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize {blocksize} is not supported; use one of {BLOCKSIZES} (bitsandbytes' sizes)")
     if weight.numel() == 0:
@@ -318,3 +323,114 @@ def storage_bits_per_param(q: NF4Weight, include_code_tables: bool = False) -> f
         tensors += [q.code, q.code2]
     total_bytes = sum(t.numel() * t.element_size() for t in tensors if t is not None)
     return 8.0 * total_bytes / q.numel
+
+
+# ---- reading the format inside a kernel --------------------------------------------------------------------------
+# Every decoder below computes w = NF4[code] * absmax_b in float32 and leaves the one cast to its caller. Indices
+# are in bounds (callers clamp or wrap them); blocks are of 2^LOG2_BLOCKSIZE values of the flattened weight.
+
+@triton.jit
+def restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block,
+                   BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr):
+    """float32 absmax of `block` (any shape); double quantisation (QLoRA §3):
+    absmax = code2[c] * absmax2[block // 256] + offset."""
+    if DOUBLE_QUANT:
+        c = tl.load(absmax_ptr + block, eviction_policy="evict_last").to(tl.int32)
+        scale2 = tl.load(absmax2_ptr + block // BLOCKSIZE2, eviction_policy="evict_last")
+        return tl.load(code2_ptr + c, eviction_policy="evict_last") * scale2 + tl.load(offset_ptr)
+    else:
+        return tl.load(absmax_ptr + block, eviction_policy="evict_last")
+
+
+@triton.jit
+def nf4_lookup(code_ptr, idx, TREE: tl.constexpr):
+    """NF4[idx] in float32 for an int32 tile of 4-bit indices.
+
+    TREE=False gathers from the 64-byte table in global memory (it stays in L1). TREE=True selects among the 16
+    NF4_VALUES with the index bits (15 selects, no memory traffic); the autotuner keeps whichever is faster.
+    """
+    if TREE:
+        b0 = (idx & 1) != 0
+        b1 = (idx & 2) != 0
+        b2 = (idx & 4) != 0
+        b3 = (idx & 8) != 0
+        v01 = tl.where(b0, -0.6961928009986877, -1.0)
+        v23 = tl.where(b0, -0.39491748809814453, -0.5250730514526367)
+        v45 = tl.where(b0, -0.18477343022823334, -0.28444138169288635)
+        v67 = tl.where(b0, 0.0, -0.09105003625154495)
+        v89 = tl.where(b0, 0.16093020141124725, 0.07958029955625534)
+        vab = tl.where(b0, 0.33791524171829224, 0.24611230194568634)
+        vcd = tl.where(b0, 0.5626170039176941, 0.44070982933044434)
+        vef = tl.where(b0, 1.0, 0.7229568362236023)
+        v03 = tl.where(b1, v23, v01)
+        v47 = tl.where(b1, v67, v45)
+        v8b = tl.where(b1, vab, v89)
+        vcf = tl.where(b1, vef, vcd)
+        v07 = tl.where(b2, v47, v03)
+        v8f = tl.where(b2, vcf, v8b)
+        return tl.where(b3, v8f, v07).to(tl.float32)
+    else:
+        return tl.load(code_ptr + idx, eviction_policy="evict_last")
+
+
+@triton.jit
+def nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, rows, col0, W_K,
+                    COLS: tl.constexpr, LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr,
+                    DOUBLE_QUANT: tl.constexpr, TREE: tl.constexpr):
+    """float32 W[rows, col0 : col0 + COLS] as [R, COLS] for an NF4 weight W [.., W_K]: the byte-wise fast path.
+
+    Needs W_K % blocksize == 0 and a column range inside one absmax block (col0 % COLS == 0, COLS <= blocksize):
+    then each row of the tile is COLS/2 consecutive bytes under ONE absmax, decoded byte-wise like the
+    dequantisation kernel (high nibble first).
+    """
+    byte = rows[:, None] * (W_K // 2) + (col0 // 2 + tl.arange(0, COLS // 2))[None, :]     # [R, COLS/2]
+    packed = tl.load(packed_ptr + byte)
+    block = rows * (W_K >> LOG2_BLOCKSIZE) + (col0 >> LOG2_BLOCKSIZE)                       # [R]
+    scale = restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, block, BLOCKSIZE2, DOUBLE_QUANT)
+    high = nf4_lookup(code_ptr, (packed >> 4).to(tl.int32), TREE) * scale[:, None]
+    low = nf4_lookup(code_ptr, (packed & 0xF).to(tl.int32), TREE) * scale[:, None]
+    return tl.interleave(high, low)                                                         # [R, COLS]
+
+
+@triton.jit
+def nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, flat,
+               LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+               TREE: tl.constexpr):
+    """float32 values of an NF4 weight at flat (row-major) indices `flat`, any tile shape: the general path.
+
+    Absmax blocks may cross rows: value i is in byte i >> 1 (high nibble when i is even) and in absmax block
+    i >> log2(blocksize), everything gathered per element.
+    """
+    byte = tl.load(packed_ptr + (flat >> 1))
+    nibble = tl.where((flat & 1) == 0, byte >> 4, byte & 0xF).to(tl.int32)
+    scale = restore_absmax(absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, flat >> LOG2_BLOCKSIZE, BLOCKSIZE2,
+                           DOUBLE_QUANT)
+    return nf4_lookup(code_ptr, nibble, TREE) * scale
+
+
+@triton.jit
+def nf4_gemm_tile(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, k, k0, cols, n0, W_K,
+                  TRANSPOSED: tl.constexpr, BYTEWISE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  LOG2_BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+                  TREE: tl.constexpr):
+    """The float32 [BK, BN] operand tile of a GEMM against an NF4 weight W [.., W_K], at reduction indices k [BK]
+    (first k0) and output columns cols [BN] (first n0), all in bounds:
+        TRANSPOSED=False:  Wᵀ[k, cols] = W[cols, k]   (y = x Wᵀ: W rows are output columns)
+        TRANSPOSED=True:   W[k, cols]                 (dX = dY W: W rows are the reduction)
+    BYTEWISE (absmax blocks follow W's rows and the tile's W-column range lies in one block) decodes one absmax
+    per W row (`nf4_decode_rows`); otherwise every element is gathered on its own (`nf4_decode`).
+    """
+    if TRANSPOSED:
+        if BYTEWISE:
+            return nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr, k, n0, W_K,
+                                   BLOCK_N, LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)
+        else:
+            return nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                              k[:, None] * W_K + cols[None, :], LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)
+    else:
+        if BYTEWISE:
+            return tl.trans(nf4_decode_rows(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                                            cols, k0, W_K, BLOCK_K, LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE))
+        else:
+            return nf4_decode(packed_ptr, absmax_ptr, code2_ptr, absmax2_ptr, offset_ptr, code_ptr,
+                              cols[None, :] * W_K + k[:, None], LOG2_BLOCKSIZE, BLOCKSIZE2, DOUBLE_QUANT, TREE)

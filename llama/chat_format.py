@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TypedDict
 
-from .tokenizer import TIKTOKEN_FAMILIES, TiktokenTokenizer, Tokenizer
+from .tokenizer import TIKTOKEN_FAMILIES, Tokenizer
 
 __all__ = ["Message", "Dialog", "Llama2ChatFormat", "Llama3ChatFormat", "Llama4ChatFormat", "chat_format_for"]
 
@@ -101,7 +101,8 @@ class Llama2ChatFormat:
 
 
 class Llama3ChatFormat:
-    """Header / `<|eot_id|>` prompts for Llama 3, 3.1, 3.2 and 3.3 Instruct (needs the Llama 3 tokenizer)."""
+    """Header / `<|eot_id|>` prompts for Llama 3, 3.1, 3.2 and 3.3 Instruct (needs a Llama 3 tokenizer: Meta's
+    tiktoken file or a hub folder's tokenizer.json)."""
 
     ROLES = ("system", "user", "assistant", "ipython")
     FAMILY = "llama3"
@@ -109,11 +110,12 @@ class Llama3ChatFormat:
     STRIP_CONTENT = True   # Meta's llama3 and the Hugging Face template strip each message
 
     def __init__(self, tokenizer: Tokenizer):
-        if not isinstance(tokenizer, TiktokenTokenizer) or tokenizer.family != self.FAMILY:
+        family = getattr(tokenizer, "family", None)
+        if not isinstance(tokenizer, Tokenizer) or family != self.FAMILY:
             title = TIKTOKEN_FAMILIES[self.FAMILY].title
-            got = (f"the {TIKTOKEN_FAMILIES[tokenizer.family].title} tokenizer"
-                   if isinstance(tokenizer, TiktokenTokenizer) else type(tokenizer).__name__)
-            raise TypeError(f"{type(self).__name__} needs the {title} (tiktoken) tokenizer, got {got}; use "
+            got = (f"the {TIKTOKEN_FAMILIES[family].title} tokenizer" if family in TIKTOKEN_FAMILIES
+                   else f"a {type(tokenizer).__name__}")
+            raise TypeError(f"{type(self).__name__} needs a {title} tokenizer, got {got}; use "
                             "chat_format_for(tokenizer) for the format that matches a tokenizer")
         self.tokenizer = tokenizer
         self.special = tokenizer.special_tokens
@@ -155,10 +157,12 @@ class Llama4ChatFormat(Llama3ChatFormat):
 
 
 def chat_format_for(tokenizer: Tokenizer) -> Llama2ChatFormat | Llama3ChatFormat | Llama4ChatFormat:
-    """The chat format that matches a tokenizer: Llama 3 or 4 by the tiktoken file's family, Llama 2 for
-    SentencePiece."""
-    if isinstance(tokenizer, TiktokenTokenizer):
-        return Llama4ChatFormat(tokenizer) if tokenizer.family == "llama4" else Llama3ChatFormat(tokenizer)
-    if isinstance(tokenizer, Tokenizer):
-        return Llama2ChatFormat(tokenizer)
-    raise TypeError(f"expected a llama.Tokenizer, got {type(tokenizer).__name__}; load one with Tokenizer(path)")
+    """The chat format that matches a tokenizer's family: Llama 2 (SentencePiece), Llama 3 or Llama 4."""
+    if not isinstance(tokenizer, Tokenizer):
+        raise TypeError(f"expected a llama.Tokenizer, got {type(tokenizer).__name__}; load one with Tokenizer(path)")
+    formats = {"llama2": Llama2ChatFormat, "llama3": Llama3ChatFormat, "llama4": Llama4ChatFormat}
+    if tokenizer.family not in formats:
+        raise ValueError(f"{tokenizer.path} is not recognised as a Llama 2, 3 or 4 tokenizer (none of </s>, "
+                         f"<|eot_id|>, <|eot|> in its vocabulary), so no chat format matches it; pass family= to "
+                         f"Tokenizer")
+    return formats[tokenizer.family](tokenizer)

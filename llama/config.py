@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from .checks import ConfigError, check_bool, check_int, check_real
+
 ROPE_SCALING_TYPES = ("llama3", "linear", "dynamic", "yarn")
 
 
@@ -41,27 +43,31 @@ class RopeScaling:
 
     def __post_init__(self):
         if self.rope_type not in ROPE_SCALING_TYPES:
-            raise ValueError(
-                f"unknown rope scaling type {self.rope_type!r}; use one of {ROPE_SCALING_TYPES} (or rope_scaling=None)"
-            )
+            raise ConfigError("RopeScaling.rope_type", f"unknown rope scaling type {self.rope_type!r}; use one of "
+                                                       f"{ROPE_SCALING_TYPES} (or rope_scaling=None)")
         if self.factor is None:
-            raise ValueError(f"rope scaling {self.rope_type!r} needs `factor` (the context extension ratio s >= 1, "
-                             f"e.g. 8 for Llama 3.1); pass RopeScaling({self.rope_type!r}, factor=...)")
-        if not self.factor >= 1.0:
-            raise ValueError(f"rope scaling factor must be >= 1 (got {self.factor}); a factor < 1 would shrink context")
+            raise ConfigError("RopeScaling.factor", f"rope scaling {self.rope_type!r} needs `factor` (the context "
+                              f"extension ratio s >= 1, e.g. 8 for Llama 3.1); pass RopeScaling({self.rope_type!r}, "
+                              f"factor=...)")
+        check_real("RopeScaling.factor", self.factor, minimum=1.0, strict=False)  # s < 1 would shrink the context
         if self.original_max_position_embeddings is None and self.rope_type != "linear":
-            raise ValueError(f"rope scaling {self.rope_type!r} needs `original_max_position_embeddings` (the "
-                             f"pre-training context L0, e.g. 8192 for Llama 3)")
-        if self.original_max_position_embeddings is not None and self.original_max_position_embeddings <= 0:
-            raise ValueError("rope scaling needs original_max_position_embeddings > 0 (the pre-training context)")
+            raise ConfigError("RopeScaling.original_max_position_embeddings", f"rope scaling {self.rope_type!r} needs "
+                              f"`original_max_position_embeddings` (the pre-training context L0, e.g. 8192 for "
+                              f"Llama 3)")
+        check_int("RopeScaling.original_max_position_embeddings", self.original_max_position_embeddings, optional=True)
+        for key in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow"):
+            check_real(f"RopeScaling.{key}", getattr(self, key))
+        check_real("RopeScaling.attention_factor", self.attention_factor, minimum=0.0, optional=True)
+        for key in ("mscale", "mscale_all_dim"):
+            check_real(f"RopeScaling.{key}", getattr(self, key), minimum=0.0, strict=False, optional=True)
+        check_bool("RopeScaling.truncate", self.truncate)
         if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor >= 0:
             if not (self.high_freq_factor == self.low_freq_factor > 0):  # Llama 4 Scout: low == high == 1, no blend
-                raise ValueError(
-                    f"llama3 rope scaling needs high_freq_factor >= low_freq_factor > 0 "
-                    f"(got low={self.low_freq_factor}, high={self.high_freq_factor})"
-                )
+                raise ConfigError("RopeScaling.low_freq_factor", f"llama3 rope scaling needs high_freq_factor >= "
+                                  f"low_freq_factor > 0 (got low={self.low_freq_factor}, high={self.high_freq_factor})")
         if self.rope_type == "yarn" and not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(f"yarn needs beta_fast > beta_slow > 0 (got {self.beta_fast}, {self.beta_slow})")
+            raise ConfigError("RopeScaling.beta_fast", f"yarn needs beta_fast > beta_slow > 0 (got {self.beta_fast}, "
+                                                       f"{self.beta_slow})")
 
     @classmethod
     def from_hf(cls, params: Optional[dict]) -> Optional["RopeScaling"]:
@@ -122,23 +128,72 @@ class MoEArgs:
     router_z_loss_coef: float = 1e-3
 
     def __post_init__(self):
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
-            raise ValueError(f"MoEArgs.num_experts must be a positive integer, got {self.num_experts!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 1:
-            raise ValueError(f"MoEArgs.top_k must be a positive integer, got {self.top_k!r}")
+        for key in ("num_experts", "top_k", "interleave_moe_layer_step"):  # step 1: every layer MoE
+            check_int(f"MoEArgs.{key}", getattr(self, key))
         if self.top_k > self.num_experts:
-            raise ValueError(f"MoEArgs.top_k ({self.top_k}) is larger than num_experts ({self.num_experts}); "
-                             f"a token cannot pick more experts than exist: lower top_k or add experts")
-        if not isinstance(self.interleave_moe_layer_step, int) or self.interleave_moe_layer_step < 1:
-            raise ValueError(f"MoEArgs.interleave_moe_layer_step must be a positive integer (1: every layer MoE), "
-                             f"got {self.interleave_moe_layer_step!r}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"MoEArgs.capacity_factor must be > 0, got {self.capacity_factor}")
-        if self.expert_capacity_factor is not None and not self.expert_capacity_factor > 0:
-            raise ValueError(f"MoEArgs.expert_capacity_factor must be > 0 (Switch uses 1.0-2.0), got "
-                             f"{self.expert_capacity_factor}; use None for no token dropping")
-        if self.load_balance_coef < 0 or self.router_z_loss_coef < 0:
-            raise ValueError("MoE auxiliary loss coefficients must be >= 0")
+            raise ConfigError("MoEArgs.top_k", f"MoEArgs.top_k ({self.top_k}) is larger than num_experts "
+                              f"({self.num_experts}); a token cannot pick more experts than exist: lower top_k or add "
+                              f"experts")
+        check_real("MoEArgs.capacity_factor", self.capacity_factor, minimum=0.0)
+        check_real("MoEArgs.expert_capacity_factor", self.expert_capacity_factor, minimum=0.0, optional=True)
+        for key in ("load_balance_coef", "router_z_loss_coef"):
+            check_real(f"MoEArgs.{key}", getattr(self, key), minimum=0.0, strict=False)
+        for key in ("auto_scale_F", "shared_expert"):
+            check_bool(f"MoEArgs.{key}", getattr(self, key))
+
+
+@dataclass(frozen=True)
+class Llama4VisionArgs:
+    """Llama 4 vision encoder, pixel-shuffle adapter and projector (Meta `vision_args`; `llama.vision.llama4_encoder`).
+
+    Square tiles of `image_size` pixels are cut into a g×g grid of patches (g = image_size / patch_size); pixel
+    shuffle with ratio r turns the g·g patch vectors of width `dim` into (g·r)² vectors of width dim/r², which the
+    adapter MLP maps to `output_dim` and the projector to the text model's width. LayerNorm eps is 1e-5 and the
+    input has 3 (RGB) channels in both references (neither reads them from the config).
+    """
+
+    image_size: int = 336  # tile side in pixels (Meta `image_size.height` = `.width`)
+    patch_size: int = 14
+    dim: int = 1408  # encoder width
+    n_layers: int = 34
+    n_heads: int = 16
+    mlp_ratio: float = 4.0  # encoder MLP hidden = int(mlp_ratio·dim)
+    output_dim: int = 4096  # adapter width (HF `projector_output_dim` = `vision_output_dim`)
+    pixel_shuffle_ratio: float = 0.5
+    rope_theta: float = 10000.0  # 2D RoPE base
+    image_token_id: int = 200092  # `<|patch|>`: the prompt positions that receive image features
+
+    def __post_init__(self):
+        for key in ("image_size", "patch_size", "dim", "n_layers", "n_heads", "output_dim"):
+            check_int(f"Llama4VisionArgs.{key}", getattr(self, key))
+        check_int("Llama4VisionArgs.image_token_id", self.image_token_id, minimum=0)
+        for key in ("mlp_ratio", "pixel_shuffle_ratio", "rope_theta"):
+            check_real(f"Llama4VisionArgs.{key}", getattr(self, key), minimum=0.0)
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size}) "
+                             f"so the tile is a whole grid of patches")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 4:
+            raise ValueError(f"the vision head dim dim/n_heads ({self.dim}/{self.n_heads}) must be a whole multiple "
+                             f"of 4: 2D RoPE rotates half of each head's pairs by the column, half by the row")
+        s = self.shuffle_factor
+        if s * self.pixel_shuffle_ratio != 1 or self.grid_size % s:
+            raise ValueError(f"pixel_shuffle_ratio {self.pixel_shuffle_ratio} must be 1/s for an integer s dividing "
+                             f"the patch grid side {self.grid_size} (Llama 4: 0.5 on a 24×24 grid)")
+
+    @property
+    def grid_size(self) -> int:
+        """g: patches along each side of a tile (Llama 4: 336 / 14 = 24)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def shuffle_factor(self) -> int:
+        """s = 1/r: pixel shuffle stacks s×s neighbouring patches into one vector (Llama 4: 2)."""
+        return round(1 / self.pixel_shuffle_ratio)
+
+    @property
+    def tokens_per_tile(self) -> int:
+        """Image tokens one tile fills in the prompt: (g/s)² (Llama 4: 12² = 144)."""
+        return (self.grid_size // self.shuffle_factor) ** 2
 
 
 @dataclass(frozen=True)
@@ -183,66 +238,66 @@ class ModelArgs:
     # RoPE arithmetic: False rotates in the activation dtype (HF Llama 1-3, exact float64 parity); True rotates
     # q, k as complex64 numbers like Meta's references and HF Llama 4 (float32 even in a float64 model).
     rope_complex64: bool = False
+    # --- Llama 4 multimodal: a vision encoder whose features replace the embeddings of image tokens (early fusion).
+    # Built by `llama.vision.llama4_model.Llama4Multimodal`; `Transformer(args)` is always the text trunk alone.
+    vision_args: Optional[Llama4VisionArgs] = None
     name: str = ""
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            self.rope_scaling = RopeScaling(**self.rope_scaling)
-        if isinstance(self.moe_args, dict):
-            self.moe_args = MoEArgs(**self.moe_args)
+        """Check every field (type, finiteness, range) before anything is built; derive the sizes left as None."""
+        self.rope_scaling = _sub_config("rope_scaling", self.rope_scaling, RopeScaling)
+        self.moe_args = _sub_config("moe_args", self.moe_args, MoEArgs)
+        self.vision_args = _sub_config("vision_args", self.vision_args, Llama4VisionArgs)
+        for key in ("dim", "n_layers", "n_heads", "vocab_size", "multiple_of", "max_seq_len"):
+            setattr(self, key, check_int(f"ModelArgs.{key}", getattr(self, key)))
+        for key in ("n_kv_heads", "head_dim", "ffn_hidden_dim", "moe_hidden_dim", "nope_layer_interval",
+                    "attention_chunk_size"):  # None: derived (the first four) or off (the last two)
+            setattr(self, key, check_int(f"ModelArgs.{key}", getattr(self, key), optional=True))
+        for key in ("norm_eps", "rope_theta", "floor_scale"):
+            setattr(self, key, check_real(f"ModelArgs.{key}", getattr(self, key), minimum=0.0))
+        for key in ("ffn_dim_multiplier", "ffn_exp"):
+            setattr(self, key, check_real(f"ModelArgs.{key}", getattr(self, key), minimum=0.0, optional=True))
+        self.attn_scale = check_real("ModelArgs.attn_scale", self.attn_scale, minimum=0.0, strict=False)
+        for key in ("tie_word_embeddings", "use_qk_norm", "attn_temperature_tuning", "rope_complex64"):
+            check_bool(f"ModelArgs.{key}", getattr(self, key))
+        if not isinstance(self.name, str):
+            raise ConfigError("ModelArgs.name", f"ModelArgs.name must be a string, got {self.name!r}")
+        self._derive_sizes()
+
+    def _derive_sizes(self) -> None:
         if self.n_kv_heads is None:
             self.n_kv_heads = self.n_heads
-        for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "max_seq_len"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"ModelArgs.{key} must be a positive integer, got {value!r}")
         if self.head_dim is None:
             if self.dim % self.n_heads:
-                raise ValueError(
-                    f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); choose n_heads dividing dim "
-                    f"or set head_dim explicitly"
-                )
+                raise ConfigError("ModelArgs.n_heads", f"dim ({self.dim}) is not divisible by n_heads "
+                                  f"({self.n_heads}); choose n_heads dividing dim or set head_dim explicitly")
             self.head_dim = self.dim // self.n_heads
-        if self.head_dim <= 0 or self.head_dim % 2:
-            raise ValueError(f"head_dim must be a positive even number for RoPE, got {self.head_dim}")
+        if self.head_dim % 2:
+            raise ConfigError("ModelArgs.head_dim", f"head_dim must be even for RoPE (pairs of dimensions rotate "
+                                                    f"together), got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(
-                f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads}); grouped-query "
-                f"attention needs every KV head to serve the same number of query heads"
-            )
-        if self.norm_eps <= 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
-        if self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
-        if self.ffn_dim_multiplier is not None and self.ffn_dim_multiplier <= 0:
-            raise ValueError(f"ffn_dim_multiplier must be > 0 or None, got {self.ffn_dim_multiplier}")
+            raise ConfigError("ModelArgs.n_kv_heads", f"n_heads ({self.n_heads}) is not divisible by n_kv_heads "
+                              f"({self.n_kv_heads}); grouped-query attention needs every KV head to serve the same "
+                              f"number of query heads")
         if self.ffn_hidden_dim is None:
             self.ffn_hidden_dim = ffn_hidden_size(self.dim, self.multiple_of, self.ffn_dim_multiplier)
-        elif self.ffn_hidden_dim <= 0:
-            raise ValueError(f"ffn_hidden_dim must be positive, got {self.ffn_hidden_dim}")
-        self._check_llama4_fields()
-
-    def _check_llama4_fields(self) -> None:
-        for key in ("nope_layer_interval", "attention_chunk_size"):
-            value = getattr(self, key)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
-                raise ValueError(f"ModelArgs.{key} must be a positive integer or None (off), got {value!r}")
-        if not self.floor_scale > 0:
-            raise ValueError(f"floor_scale must be > 0 (Llama 4: 8192), got {self.floor_scale}")
+        if self.vision_args is not None and not self.vision_args.image_token_id < self.vocab_size:
+            raise ConfigError("Llama4VisionArgs.image_token_id", f"the image token id "
+                              f"{self.vision_args.image_token_id} is outside the vocabulary [0, {self.vocab_size}); "
+                              f"set Llama4VisionArgs.image_token_id to the `<|patch|>` id")
         if self.moe_args is None:
             return
         step = self.moe_args.interleave_moe_layer_step
         if self.n_layers % step:
-            raise ValueError(f"interleave_moe_layer_step ({step}) must divide n_layers ({self.n_layers}) so the "
-                             f"dense/MoE pattern tiles the stack (Scout 48/1, Maverick 48/2); change either")
+            raise ConfigError("MoEArgs.interleave_moe_layer_step", f"interleave_moe_layer_step ({step}) must divide "
+                              f"n_layers ({self.n_layers}) so the dense/MoE pattern tiles the stack (Scout 48/1, "
+                              f"Maverick 48/2); change either")
         if self.moe_hidden_dim is None:
             if self.ffn_exp is None:
-                raise ValueError("an MoE model needs the expert hidden size: set ffn_exp (Meta, e.g. 4.0) or "
-                                 "moe_hidden_dim (HF intermediate_size)")
+                raise ConfigError("ModelArgs.ffn_exp", "an MoE model needs the expert hidden size: set ffn_exp "
+                                  "(Meta, e.g. 4.0) or moe_hidden_dim (HF intermediate_size)")
             self.moe_hidden_dim = moe_hidden_size(self.dim, self.ffn_exp, self.ffn_dim_multiplier, self.multiple_of,
                                                   self.moe_args)
-        elif self.moe_hidden_dim <= 0:
-            raise ValueError(f"moe_hidden_dim must be positive, got {self.moe_hidden_dim}")
 
     def layer_spec(self, layer_id: int) -> LayerSpec:
         """Per-layer flags (Meta Llama 4 `TransformerBlock.__init__`); dense for LLaMA 1-3."""
@@ -270,8 +325,22 @@ class ModelArgs:
         return cls(**{**PRESETS[name].fields, **overrides})
 
     def to_dict(self) -> dict:
-        out = dataclasses.asdict(self)
-        return out
+        return dataclasses.asdict(self)
+
+
+def _sub_config(key: str, value, cls):
+    """None, an instance of `cls`, or a dict of its fields (as read from JSON/TOML) turned into one."""
+    if value is None or isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"ModelArgs.{key}", f"ModelArgs.{key} must be a {cls.__name__}, a dict of its fields or "
+                                              f"None, got {type(value).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ConfigError(f"ModelArgs.{key}", f"ModelArgs.{key} has unknown fields {unknown}; {cls.__name__} "
+                                              f"takes {sorted(known)}")
+    return cls(**value)
 
 
 def ffn_hidden_size(dim: int, multiple_of: int, ffn_dim_multiplier: Optional[float]) -> int:
@@ -330,7 +399,18 @@ def _count(args: ModelArgs, active: bool) -> int:
     embed = V * D * (1 if args.tie_word_embeddings else 2)
     attention = D * H * hd + 2 * D * KV * hd + H * hd * D
     ffn = sum(_ffn_parameters(args, i, active) for i in range(L))
-    return embed + D + L * (attention + 2 * D) + ffn
+    vision = 0 if args.vision_args is None else count_vision_parameters(args.vision_args, D)
+    return embed + D + L * (attention + 2 * D) + ffn + vision
+
+
+def count_vision_parameters(v: Llama4VisionArgs, text_dim: int) -> int:
+    """Llama 4 vision encoder + adapter + projector, in closed form (Scout/Maverick: 850,960,896 + 20,971,520)."""
+    C, P, F = v.dim, v.grid_size ** 2, int(v.mlp_ratio * v.dim)
+    patches = 3 * v.patch_size ** 2 * C  # unfold + linear, no bias
+    embeddings = C + (P + 1) * C + 2 * 2 * C  # class token, positions of P patches + class, ln_pre, ln_post
+    layer = 4 * (C * C + C) + (C * F + F) + (F * C + C) + 2 * 2 * C  # q k v o, MLP, two LayerNorms (all biased)
+    adapter = C * v.shuffle_factor ** 2 * v.output_dim + v.output_dim ** 2  # two bias-free layers
+    return patches + embeddings + v.n_layers * layer + adapter + v.output_dim * text_dim
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -340,17 +420,20 @@ def _count(args: ModelArgs, active: bool) -> int:
 @dataclass(frozen=True)
 class Preset:
     args: ModelArgs
-    published: Optional[int]  # exact published parameter count (None for tiny test presets)
+    published: Optional[int]  # the release's parameter count (None for tiny test presets)
     source: str = ""
     family: str = ""
     fields: dict = field(default_factory=dict)  # the constructor arguments of `args` (derived sizes left out)
+    # True: `published` is an exact published total (HF safetensors count). False: no exact total was published
+    # (papers and model cards round, e.g. "6.7B"), so `published` is counted from the released shapes (`source`).
+    exact: bool = True
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def _add(name: str, published: Optional[int], source: str, family: str, **kw) -> None:
-    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family, dict(name=name, **kw))
+def _add(name: str, published: Optional[int], source: str, family: str, exact: bool = True, **kw) -> None:
+    PRESETS[name] = Preset(ModelArgs(name=name, **kw), published, source, family, dict(name=name, **kw), exact)
 
 
 _L3_SCALING = RopeScaling("llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -366,7 +449,7 @@ for _name, (_d, _l, _h, _n) in {
     "llama-65b": (8192, 80, 64, 65_285_660_672),
 }.items():
     _add(_name, _n, "LLaMA paper Tab. 2 (6.7/13.0/32.5/65.2B); exact count from the released shapes", "LLaMA 1",
-         dim=_d, n_layers=_l, n_heads=_h, norm_eps=1e-6, max_seq_len=2048)
+         exact=False, dim=_d, n_layers=_l, n_heads=_h, norm_eps=1e-6, max_seq_len=2048)
 
 # Llama 2 (arXiv 2307.09288, Tab. 1): eps 1e-5, context 4096; GQA (8 KV heads) only for 70B.
 _add("llama-2-7b", 6_738_415_616, "HF safetensors total 6,738,417,664 minus 2,048 inv_freq buffer elements",
@@ -378,16 +461,16 @@ _add("llama-2-70b", 68_976_648_192, "HF total minus 5,120 inv_freq elements", "L
 
 # Code Llama (arXiv 2308.12950): theta 1e6 for 16k context; 7B/13B/70B have 32,016 rows (4 infilling tokens).
 _add("code-llama-7b", 6_738_546_688, "computed from HF config (no exact published count)", "Code Llama",
-     dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-13b", 13_016_028_160, "computed from HF config", "Code Llama",
+     exact=False, dim=4096, n_layers=32, n_heads=32, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
+_add("code-llama-13b", 13_016_028_160, "computed from HF config", "Code Llama", exact=False,
      dim=5120, n_layers=40, n_heads=40, vocab_size=32016, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-34b", 33_743_970_304, "computed from HF config", "Code Llama",
+_add("code-llama-34b", 33_743_970_304, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=48, n_heads=64, n_kv_heads=8, ffn_dim_multiplier=1.0, rope_theta=1e6, max_seq_len=16384)
-_add("code-llama-70b", 68_976_910_336, "computed from HF config", "Code Llama",
+_add("code-llama-70b", 68_976_910_336, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32016, multiple_of=4096, ffn_dim_multiplier=1.3,
      rope_theta=1e6, max_seq_len=16384)
 # 70B Instruct / Python: theta 1e4 and 4096 context (Meta, codellama#188).
-_add("code-llama-70b-instruct", 68_976_910_336, "computed from HF config", "Code Llama",
+_add("code-llama-70b-instruct", 68_976_910_336, "computed from HF config", "Code Llama", exact=False,
      dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, vocab_size=32016, multiple_of=4096, ffn_dim_multiplier=1.3,
      rope_theta=1e4, max_seq_len=4096)
 
@@ -432,6 +515,16 @@ _add("llama-4-maverick", 400_711_848_960, "HF Llama-4-Maverick-17B-128E total 40
      "encoder, adapter and projector (871,932,416)", "Llama 4", max_seq_len=1_048_576, use_qk_norm=False,
      moe_args=MoEArgs(num_experts=128, top_k=1, interleave_moe_layer_step=2), **_L4)
 
+# Llama 4 as released: the same trunks with the vision encoder, pixel-shuffle adapter and projector (Meta
+# `vision_args`; HF `Llama4VisionConfig` of both hub configs): 336-pixel tiles of 24×24 patches, 34 layers of width
+# 1408, 144 tokens per tile. Counts: HF safetensors totals of Llama-4-{Scout-17B-16E,Maverick-17B-128E}.
+_L4_VISION = Llama4VisionArgs(image_size=336, patch_size=14, dim=1408, n_layers=34, n_heads=16, mlp_ratio=4.0,
+                              output_dim=4096, pixel_shuffle_ratio=0.5)
+for _name, _n in (("llama-4-scout", 108_641_793_536), ("llama-4-maverick", 401_583_781_376)):
+    _fields = {k: v for k, v in PRESETS[_name].fields.items() if k != "name"}
+    _add(f"{_name}-vision", _n, "HF safetensors total (text trunk + vision encoder, adapter, projector)", "Llama 4",
+         vision_args=_L4_VISION, **_fields)
+
 # Tiny presets for tests and CPU ablations: the same architecture at toy width, one per generation's features.
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 _add("tiny-llama-1", None, "test preset", "tiny", norm_eps=1e-6, **_TINY)
@@ -448,6 +541,11 @@ _add("tiny-llama-4-scout", None, "test preset", "tiny", use_qk_norm=True,
      moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=1), **_TINY4)
 _add("tiny-llama-4-maverick", None, "test preset", "tiny", use_qk_norm=False,
      moe_args=MoEArgs(num_experts=8, interleave_moe_layer_step=2), **_TINY4)
+# Tiny Llama 4 multimodal: 32-pixel tiles of 8×8 patches -> 16 image tokens per tile; image token id 200 (< vocab).
+_add("tiny-llama-4-scout-vision", None, "test preset", "tiny", use_qk_norm=True,
+     moe_args=MoEArgs(num_experts=4, interleave_moe_layer_step=1),
+     vision_args=Llama4VisionArgs(image_size=32, patch_size=4, dim=48, n_layers=2, n_heads=4, mlp_ratio=4.0,
+                                  output_dim=40, pixel_shuffle_ratio=0.5, image_token_id=200), **_TINY4)
 
 
 def list_models() -> list[str]:

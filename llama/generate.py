@@ -22,14 +22,14 @@ import math
 from typing import Iterable, Optional, Sequence
 
 import torch
-
-from .model import Transformer
+from torch import nn
 
 
 @torch.inference_mode()
-def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
+def generate(model: nn.Module, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 0.0,
              top_p: float = 1.0, stop_tokens: Iterable[int] = (), seed: Optional[int] = None,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             generator: Optional[torch.Generator] = None,
+             pixel_values: Optional[torch.Tensor] = None, **image_inputs) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens; return only the new tokens of each prompt.
 
     temperature: 0 picks the most likely token (greedy, deterministic); > 0 samples from softmax(logits / T).
@@ -40,6 +40,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
         Tokens inside the prompt never stop a row.
     seed / generator: source of randomness for sampling (give at most one). Same seed, same model, same prompts
         -> same output. Neither: PyTorch's global generator.
+    pixel_values: for a multimodal Llama 4 model (`llama.vision.llama4_model`), the tiles of every image in the
+        prompts, in prompt order ([N, 3, S, S], the HF processor's output). They are encoded once, before the first
+        step; each step then writes the features of the prompt image tokens it feeds (early fusion), and the KV
+        cache keeps them like any prompt token.
+        For Llama 3.2 Vision (`llama.vision.MllamaTransformer`, cross-attention) pass its other image inputs too
+        (image_inputs: aspect_ratio_ids, aspect_ratio_mask, optionally cross_attention_mask): all go with the first
+        forward call, which encodes each image once; the blocks keep the images' keys and values for the later
+        steps. The prompts must then have the same length, so that every <|image|> token is in that first call.
 
     The model's KV cache is (re)allocated for this call and cleared again before returning, also on error.
     """
@@ -48,7 +56,14 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     stop = sorted({int(t) for t in stop_tokens})
     if seed is not None and generator is not None:
         raise ValueError("give either seed or generator, not both (a seed builds a fresh generator)")
-    device = model.norm.weight.device
+    cross_attention = pixel_values is not None and hasattr(model, "cross_attention_layers")  # Llama 3.2 Vision
+    if image_inputs and not cross_attention:
+        raise ValueError(f"{', '.join(sorted(image_inputs))} go with pixel_values to a cross-attention model "
+                         f"(Llama 3.2 Vision); this model takes pixel_values alone (or no images at all)")
+    if cross_attention and len({len(p) for p in prompts}) > 1:
+        raise ValueError("with images, every prompt must have the same length (the images and their <|image|> "
+                         "tokens go in the first forward call); pad the prompts or generate them separately")
+    device = next(model.parameters()).device
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     if max_new_tokens == 0:
@@ -64,12 +79,18 @@ def generate(model: Transformer, prompts: Sequence[Sequence[int]], max_new_token
     in_prompt = torch.arange(S, device=device)[None, :] < lengths[:, None]  # [B, S]
     stop_ids = torch.tensor(stop, dtype=torch.long, device=device)
     finished = torch.zeros(B, dtype=torch.bool, device=device)  # row has emitted a stop token
+    images = None if pixel_values is None or cross_attention else _encode_prompt_images(model, tokens, in_prompt,
+                                                                                          pixel_values)
 
     model.setup_cache(B, S)
     try:
         prev = 0
         for cur in range(min_len, S):
-            logits = model(tokens[:, prev:cur], start_pos=prev)[:, -1]  # [B, V]: prediction for position cur
+            if cross_attention:  # Llama 3.2 Vision: the images with the first call only
+                step_images = {"pixel_values": pixel_values, **image_inputs} if prev == 0 else {}
+            else:  # Llama 4: the features of this step's prompt image tokens
+                step_images = _image_inputs(images, prev, cur)
+            logits = model(tokens[:, prev:cur], start_pos=prev, **step_images)[:, -1]  # [B, V]: position cur
             next_token = sample(logits, temperature, top_p, generator)  # [B]
             next_token = torch.where(in_prompt[:, cur], tokens[:, cur], next_token)
             tokens[:, cur] = next_token
@@ -117,10 +138,38 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def _encode_prompt_images(model: nn.Module, tokens: torch.Tensor, in_prompt: torch.Tensor,
+                          pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encode every image once: (features [n, C], prompt image-token positions [B, S], their feature index [B, S])."""
+    if not hasattr(model, "encode_images"):
+        raise ValueError(f"{model.args.name or 'this model'} is a text-only model and cannot take pixel_values; "
+                         f"generate with a multimodal model (a *-vision preset or a multimodal checkpoint)")
+    where = in_prompt & (tokens == model.args.vision_args.image_token_id)  # [B, S]; generated tokens never count
+    features = model.encode_images(pixel_values)  # [n, C]
+    if int(where.sum()) != features.shape[0]:
+        K = model.args.vision_args.tokens_per_tile
+        raise ValueError(f"the prompts hold {int(where.sum())} image tokens but pixel_values gives "
+                         f"{features.shape[0]} features ({features.shape[0] // K} tiles × {K}); pass exactly the "
+                         f"tiles of the images the prompts' placeholders stand for, in prompt order")
+    index = where.flatten().cumsum(0).view_as(where) - 1  # image token -> its row-major rank = its feature row
+    return features, where, index
+
+
+def _image_inputs(images, prev: int, cur: int) -> dict:
+    """Keyword arguments that hand positions prev … cur-1 their image features (none if they hold no image token)."""
+    if images is None:
+        return {}
+    features, where, index = images
+    step = where[:, prev:cur]  # [B, cur-prev]
+    if not bool(step.any()):
+        return {}
+    return {"image_features": features[index[:, prev:cur][step]], "image_positions": step}
+
+
 # -- argument checks (each message names the problem and the fix) ------------------------------------------------
 
 
-def _check_prompts(model: Transformer, prompts, max_new_tokens) -> list[list[int]]:
+def _check_prompts(model: nn.Module, prompts, max_new_tokens) -> list[list[int]]:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}")
     if isinstance(prompts, torch.Tensor) or not isinstance(prompts, Sequence) or isinstance(prompts, str):

@@ -202,8 +202,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_word_embeddings:  # Llama 3.2 1B/3B: one [V, C] matrix for input and output
             self.output.weight = self.tok_embeddings.weight
-        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, args.max_seq_len,
-                                    complex64=args.rope_complex64)
+        self.rope = RotaryEmbedding(args.head_dim, args.rope_theta, args.rope_scaling, complex64=args.rope_complex64)
         self.reset_parameters()
 
     # -- initialisation -------------------------------------------------------------------------------------------
@@ -243,7 +242,7 @@ class Transformer(nn.Module):
         context = max_seq_len or self.args.max_seq_len
         self.args = dataclasses.replace(self.args, rope_scaling=scaling, max_seq_len=context)
         with torch.device(self.rope.inv_freq.device):
-            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling, self.args.max_seq_len,
+            self.rope = RotaryEmbedding(self.args.head_dim, self.args.rope_theta, scaling,
                                         complex64=self.args.rope_complex64)
 
     def set_attention_implementation(self, implementation: str) -> None:
@@ -271,50 +270,73 @@ class Transformer(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, start_pos: Optional[int] = None,
-                segment_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+                segment_ids: Optional[torch.Tensor] = None, embeddings: Optional[torch.Tensor] = None,
+                pixel_values: Optional[torch.Tensor] = None, **image_inputs) -> torch.Tensor:
         """tokens [B, T] -> logits [B, T, V].
 
         start_pos: position of tokens[:, 0] when decoding with a KV cache (None: no cache, positions 0 … T-1).
         segment_ids [B, T]: for packed sequences; tokens attend only within their segment and positions restart
         at 0 at each segment start.
+        embeddings [B, T, C]: input vectors to use instead of tok_embeddings(tokens) (a multimodal model passes the
+        token embeddings with image features written in: `llama.vision`).
+        pixel_values (and the other image inputs of an HF processor, e.g. aspect_ratio_ids): refused here with a
+        clear error; images go to a multimodal model (`llama.vision`).
         """
-        self._check_tokens(tokens, start_pos)
+        self._check_inputs(tokens, start_pos, segment_ids, embeddings, pixel_values, image_inputs)
         B, T = tokens.shape
         pos = 0 if start_pos is None else start_pos
         mask = None
         if segment_ids is not None:
-            if start_pos is not None:
-                raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
-            if segment_ids.shape != tokens.shape:
-                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(B, T)}")
             positions, mask = packed_positions_and_mask(segment_ids)  # [B, T], [B, 1, T, T]
         else:
             positions = torch.arange(pos, pos + T, device=tokens.device)  # [T]
         cos, sin = self.rope(positions)
-        h = self.tok_embeddings(tokens)  # [B, T, C]
+        h = self.tok_embeddings(tokens) if embeddings is None else embeddings  # [B, T, C]
         for layer in self.layers:
             h = layer(h, cos, sin, start_pos, mask)
         logits = self.output(self.norm(h))  # [B, T, V]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
-    def _check_tokens(self, tokens: torch.Tensor, start_pos: Optional[int]) -> None:
-        if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
-            got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-            raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
-        if tokens.dim() != 2:
-            raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
-                             f"use tokens[None] for a single sequence")
-        end = (start_pos or 0) + tokens.shape[1]
-        if end > self.args.max_seq_len:
-            raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len="
-                             f"{self.args.max_seq_len}; shorten the input or raise max_seq_len (with RoPE scaling)")
-        # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
-        # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
-        if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
-            lo, hi = int(tokens.min()), int(tokens.max())
-            if lo < 0 or hi >= self.args.vocab_size:
-                raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {self.args.vocab_size}); "
-                                 f"check that the tokenizer matches the model's vocab_size")
+    def _check_inputs(self, tokens: torch.Tensor, start_pos: Optional[int], segment_ids: Optional[torch.Tensor],
+                      embeddings: Optional[torch.Tensor], pixel_values: Optional[torch.Tensor],
+                      image_inputs: Optional[dict] = None) -> None:
+        """Every check of forward's arguments, before any computation (forward itself then reads as the model)."""
+        images = sorted((image_inputs or {}) | ({} if pixel_values is None else {"pixel_values": pixel_values}))
+        if images:
+            raise ValueError(f"{self.args.name or 'this model'} is a text-only Transformer and cannot take image "
+                             f"inputs ({', '.join(images)}); build a multimodal preset (e.g. llama-4-scout-vision, "
+                             f"llama-3.2-11b-vision) or load a multimodal checkpoint (Llama4ForConditionalGeneration, "
+                             f"MllamaForConditionalGeneration) to pass images")
+        check_tokens(tokens, start_pos, self.args.max_seq_len, self.args.vocab_size)
+        B, T = tokens.shape
+        if segment_ids is not None:
+            if start_pos is not None:
+                raise ValueError("segment_ids (packing) cannot be combined with KV-cache decoding (start_pos)")
+            if segment_ids.shape != tokens.shape:
+                raise ValueError(f"segment_ids shape {tuple(segment_ids.shape)} must equal tokens shape {(B, T)}")
+        if embeddings is not None and embeddings.shape != (B, T, self.args.dim):
+            raise ValueError(f"embeddings must have shape [batch, seq_len, dim] = {[B, T, self.args.dim]} to match "
+                             f"tokens, got {list(embeddings.shape)}")
+
+def check_tokens(tokens: torch.Tensor, start_pos: Optional[int], max_seq_len: int, vocab_size: int) -> None:
+    """Refuse what a forward pass cannot take: non-integer or non-2D tokens, too long a context, ids out of range."""
+    if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.int64, torch.int32):
+        got = tokens.dtype if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        raise TypeError(f"tokens must be an integer tensor (torch.long) of token ids, got {got}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape [batch, seq_len], got {tuple(tokens.shape)}; "
+                         f"use tokens[None] for a single sequence")
+    end = (start_pos or 0) + tokens.shape[1]
+    if end > max_seq_len:
+        raise ValueError(f"sequence of {end} positions exceeds the model context max_seq_len={max_seq_len}; "
+                         f"shorten the input or raise max_seq_len (with RoPE scaling)")
+    # the id range needs the values (two host syncs): skipped while torch.compile traces, where it would split
+    # the graph; eager calls (and llama.generate's prompt checks) still catch bad ids
+    if tokens.numel() and tokens.device.type != "meta" and not torch.compiler.is_compiling():
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= vocab_size:
+            raise ValueError(f"token id {lo if lo < 0 else hi} is out of range [0, {vocab_size}); "
+                             f"check that the tokenizer matches the model's vocab_size")
 
 
 def packed_positions_and_mask(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

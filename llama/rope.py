@@ -24,13 +24,13 @@ def base_frequencies(head_dim: int, theta: float) -> torch.Tensor:
 
 
 def scaled_frequencies(head_dim: int, theta: float, scaling: Optional[RopeScaling],
-                       seq_len: Optional[int] = None, max_seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
+                       seq_len: Optional[int] = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies after context-extension scaling, and the attention factor that multiplies cos and sin.
 
-    `seq_len` (current length: last position + 1) matters only for dynamic NTK. `max_seq_len` is accepted for
-    backward compatibility and unused: every rule measures lengths against the pre-training context
-    L0 = `scaling.original_max_position_embeddings`. The float32 operation order follows Hugging Face's rope-init
-    functions (transformers 5.24 `modeling_rope_utils`), so the frequencies are bit-identical to theirs.
+    `seq_len` (current length: last position + 1) matters only for dynamic NTK. Every rule measures lengths
+    against the pre-training context L0 = `scaling.original_max_position_embeddings`. The float32 operation order
+    follows Hugging Face's rope-init functions (transformers 5.24 `modeling_rope_utils`), so the frequencies are
+    bit-identical to theirs.
     """
     inv_freq = base_frequencies(head_dim, theta)
     if scaling is None:
@@ -113,10 +113,9 @@ class RotaryEmbedding(nn.Module):
     cos/sin differ from Tensor.cos/sin in the last float32 bit; `apply_rotary` then multiplies complex numbers).
     """
 
-    def __init__(self, head_dim: int, theta: float, scaling: Optional[RopeScaling] = None,
-                 max_seq_len: Optional[int] = None, complex64: bool = False):
+    def __init__(self, head_dim: int, theta: float, scaling: Optional[RopeScaling] = None, complex64: bool = False):
         super().__init__()
-        self.head_dim, self.theta, self.scaling, self.max_seq_len = head_dim, theta, scaling, max_seq_len
+        self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.complex64 = complex64
         inv_freq, self.attention_factor = scaled_frequencies(head_dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq, persistent=False)

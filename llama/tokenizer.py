@@ -1,4 +1,4 @@
-"""Tokenizers of the LLaMA family: one entry point, two file formats.
+"""Tokenizers of the LLaMA family: one entry point, three file formats.
 
 `Tokenizer(path)` reads the file, recognises its format and returns the matching subclass:
 
@@ -16,9 +16,12 @@
     `llama-models/models/llama4/tokenizer.py`).
   The family is recognised from the number of ranks (200,000: Llama 4, otherwise Llama 3) or given explicitly:
   `Tokenizer(path, family="llama4")`.
+* `HFTokenizer`: a Hugging Face hub folder's `tokenizer.json`, read by the `tokenizers` library (the ecosystem's
+  standard, the same code `transformers` runs), so a user who loads a hub folder gets its tokenizer from the same
+  place. bos / eos / pad come from `tokenizer_config.json` beside it, or from the family's names.
 
-Meta ships every one of these files as `tokenizer.model`, so the format is recognised from the content, never
-from the name.
+Meta ships its files as `tokenizer.model`, so the format is recognised from the content, never from the name. A
+folder resolves to its `tokenizer.model` (Meta's reference tokenizer) if it has one, else to its `tokenizer.json`.
 
 No tensors here, so no shape legend: token ids are plain `list[int]`.
 """
@@ -29,6 +32,7 @@ import base64
 import binascii
 import dataclasses
 import functools
+import json
 import operator
 import os
 import re
@@ -38,11 +42,13 @@ from typing import Literal
 
 import sentencepiece
 import tiktoken
+import tokenizers
 
 __all__ = [
     "Tokenizer",
     "SentencePieceTokenizer",
     "TiktokenTokenizer",
+    "HFTokenizer",
     "LLAMA3_PATTERN",
     "LLAMA4_PATTERN",
     "llama3_special_tokens",
@@ -66,7 +72,8 @@ class Tokenizer:
         decode(ids) -> str
     """
 
-    kind: str  # "sentencepiece" | "tiktoken"
+    kind: str  # "sentencepiece" | "tiktoken" | "tokenizers"
+    family: str | None  # "llama2" | "llama3" | "llama4": the chat format it serves (None: not recognised)
     path: Path
     n_words: int
     bos_id: int
@@ -107,6 +114,37 @@ class Tokenizer:
             raise ValueError(f"{self.path} defines no eos token; call encode(..., eos=False)")
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
+    def _allowed_specials(self, s: str, allowed_special: AllowedSpecial,
+                          disallowed_special: AllowedSpecial) -> Literal["all"] | set[str]:
+        """The special tokens to encode as single ids in `s` (tiktoken's convention: none by default); raises if
+        `s` contains one listed in `disallowed_special`."""
+        if not isinstance(s, str):
+            raise TypeError(f"encode expects a str, got {type(s).__name__}; decode bytes first (b.decode('utf-8'))")
+        allowed = self._special_set(allowed_special, "allowed_special")
+        disallowed = self._special_set(disallowed_special, "disallowed_special")
+        if disallowed == "all":
+            disallowed = set(self.special_tokens) - (set(self.special_tokens) if allowed == "all" else allowed)
+        for name in sorted(disallowed):
+            if name in s:
+                raise ValueError(f"the text contains {name!r}, a special token listed in disallowed_special; remove "
+                                 "it from the text, or pass it in allowed_special to encode it as one token")
+        return allowed
+
+    def _special_set(self, names: AllowedSpecial, argument: str) -> Literal["all"] | set[str]:
+        if names == "all":
+            return "all"
+        if isinstance(names, str):
+            raise TypeError(f"{argument} must be 'all' or a collection of token strings, got the string {names!r}; "
+                            f"write {argument}={{{names!r}}}")
+        names = set(names)
+        unknown = sorted(names - self.special_tokens.keys())
+        if unknown:
+            spec = TIKTOKEN_FAMILIES.get(self.family)
+            title, example = (spec.title, spec.eot) if spec else (self.path.name, next(iter(self.special_tokens), ""))
+            raise ValueError(f"{argument} names {unknown[:3]}, which are not {title} special tokens; use names such "
+                             f"as {example!r} (see tokenizer.special_tokens) or 'all'")
+        return names
+
     def _check_ids(self, ids: Sequence[int]) -> list[int]:
         if isinstance(ids, (str, bytes)):
             raise TypeError(f"decode expects a sequence of token ids, got {type(ids).__name__}; "
@@ -125,16 +163,18 @@ class Tokenizer:
 
 
 def _resolve_path(path: str | os.PathLike) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"Tokenizer needs a file or folder path (str or pathlib.Path), got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
-        inside = path / "tokenizer.model"
-        if not inside.is_file():
-            raise FileNotFoundError(
-                f"no tokenizer.model in folder {path}; pass the file itself (Hugging Face Llama 3 repos keep it "
-                "in original/tokenizer.model)")
-        return inside
+        for name in ("tokenizer.model", "tokenizer.json"):
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"no tokenizer.model or tokenizer.json in folder {path}; pass the tokenizer file "
+                                "itself (Hugging Face Llama 3 repos keep Meta's in original/tokenizer.model)")
     if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.model file")
+        raise FileNotFoundError(f"tokenizer file {path} does not exist; pass the path of a tokenizer.model or "
+                                "tokenizer.json file, or of the folder holding it")
     return path
 
 
@@ -148,6 +188,8 @@ def _subclass_for(path: Path) -> type[Tokenizer]:
         head = f.read(4096)
     if not head:
         raise ValueError(f"tokenizer file {path} is empty; re-download or re-copy it")
+    if head.lstrip().startswith(b"{"):  # JSON: a Hugging Face tokenizer.json
+        return HFTokenizer
     if _RANK_LINE.fullmatch(head.split(b"\n", 1)[0].rstrip(b"\r")):
         return TiktokenTokenizer
     return SentencePieceTokenizer
@@ -162,6 +204,7 @@ class SentencePieceTokenizer(Tokenizer):
     """SentencePiece BPE model: LLaMA 1 / Llama 2 / Code Llama (unk 0, bos 1, eos 2, pad -1)."""
 
     kind = "sentencepiece"
+    family = "llama2"
 
     # Code Llama's infilling pieces (Code Llama paper §2.3) and the <step> marker of Code Llama 70B Instruct; each
     # id attribute is None when the model lacks the piece (LLaMA 1, Llama 2, Code Llama 34B).
@@ -460,16 +503,7 @@ class TiktokenTokenizer(Tokenizer):
         ordinary text. Name tokens in `allowed_special` (or "all") to encode them as their single special id, and in
         `disallowed_special` to raise when they occur.
         """
-        if not isinstance(s, str):
-            raise TypeError(f"encode expects a str, got {type(s).__name__}; decode bytes first (b.decode('utf-8'))")
-        allowed = self._special_set(allowed_special, "allowed_special")
-        disallowed = self._special_set(disallowed_special, "disallowed_special")
-        if disallowed == "all":
-            disallowed = set(self.special_tokens) - (set(self.special_tokens) if allowed == "all" else allowed)
-        for name in sorted(disallowed):
-            if name in s:
-                raise ValueError(f"the text contains {name!r}, a special token listed in disallowed_special; remove "
-                                 "it from the text, or pass it in allowed_special to encode it as one token")
+        allowed = self._allowed_specials(s, allowed_special, disallowed_special)
         ids: list[int] = []
         for window_start in range(0, len(s), _MAX_ENCODE_CHARS):
             for piece in _split_long_runs(s[window_start:window_start + _MAX_ENCODE_CHARS], _MAX_RUN_CHARS):
@@ -480,16 +514,85 @@ class TiktokenTokenizer(Tokenizer):
         """Ids -> text; a byte sequence that is not valid UTF-8 (e.g. half a character) decodes to U+FFFD."""
         return self.model.decode(self._check_ids(ids))
 
-    def _special_set(self, names: AllowedSpecial, argument: str) -> Literal["all"] | set[str]:
-        if names == "all":
-            return "all"
-        if isinstance(names, str):
-            raise TypeError(f"{argument} must be 'all' or a collection of token strings, got the string {names!r}; "
-                            f"write {argument}={{{names!r}}}")
-        names = set(names)
-        unknown = sorted(names - self.special_tokens.keys())
-        if unknown:
-            spec = TIKTOKEN_FAMILIES[self.family]
-            raise ValueError(f"{argument} names {unknown[:3]}, which are not {spec.title} special tokens; use names "
-                             f"such as {spec.eot!r} (see tokenizer.special_tokens) or 'all'")
+
+# =====================================================================================================================
+# Hugging Face tokenizer.json (any hub folder), through the `tokenizers` library
+# =====================================================================================================================
+
+# Per family: the special-token names that mark it, then bos, eos, pad and the end-of-turn / end-of-message names.
+_HF_FAMILIES = {
+    "llama3": ("<|eot_id|>", "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>",
+               ("<|eom_id|>", "<|eot_id|>")),
+    "llama4": ("<|eot|>", "<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad|>", ("<|eom|>", "<|eot|>")),
+    "llama2": ("</s>", "<s>", "</s>", None, ()),
+}
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face `tokenizer.json`, encoded and decoded by the `tokenizers` library itself.
+
+    encode/decode follow this class's interface: special-token text is ordinary text unless named in
+    `allowed_special` (tiktoken's and Meta's convention; `tokenizers` alone would always read it as the token), and
+    bos / eos are added by the flags, not by the file's post-processor. Ids are `tokenizers`' own.
+    """
+
+    kind = "tokenizers"
+
+    def __init__(self, path: str | os.PathLike, family: str | None = None):
+        self.path = _resolve_path(path)
+        try:
+            self.model = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as err:  # noqa: BLE001  tokenizers raises plain Exception for a malformed file
+            raise ValueError(f"{self.path} is not a valid Hugging Face tokenizer.json ({str(err)[:200]}); it may be "
+                             "truncated or corrupt: re-download it") from None
+        added = self.model.get_added_tokens_decoder()
+        self.special_tokens = {t.content: i for i, t in sorted(added.items()) if t.special}
+        vocab = self.model.get_vocab(with_added_tokens=True)
+        self.n_words = max(vocab.values()) + 1
+        known = [name for name, (mark, *_) in _HF_FAMILIES.items() if mark in vocab]
+        if family is not None and family not in _HF_FAMILIES:
+            raise ValueError(f"unknown tokenizer family {family!r} for {self.path}; use one of {sorted(_HF_FAMILIES)} "
+                             "(or leave family=None to recognise it)")
+        self.family = family or (known[0] if known else None)
+        _, bos, eos, pad, ends = _HF_FAMILIES.get(self.family, (None, None, None, None, ()))
+        config = self._read_config()
+        ids = {role: vocab.get(config.get(role, default), -1)
+               for role, default in (("bos_token", bos), ("eos_token", eos), ("pad_token", pad))}
+        self.bos_id, self.eos_id, self.pad_id = ids["bos_token"], ids["eos_token"], ids["pad_token"]
+        self.stop_tokens = tuple(dict.fromkeys(i for i in [self.eos_id] + [vocab.get(n, -1) for n in ends] if i >= 0))
+
+    def _read_config(self) -> dict[str, str]:
+        """bos / eos / pad token names from the tokenizer_config.json beside the file ({} if there is none)."""
+        path = self.path.parent / "tokenizer_config.json"
+        if not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); restore it or delete it (bos/eos then follow the "
+                             "tokenizer's family)") from None
+        names = {}
+        for role in ("bos_token", "eos_token", "pad_token"):
+            value = config.get(role) if isinstance(config, dict) else None
+            value = value.get("content") if isinstance(value, dict) else value
+            if isinstance(value, str):
+                names[role] = value
         return names
+
+    def encode(self, s: str, *, bos: bool, eos: bool, allowed_special: AllowedSpecial = (),
+               disallowed_special: AllowedSpecial = ()) -> list[int]:
+        """Text -> ids with `tokenizers`; text between allowed special tokens is encoded piece by piece."""
+        allowed = self._allowed_specials(s, allowed_special, disallowed_special)
+        self.model.encode_special_tokens = allowed != "all"  # True: special-token text is ordinary text
+        if allowed == "all" or not allowed:
+            return self._wrap(self.model.encode(s, add_special_tokens=False).ids, bos, eos)
+        ids: list[int] = []
+        for piece in re.split("(" + "|".join(map(re.escape, sorted(allowed, key=len, reverse=True))) + ")", s):
+            if piece in allowed:
+                ids.append(self.special_tokens[piece])
+            elif piece:
+                ids += self.model.encode(piece, add_special_tokens=False).ids
+        return self._wrap(ids, bos, eos)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.model.decode(self._check_ids(ids), skip_special_tokens=False)

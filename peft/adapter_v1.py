@@ -36,8 +36,8 @@ from torch import nn
 
 from llama.model import AttentionExtension, repeat_kv
 
-from .lora import master_dtype
-from .targets import top_layers
+from .lora_core import master_dtype
+from .targets import check_free_extensions, top_layers
 
 GATE_ACTIVATIONS = ("tanh", "identity")
 
@@ -118,30 +118,28 @@ class AdaptionPrompt(AttentionExtension):
         return f"adapter_len={K}, dim={C}, heads={self.gate.numel()}, gate_activation={self.gate_activation}"
 
 
-def validate(model: nn.Module, adapter_layers: int, what: str = "adapter_layers") -> list[int]:
-    layers = top_layers(model, adapter_layers, what)
-    for i in layers:
-        if model.layers[i].attention.extension is not None:
-            raise ValueError(f"layer {i} already has an attention extension "
-                             f"({type(model.layers[i].attention.extension).__name__}); build a fresh model")
+def validate(model: nn.Module, config: AdapterV1Config) -> list[int]:
+    """The topmost `adapter_layers` layers, each without an attention extension yet."""
+    layers = top_layers(model, config.adapter_layers, "adapter_layers")
+    check_free_extensions(model, layers)
     return layers
 
 
 def attach_prompts(model: nn.Module, layers: list[int], adapter_len: int, gate_activation: str,
-                   prompt_init_std: float) -> list[str]:
-    """Give each layer in `layers` an `AdaptionPrompt`; return the new parameters' names."""
+                   prompt_init_std: float, make=AdaptionPrompt) -> list[str]:
+    """Give each layer in `layers` an `AdaptionPrompt` (or what `make` builds from the same arguments, e.g. one with
+    visual tokens added); return the new parameters' names."""
     names = []
     ref = model.tok_embeddings.weight  # the model's dtype and device
     for i in layers:
         attn = model.layers[i].attention
-        attn.extension = AdaptionPrompt(adapter_len, model.args.dim, attn.n_heads, gate_activation, prompt_init_std,
-                                        master_dtype(ref.dtype), ref.device)
+        attn.extension = make(adapter_len, model.args.dim, attn.n_heads, gate_activation, prompt_init_std,
+                              master_dtype(ref.dtype), ref.device)
         names += [f"layers.{i}.attention.extension.prompt", f"layers.{i}.attention.extension.gate"]
     return names
 
 
-def attach(model: nn.Module, config: AdapterV1Config) -> list[str]:
-    layers = validate(model, config.adapter_layers)
+def attach(model: nn.Module, config: AdapterV1Config, layers: list[int]) -> list[str]:
     return attach_prompts(model, layers, config.adapter_len, config.gate_activation, config.prompt_init_std)
 
 

@@ -21,12 +21,14 @@ Differences and choices (arXiv 2304.15010 §4 vs. the OpenGVLab/LLaMA-Adapter co
     The released multimodal-7B code instead has biases only, on wq wo w1 w2 w3.
   * Parameter groups (§4 item 4, "joint training with disjoint parameters"): the language group (late prompts and
     gates, norms, biases, scales) is trained on instruction data; the visual group (visual projection, early
-    zero-init gates) on image–text data. Only the language group exists here: visual tokens are an extension point
-    (`peft.adapter_v1.set_visual_prompts` adds them to the prompts, as the released multimodal code does; the paper's
-    early fusion at layer 1 with 20 visual prompts would be a second `AdaptionPrompt` on layer 0 fed by a vision
-    encoder, which lives outside this package).
+    zero-init gates) on image–text data. This file holds the language group; the visual branch (the paper's early
+    fusion at layer 1 with 20 visual prompts, or the released code's visual tokens added to every prompt) is
+    `peft.adapter_v2_visual`, on a multimodal model whose own frozen encoder provides the image features.
   * Merging folds b and s into the weights exactly (output side: W' = diag(s) W, b' = s ⊙ b; input side:
     W' = W diag(s), b' = b); the layer then computes W'x + b'. Norm gains are already in place. Prompts cannot merge.
+  * The norm gains train in place, so attaching records each gain's starting value (a non-persistent buffer
+    `base_gain` on its RMSNorm: C numbers per norm, not in the state dict) for `peft.disable_adapters`, which must
+    give back the frozen base (DPO's reference).
 """
 
 from __future__ import annotations
@@ -40,12 +42,12 @@ from torch import nn
 
 from llama.model import RMSNorm
 
-from . import adapter_v1
-from .adapter_v1 import check_prompt_options
-from .lora import master_dtype
-from .targets import LINEAR_NAMES, check_target_names, iter_linears, shared_parameter_ids
+from .adapter_v1 import AdaptionPrompt, attach_prompts, check_prompt_options
+from .lora_core import master_dtype
+from .targets import (BLOCK_LINEARS, LINEAR_NAMES, check_free_extensions, check_plain_linears, check_target_names,
+                      iter_linears, shared_parameter_ids, top_layers)
 
-BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+BASE_GAIN = "base_gain"  # buffer name of a trained RMSNorm's gain before training (for peft.disable_adapters)
 
 
 @dataclass
@@ -78,8 +80,6 @@ class BiasScaleLinear(nn.Module):
 
     def __init__(self, base: nn.Linear, scale_side: str = "output", shares_weight: bool = False):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("BiasScaleLinear expects a bias-free linear layer, as every LLaMA linear layer is")
         N, K = base.weight.shape
         self.in_features, self.out_features, self.scale_side = K, N, scale_side
         self.weight = base.weight  # frozen W (the same Parameter object, so ties survive)
@@ -150,13 +150,19 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
     return [f"{name}.weight" for name, m in model.named_modules() if isinstance(m, RMSNorm)]
 
 
-def attach(model: nn.Module, config: AdapterV2Config) -> list[str]:
-    prompt_layers = adapter_v1.validate(model, config.adapter_layers) if config.adapter_layers else []
+def validate(model: nn.Module, config: AdapterV2Config) -> tuple[list[int], list]:
+    """The prompt layers (topmost `adapter_layers`, without an extension yet) and the bias/scale linears (plain)."""
+    prompt_layers = top_layers(model, config.adapter_layers, "adapter_layers") if config.adapter_layers else []
+    check_free_extensions(model, prompt_layers)
     found = list(iter_linears(model, config.bias_scale_modules))
-    for name, _, _, child in found:
-        if type(child) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
-                             f"attached there; build a fresh model")
+    check_plain_linears(found)
+    return prompt_layers, found
+
+
+def attach(model: nn.Module, config: AdapterV2Config, plan: tuple[list[int], list],
+           make_prompt=AdaptionPrompt) -> list[str]:
+    """Bias/scale on the linears, norms unfrozen, prompts (built by `make_prompt`) in the last layers -> names."""
+    prompt_layers, found = plan
     shared = shared_parameter_ids(model)
     names = []
     for name, parent, attr, child in found:
@@ -164,10 +170,18 @@ def attach(model: nn.Module, config: AdapterV2Config) -> list[str]:
         setattr(parent, attr, layer)
         names += [f"{name}.bias", f"{name}.scale"]
     if config.train_norms:  # §4.1: every normalisation layer is unfrozen
+        record_base_gains(model)
         names += norm_parameter_names(model)
-    names += adapter_v1.attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation,
-                                       config.prompt_init_std)
+    names += attach_prompts(model, prompt_layers, config.adapter_len, config.gate_activation, config.prompt_init_std,
+                            make_prompt)
     return names
+
+
+def record_base_gains(model: nn.Module) -> None:
+    """Keep each RMSNorm gain's value before training, as the non-persistent buffer `base_gain` of its norm."""
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.register_buffer(BASE_GAIN, module.weight.detach().clone(), persistent=False)
 
 
 def bias_scale_layers(model: nn.Module) -> list[BiasScaleLinear]:
@@ -189,11 +203,16 @@ def parameter_groups(model: nn.Module) -> dict[str, dict[str, nn.Parameter]]:
     """The paper's disjoint groups (§4 item 4): "language" (trained on instruction data) and "visual" (image–text).
 
     language: adaption prompts and gates of the late layers, norm gains, biases and scales.
-    visual:   visual projection and early zero-init gates; empty here (the multimodal branch is an extension point).
+    visual:   the visual projection and the early zero-init gated prompts (`peft.adapter_v2_visual`); empty without
+              a visual branch.
     """
     state = getattr(model, "peft_state", None)
-    if state is None or state.config.method != "adapter_v2":
+    if state is None or state.config.method not in ("adapter_v2", "adapter_v2_visual"):
         raise ValueError("parameter_groups needs a model with LLaMA-Adapter V2 attached: "
                          "call peft.apply(model, peft.AdapterV2Config(...)) first")
     params = dict(model.named_parameters())
-    return {"language": {n: params[n] for n in state.parameter_names}, "visual": {}}
+    early = getattr(state.config, "visual_fusion", None) == "early"
+    visual = [n for n in state.parameter_names if n.startswith("adapter_visual.")
+              or (early and n.startswith("text_model.layers.0.attention.extension."))]
+    return {"language": {n: params[n] for n in state.parameter_names if n not in visual},
+            "visual": {n: params[n] for n in visual}}

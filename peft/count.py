@@ -1,36 +1,43 @@
 """`python -m peft.count`: trainable parameters of each method on LLaMA-7B and 65B, next to the papers' figures.
 
-Every count is measured, not computed from a formula: the real `Transformer` is built on the `meta` device (no
-memory), the method is attached with `peft.apply`, and `peft.trainable_parameters` is read off.
+Every count is measured, not computed from a formula: the real model (`llama.build`: a `Transformer`, or Llama 3.2
+Vision for the visual branches) is built on the `meta` device (no memory), the method is attached with
+`peft.apply`, and `peft.trainable_parameters` is read off.
+
+The visual branches have no published count for this base: the papers put a 768-wide CLIP feature through their
+projection, Llama 3.2 Vision's encoder gives 7680 features per token, so the projection alone is 7680·4096 + 4096
+at 11B (~31.5M, most of each visual row).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Optional
 
 import torch
 
-from llama.config import ModelArgs
-from llama.model import Transformer
+from llama.formats.io import atomic_write_bytes
+from llama.registry import build
 
 from .adapter_v1 import AdapterV1Config
 from .adapter_v2 import AdapterV2Config
+from .adapter_v2_visual import AdapterV2VisualConfig
 from .api import apply, trainable_parameters
 from .excitor import ExcitorConfig
-from .lora import LoraConfig
-
-ALL_BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
+from .excitor_visual import ExcitorVisualConfig
+from .lora_core import LoraConfig
+from .targets import BLOCK_LINEARS
 
 # (label, model, config, paper figure, exact published count if any, source of the figure)
 ROWS = [
     ("LoRA r=8 wq,wv", "llama-7b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), "4.2M", 4_194_304,
      "LLaMA-Adapter Tab. 3 (Alpaca-LoRA); 2·32·4096·8·2"),
     ("LoRA r=8 wq,wv", "llama-65b", LoraConfig(r=8, alpha=16, target_modules=("wq", "wv")), None, None, ""),
-    ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+    ("QLoRA r=64 all block linears", "llama-7b", LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS),
      None, None, "Guanaco recipe; no paper figure (computed: 159.9M)"),
-    ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=ALL_BLOCK_LINEARS),
+    ("QLoRA r=64 all block linears", "llama-65b", LoraConfig(r=64, alpha=16, target_modules=BLOCK_LINEARS),
      None, None, ""),
     ("Adapter V1 K=10 L=30", "llama-7b", AdapterV1Config(), "1.2M", None, "LLaMA-Adapter §4.1, Tab. 3"),
     ("Adapter V1 K=10 L=30", "llama-65b", AdapterV1Config(), None, None, ""),
@@ -46,12 +53,18 @@ ROWS = [
     ("Excitor K=30 r=16 L=30", "llama-7b", ExcitorConfig(), "7.6M", None,
      "secondary summary of the paper (emergentmind)"),
     ("Excitor K=30 r=16 L=30", "llama-65b", ExcitorConfig(), None, None, ""),
+    ("Adapter V2 visual, early fusion (paper)", "llama-3.2-11b-vision", AdapterV2VisualConfig(), None, None,
+     "V2 Tab. 1 reports 14M with CLIP ViT-L/14 on 7B"),
+    ("Adapter V2 visual, late fusion (code)", "llama-3.2-11b-vision",
+     AdapterV2VisualConfig(visual_fusion="late"), None, None, "released multimodal-7B code"),
+    ("Excitor visual K=30 r=16 L=30", "llama-3.2-11b-vision", ExcitorVisualConfig(), None, None,
+     "no multimodal count published"),
 ]
 
 
 def measured(model_name: str, config) -> int:
     with torch.device("meta"):
-        model = Transformer(ModelArgs.from_name(model_name))
+        model = build(model_name)
         apply(model, config)
     return trainable_parameters(model)
 
@@ -89,8 +102,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows = table()
     print(format_table(rows))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        atomic_write_bytes(Path(args.json), (json.dumps(rows, indent=2) + "\n").encode())
     return 0 if all(r["exact_match"] is not False for r in rows) else 1
 
 

@@ -35,7 +35,8 @@ Differences and assumptions (every element the paper does not state, with the op
     gradient — is unchanged in exact arithmetic, and at W_up = 0 the extra logits are exactly 0 (A = 1/K bit for bit).
   * KV-cache decoding: Key^extra_j depends only on token j, so it is cached beside the layer's K/V (this module keeps
     its own cache, allocated like the layer's KV cache) and the new queries read all S positions.
-  * The multimodal variant (visual features stacked with the prompts through trainable Wk/Wv_Excitor) is not built.
+  * The multimodal variant (visual features stacked with the prompts through trainable Wk/Wv_Excitor) is
+    `peft.excitor_visual`; it overrides `prompt_keys_values`.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ from torch import nn
 from llama.model import AttentionExtension
 from llama.rope import apply_rotary
 
-from .lora import master_dtype
-from .targets import top_layers
+from .lora_core import master_dtype
+from .targets import check_free_extensions, top_layers
 
 
 @dataclass
@@ -124,18 +125,30 @@ class ExcitorBlock(AttentionExtension):
     def gate_value(self) -> torch.Tensor:
         return torch.tanh(self.gate) if self.gate_activation == "tanh" else self.gate
 
+    def prompt_keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Keys and values of the inner prompt attention, [b, K', HD] each, and which of the K' are valid ([B, K']
+        or None: all). Here both are the raw prompts P_l; the visual variant stacks projected image features below."""
+        P = self.prompt.to(x.dtype)[None]  # [1, K, HD]
+        return P, P, None
+
     def extra_keys(self, attn, x: torch.Tensor, start_pos: int) -> torch.Tensor:
-        """Key^extra (minus p̄ when un-rotated) for the new tokens: x [B, T, C] -> [B, T, HD]."""
-        P = self.prompt.to(x.dtype)  # [K, HD]
+        """Key^extra (minus its uniform mixture when un-rotated) for the new tokens: x [B, T, C] -> [B, T, HD]."""
+        keys, values, valid = self.prompt_keys_values(x)  # [b, K', HD] ×2
         # Q^e = x W_down W_up  (the low-rank Wq_Excitor)
         q_e = F.linear(F.linear(x, self.w_down.to(x.dtype)), self.w_up.to(x.dtype))  # [B, T, HD]
-        # A = softmax over the K prompts of Q^e Pᵀ / τ  (row j uses token j only: causal by construction)
-        logits = (q_e @ P.T) / self.tau  # [B, T, K]
-        A = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [B, T, K]
+        # A = softmax over the K' prompts of Q^e Pᵀ / τ  (row j uses token j only: causal by construction)
+        logits = (q_e @ keys.transpose(-1, -2)) / self.tau  # [B, T, K']
+        if valid is not None:
+            logits = logits.masked_fill(~valid[:, None], float("-inf"))
+        A = F.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))  # [B, T, K']
         if self.extra_key_rope == "none":
-            # Key^extra − p̄ = (A − 1/K) P: the subtracted q·p̄ is a per-row constant of S^extra (see module notes)
-            return (A - 1.0 / self.adapter_len).to(x.dtype) @ P  # [B, T, HD]
-        key = A.to(x.dtype) @ P  # Key^extra = A P  [B, T, HD]
+            # Key^extra − v̄ = (A − u) Ṽ with u uniform over the valid entries: the subtracted q·v̄ is a per-row
+            # constant of S^extra (see module notes); for plain prompts u = 1/K, v̄ = p̄
+            if valid is None:
+                return (A - 1.0 / self.adapter_len).to(x.dtype) @ values  # [B, T, HD]
+            u = valid.to(A.dtype)
+            return (A - (u / u.sum(-1, keepdim=True))[:, None]).to(x.dtype) @ values  # [B, T, HD]
+        key = A.to(x.dtype) @ values  # Key^extra = A Ṽ  [B, T, HD]
         spec = getattr(attn, "spec", None)
         if spec is not None and not spec.use_rope:  # a Llama 4 NoPE layer rotates nothing
             return key
@@ -181,11 +194,14 @@ class ExcitorBlock(AttentionExtension):
                 f"gate={tuple(self.gate.shape)} {self.gate_activation}, extra_key_rope={self.extra_key_rope}")
 
 
-def attach(model: nn.Module, config: ExcitorConfig) -> list[str]:
+def validate(model: nn.Module, config: ExcitorConfig) -> list[int]:
+    """The topmost `adapter_layers` layers, each without an attention extension yet."""
     layers = top_layers(model, config.adapter_layers, "adapter_layers")
-    for i in layers:
-        if model.layers[i].attention.extension is not None:
-            raise ValueError(f"layer {i} already has an attention extension; build a fresh model")
+    check_free_extensions(model, layers)
+    return layers
+
+
+def attach(model: nn.Module, config: ExcitorConfig, layers: list[int]) -> list[str]:
     ref = model.tok_embeddings.weight
     names = []
     for i in layers:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 import torch
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .api import _state, atomic_write_bytes
+from llama.formats.io import atomic_write_bytes
+
+from .api import _state
 
 # Meta name -> HF module path inside a decoder layer (or at the top for the head)
 HF_NAMES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
@@ -45,8 +47,11 @@ def hf_key(meta_name: str) -> str:
     return f"base_model.model.model.layers.{parts[1]}.{HF_NAMES[parts[-1]]}"
 
 
-def export_hf(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
-    """Write the attached LoRA adapter (plain, rsLoRA or DoRA) for HF PEFT + transformers' LlamaForCausalLM."""
+def export_hf(model: nn.Module, folder: Union[str, os.PathLike], base_model: Optional[str] = None) -> Path:
+    """Write the attached LoRA adapter (plain, rsLoRA or DoRA) for HF PEFT + transformers' LlamaForCausalLM.
+
+    base_model: recorded as `base_model_name_or_path` (an HF folder or hub id), which HF's
+    `AutoPeftModelForCausalLM.from_pretrained(folder)` loads the base from."""
     state = _state(model, "export an adapter")
     config = state.config
     if config.method != "lora":
@@ -87,7 +92,7 @@ def export_hf(model: nn.Module, folder: Union[str, os.PathLike]) -> Path:
         pattern = rf"model\.layers\.({'|'.join(map(str, config.layers))})\.(self_attn|mlp)\.({'|'.join(block)})"
         target_modules = "|".join(([pattern] if block else []) + (["lm_head"] if "lm_head" in hf_targets else []))
     hf_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None, "inference_mode": True,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model, "inference_mode": True,
         "r": config.r, "lora_alpha": config.alpha, "lora_dropout": config.dropout, "target_modules": target_modules,
         "use_rslora": config.use_rslora, "use_dora": config.use_dora, "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True if config.init == "kaiming" else "gaussian", "modules_to_save": None,

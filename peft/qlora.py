@@ -1,13 +1,15 @@
 """QLoRA: LoRA on a frozen 4-bit NormalFloat base (Dettmers et al., arXiv 2305.14314).
 
-Switched on by `peft.LoraConfig(quantize_base=True)`.
+Switched on by `peft.LoraConfig(quantize_base=True)`: `peft.apply` dispatches such a config to `validate` and
+`attach` here.
 
 Shapes: M tokens, K in features, N out features, r rank.
 
     Y = X · doubleDequant(c1, c2, W^NF4)ᵀ + s · X Aᵀ Bᵀ          QLoRA §3, eq. (5) (written here in x Wᵀ form)
 
 The NF4 format, double quantisation and the kernels live in `kernels` (`nf4_quantize`, `nf4_dequantize`,
-`qlora_matmul`); this file decides what gets quantised and keeps the adapter bookkeeping.
+`qlora_matmul`); NF4 storage of a frozen weight, the LoRA scale, initialisation and the merge sum are
+`peft.lora_core`'s; this file decides what gets quantised and keeps the adapter bookkeeping.
 
 Choices (QLoRA arXiv 2305.14314, artidoro/qlora):
   * "All linear layers" (QLoRA §4, and the Guanaco recipe): with `quantize_base=True` every block linear
@@ -29,7 +31,6 @@ Choices (QLoRA arXiv 2305.14314, artidoro/qlora):
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -37,13 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import kernels
+from llama.moe import Experts
 
-from .lora import KERNEL_DTYPES, LoRALinear, master_dtype
-from .lora_experts import EXPERT_TARGET, MATRICES, iter_experts
-from .targets import ATTENTION_LINEARS, FFN_LINEARS, iter_linears, shared_parameter_ids
-
-BLOCK_LINEARS = ATTENTION_LINEARS + FFN_LINEARS
-NF4_FIELDS = ("packed", "absmax", "absmax2", "code2", "offset")  # tensors of kernels.NF4Weight kept as buffers
+from . import lora
+from .lora_core import (NF4_FIELDS, LoraConfig, dequantize, dropout_active, lora_dropout, lora_factors, master_dtype,
+                        merge_weight, nf4_weight, quantize_frozen)
+from .qlora_experts import NF4Experts, QLoRAExperts
+from .targets import (BLOCK_LINEARS, EXPERT_MATRICES, EXPERT_TARGET, check_plain_linears, iter_experts, iter_linears,
+                      shared_parameter_ids)
 
 
 class NF4Linear(nn.Module):
@@ -59,13 +61,13 @@ class NF4Linear(nn.Module):
 
     @property
     def qweight(self) -> "kernels.NF4Weight":
-        return kernels.NF4Weight(self.weight_packed, self.weight_absmax, torch.Size((self.out_features,
-                                 self.in_features)), self.weight_dtype, self.blocksize, None, self.weight_absmax2,
-                                 self.weight_code2, self.weight_offset, self.blocksize2)
+        fields = {field: getattr(self, f"weight_{field}") for field in NF4_FIELDS}
+        return nf4_weight(fields, (self.out_features, self.in_features), self.weight_dtype, self.blocksize,
+                          self.blocksize2)
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """W_dq [N, K] in `dtype` (float64 via float32: NF4 values times a float32 absmax are exact in float32)."""
-        return kernels.nf4_dequantize(self.qweight, dtype if dtype in KERNEL_DTYPES else torch.float32).to(dtype)
+        """W_dq [N, K] in `dtype`."""
+        return dequantize(self.qweight, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xc = x.to(self.compute_dtype)
@@ -79,20 +81,14 @@ class NF4Linear(nn.Module):
 class QLoRALinear(NF4Linear):
     """NF4 base weight (frozen) plus a LoRA update s·BA in the compute dtype: QLoRA eq. (5)."""
 
-    def __init__(self, qweight: "kernels.NF4Weight", compute_dtype: torch.dtype, r: int, alpha: float,
-                 dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming"):
+    def __init__(self, qweight: "kernels.NF4Weight", compute_dtype: torch.dtype, config: LoraConfig):
         super().__init__(qweight, compute_dtype)
         N, K = self.out_features, self.in_features
-        self.r, self.scaling = r, alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.r, self.scaling = config.r, config.scaling
         self.use_dora = False
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        dtype, device = master_dtype(compute_dtype), qweight.device
-        self.lora_A = nn.Parameter(torch.empty(r, K, dtype=dtype, device=device))  # [r, K]
-        self.lora_B = nn.Parameter(torch.zeros(N, r, dtype=dtype, device=device))  # [N, r], zero: ΔW = 0 at start
-        if init == "gaussian":
-            nn.init.normal_(self.lora_A, std=1.0 / r)
-        else:
-            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_dropout = lora_dropout(config.dropout)
+        self.lora_A, self.lora_B = lora_factors((config.r, K), (N, config.r), K, config, master_dtype(compute_dtype),
+                                                qweight.device)  # [r, K], [N, r]
         self.merged = False
         self.register_buffer("weight", None, persistent=False)  # the dense merged weight, only while merged
 
@@ -101,8 +97,8 @@ class QLoRALinear(NF4Linear):
         if self.merged:
             return F.linear(xc, self.weight).to(x.dtype)
         A, B = self.lora_A.to(xc.dtype), self.lora_B.to(xc.dtype)
-        dropout = isinstance(self.lora_dropout, nn.Dropout) and self.training
-        if dropout or xc.dtype not in KERNEL_DTYPES:  # active dropout or float64: the formula, eagerly
+        dropout = dropout_active(self.lora_dropout)
+        if dropout or xc.dtype not in kernels.SUPPORTED_DTYPES:  # active dropout or float64: the formula, eagerly
             # eq. (5): Y = X W_dqᵀ + s · drop(X) Aᵀ Bᵀ
             dropped = self.lora_dropout(xc)
             y = F.linear(xc, self.dequantized_weight(xc.dtype)) + self.scaling * F.linear(F.linear(dropped, A), B)
@@ -116,9 +112,8 @@ class QLoRALinear(NF4Linear):
         """W ← dequant(W^NF4) + sBA, dense in the compute dtype (computed in at least float32); never re-quantised."""
         if self.merged:
             raise RuntimeError("this QLoRA layer is already merged (unmerge first)")
-        compute = master_dtype(self.compute_dtype)
-        delta = self.scaling * (self.lora_B.to(compute) @ self.lora_A.to(compute))
-        self.weight = (self.dequantized_weight(compute) + delta).to(self.compute_dtype)
+        W_dq = self.dequantized_weight(master_dtype(self.compute_dtype))
+        self.weight = merge_weight(W_dq, self.lora_A, self.lora_B, self.scaling)[0].to(self.compute_dtype)
         self.merged = True
 
     @torch.no_grad()
@@ -132,39 +127,26 @@ class QLoRALinear(NF4Linear):
         return ["lora_A", "lora_B"]
 
 
-def quantize_frozen(weight: torch.Tensor, what: str) -> "kernels.NF4Weight":
-    """QLoRA's storage of a frozen weight: NF4, block size 64, double quantisation (float64 study weights go through
-    float32, where their NF4 values are exact). A NaN/inf weight raises with `what` and the position."""
-    weight = weight.detach()
-    weight = weight if weight.dtype in KERNEL_DTYPES else weight.float()
-    try:
-        return kernels.nf4_quantize(weight, blocksize=64, double_quant=True)
-    except ValueError as err:
-        raise ValueError(f"cannot quantise {what}: {err}") from err
+# -- attaching to a model -------------------------------------------------------------------------------------------
+def validate(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, str, nn.Module]]:
+    """LoRA's checks of the targets (`peft.lora.validate`), and every block linear (all get quantised) still the
+    model's own nn.Linear."""
+    found = lora.validate(model, config)
+    check_plain_linears(list(iter_linears(model, BLOCK_LINEARS)))
+    return found
 
 
-def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
-    """Quantise every block linear to NF4 (LoRA on the targeted ones); `output` keeps a plain LoRA if targeted."""
+def attach(model: nn.Module, config: LoraConfig, found: list[tuple[str, nn.Module, str, nn.Module]]) -> list[str]:
+    """Quantise every block linear and routed expert to NF4 (LoRA on the targeted ones); `output` keeps a plain
+    LoRA if targeted. Return the new parameters' qualified names."""
     compute = getattr(torch, config.compute_dtype) if config.compute_dtype else model.tok_embeddings.weight.dtype
     targets = {name for name, *_ in found}
     block = list(iter_linears(model, BLOCK_LINEARS))
-    for name, _, _, child in block:
-        if type(child) is not nn.Linear:
-            raise ValueError(f"{name} is a {type(child).__name__}, not a plain nn.Linear: an adapter is already "
-                             f"attached there; build a fresh model")
     # quantise everything first, so a bad weight (NaN/inf, reported by nf4_quantize) leaves the model untouched
     quantized = [quantize_frozen(child.weight, name) for name, _, _, child in block]
     # the routed experts of Llama 4 MoE layers too: NF4, with a per-expert LoRA where targeted (peft.qlora_experts)
-    from .qlora_experts import NF4Experts, QLoRAExperts
-
-    experts = []
-    for name, parent, child in iter_experts(model):
-        if name in targets:
-            layer = QLoRAExperts(child, compute, config.r, config.alpha, config.dropout, config.use_rslora,
-                                 config.init)
-        else:
-            layer = NF4Experts(child, compute)
-        experts.append((name, parent, layer))
+    experts = [(name, parent, QLoRAExperts(child, compute, config) if name in targets else NF4Experts(child, compute))
+               for name, parent, child in iter_experts(model)]
     names = []
     for name, parent, layer in experts:
         setattr(parent, EXPERT_TARGET, layer)
@@ -172,35 +154,30 @@ def attach_qlora(model: nn.Module, config, found: list) -> list[str]:
             names += [f"{name}.{p}" for p in layer.adapter_parameter_names()]
     for (name, parent, attr, _), q in zip(block, quantized):
         if name in targets:
-            layer = QLoRALinear(q, compute, config.r, config.alpha, config.dropout, config.use_rslora, config.init)
-            names += [f"{name}.lora_A", f"{name}.lora_B"]
+            layer = QLoRALinear(q, compute, config)
+            names += [f"{name}.{p}" for p in layer.adapter_parameter_names()]
         else:
             layer = NF4Linear(q, compute)
         setattr(parent, attr, layer)
     shared = shared_parameter_ids(model)
     for name, parent, attr, child in found:
         if name == "output":  # the head stays in high precision (QLoRA keeps lm_head unquantised)
-            layer = LoRALinear(child, config.r, config.alpha, config.dropout, config.use_rslora, False, config.init,
-                               shares_weight=id(child.weight) in shared)
+            layer = lora.LoRALinear(child, config, shares_weight=id(child.weight) in shared)
             setattr(parent, attr, layer)
-            names += ["output.lora_A", "output.lora_B"]
+            names += [f"output.{p}" for p in layer.adapter_parameter_names()]
     return names
 
 
 def dequantize_model(model: nn.Module, dtype: Optional[torch.dtype] = None) -> None:
     """Replace every frozen `NF4Linear` (no adapter) by a dense nn.Linear holding its dequantised weight, and every
     frozen `NF4Experts` by dense `llama.moe.Experts`."""
-    from llama.moe import Experts
-
-    from .qlora_experts import NF4Experts
-
     for layer in model.layers:
         child = getattr(layer.feed_forward, EXPERT_TARGET, None)
         if type(child) is NF4Experts:
             dense = Experts(child.n_experts, child.dim, child.hidden_dim).to(device=child.w1_packed.device,
                                                                              dtype=dtype or child.compute_dtype)
             with torch.no_grad():
-                for name in MATRICES:
+                for name in EXPERT_MATRICES:
                     getattr(dense, name).copy_(child.dequantized_weight(name, None, getattr(dense, name).dtype))
             dense.requires_grad_(False)
             setattr(layer.feed_forward, EXPERT_TARGET, dense)

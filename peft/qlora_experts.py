@@ -15,12 +15,12 @@ a leading E axis. Each matmul decodes the one expert it needs:
 `peft.lora_experts` (same names, lora_A.{w1,w2,w3} [E, K, r] and lora_B.{w1,w2,w3} [E, r, N], so an adapter file
 fits either). As for the block linears, merging dequantises and keeps a dense weight, never re-quantising, and
 unmerging drops it again. The computation is eager PyTorch (decode the expert, then matmul); the fused Triton
-QLoRA kernel takes one 2-D weight and is not used here.
+QLoRA kernel takes one 2-D weight and is not used here. NF4 storage, scale, initialisation and the merge sum are
+`peft.lora_core`'s.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -28,9 +28,10 @@ from torch import nn
 
 import kernels
 
-from .lora import KERNEL_DTYPES, master_dtype
-from .lora_experts import MATRICES, SwiGLUExperts, check_expert_rank, expert_adapters, expert_delta, lora_update
-from .qlora import NF4_FIELDS, quantize_frozen
+from .lora_core import (NF4_FIELDS, LoraConfig, dequantize, dropout_active, lora_dropout, master_dtype, merge_weight,
+                        nf4_weight, quantize_frozen)
+from .lora_experts import IN_DIM, SwiGLUExperts, expert_adapters, lora_update
+from .targets import EXPERT_MATRICES
 
 
 class NF4Experts(SwiGLUExperts):
@@ -40,10 +41,10 @@ class NF4Experts(SwiGLUExperts):
         super().__init__()
         E, C, Fh = base.w1.shape  # [E, C, F]
         self.n_experts, self.dim, self.hidden_dim, self.compute_dtype = E, C, Fh, compute_dtype
-        self.shapes = {name: tuple(getattr(base, name).shape) for name in MATRICES}  # {name: (E, K, N)}
+        self.shapes = {name: tuple(getattr(base, name).shape) for name in EXPERT_MATRICES}  # {name: (E, K, N)}
         # everything first: a NaN/inf weight leaves `base` in use and this module unbuilt
         quantised = {name: [quantize_frozen(getattr(base, name)[e], f"expert matrix {name} (expert {e})")
-                            for e in range(E)] for name in MATRICES}
+                            for e in range(E)] for name in EXPERT_MATRICES}
         first = quantised["w1"][0]
         self.weight_dtype, self.blocksize, self.blocksize2 = first.dtype, first.blocksize, first.blocksize2
         for name, per_expert in quantised.items():  # buffers [E, ...]: they follow .to() and enter the state dict
@@ -53,17 +54,13 @@ class NF4Experts(SwiGLUExperts):
     def qweight(self, name: str, e: int) -> "kernels.NF4Weight":
         """Expert e's matrix `name` as an NF4Weight of shape [K, N] (views into the stacked buffers)."""
         fields = {field: getattr(self, f"{name}_{field}")[e] for field in NF4_FIELDS}
-        return kernels.NF4Weight(fields["packed"], fields["absmax"], torch.Size(self.shapes[name][1:]),
-                                 self.weight_dtype, self.blocksize, None, fields["absmax2"], fields["code2"],
-                                 fields["offset"], self.blocksize2)
+        return nf4_weight(fields, self.shapes[name][1:], self.weight_dtype, self.blocksize, self.blocksize2)
 
     def dequantized_weight(self, name: str, e: Optional[int], dtype: torch.dtype) -> torch.Tensor:
-        """W_e [K, N] (or all experts [E, K, N] when e is None) in `dtype` (float64 via the exact float32 values)."""
-        decode = dtype if dtype in KERNEL_DTYPES else torch.float32
+        """W_e [K, N] (or all experts [E, K, N] when e is None) in `dtype`."""
         if e is not None:
-            return kernels.nf4_dequantize(self.qweight(name, e), decode).to(dtype)
-        return torch.stack([kernels.nf4_dequantize(self.qweight(name, i), decode) for i in range(self.n_experts)]
-                           ).to(dtype)
+            return dequantize(self.qweight(name, e), dtype)
+        return torch.stack([dequantize(self.qweight(name, i), dtype) for i in range(self.n_experts)])
 
     def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
         """x @ W_e in the compute dtype, cast back to x's dtype (as NF4Linear)."""
@@ -76,17 +73,17 @@ class NF4Experts(SwiGLUExperts):
 
 
 class QLoRAExperts(NF4Experts):
-    """NF4 routed experts (frozen) plus a trainable per-expert LoRA update s·A_e B_e of w1, w2, w3."""
+    """NF4 routed experts (frozen) plus a trainable per-expert LoRA update s·A_e B_e of w1, w2, w3.
 
-    def __init__(self, base: nn.Module, compute_dtype: torch.dtype, r: int, alpha: float, dropout: float = 0.0,
-                 use_rslora: bool = False, init: str = "kaiming"):
-        check_expert_rank(r, *base.w1.shape)
+    `peft.apply` has checked the rank (r <= min(C, F))."""
+
+    def __init__(self, base: nn.Module, compute_dtype: torch.dtype, config: LoraConfig):
         super().__init__(base, compute_dtype)
-        self.r, self.scaling = r, alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.lora_A, self.lora_B = expert_adapters(self.shapes, r, master_dtype(compute_dtype), base.w1.device, init)
+        self.r, self.scaling = config.r, config.scaling
+        self.lora_dropout = lora_dropout(config.dropout)
+        self.lora_A, self.lora_B = expert_adapters(self.shapes, config, master_dtype(compute_dtype), base.w1.device)
         self.merged = False
-        for name in MATRICES:  # the dense merged weights [E, K, N], only while merged
+        for name in EXPERT_MATRICES:  # the dense merged weights [E, K, N], only while merged
             self.register_buffer(f"merged_{name}", None, persistent=False)
 
     def _matmul(self, name: str, x: torch.Tensor, e: Optional[int] = None) -> torch.Tensor:
@@ -98,7 +95,8 @@ class QLoRAExperts(NF4Experts):
         A, B = self.lora_A[name], self.lora_B[name]
         if e is not None:
             A, B = A[e], B[e]  # [K, r], [r, N]
-        y = xc @ self.dequantized_weight(name, e, xc.dtype) + lora_update(xc, A, B, self.scaling, self.lora_dropout)
+        dropped = self.lora_dropout(xc) if dropout_active(self.lora_dropout) else xc
+        y = xc @ self.dequantized_weight(name, e, xc.dtype) + lora_update(dropped, A, B, self.scaling)
         return y.to(x.dtype)
 
     @torch.no_grad()
@@ -108,9 +106,9 @@ class QLoRAExperts(NF4Experts):
         if self.merged:
             raise RuntimeError("these QLoRA experts are already merged (unmerge first)")
         compute = master_dtype(self.compute_dtype)
-        for name in MATRICES:
-            delta = expert_delta(self.lora_A[name], self.lora_B[name], self.scaling, compute)
-            merged = self.dequantized_weight(name, None, compute) + delta                  # [E, K, N]
+        for name in EXPERT_MATRICES:
+            merged, _ = merge_weight(self.dequantized_weight(name, None, compute), self.lora_A[name],
+                                     self.lora_B[name], self.scaling, in_dim=IN_DIM)  # [E, K, N]
             setattr(self, f"merged_{name}", merged.to(self.compute_dtype))
         self.merged = True
 
@@ -118,12 +116,12 @@ class QLoRAExperts(NF4Experts):
     def unmerge(self) -> None:
         if not self.merged:
             raise RuntimeError("these QLoRA experts are not merged; nothing to unmerge")
-        for name in MATRICES:
+        for name in EXPERT_MATRICES:
             setattr(self, f"merged_{name}", None)
         self.merged = False
 
     def adapter_parameter_names(self) -> list[str]:
-        return [f"lora_{side}.{name}" for side in ("A", "B") for name in MATRICES]
+        return [f"lora_{side}.{name}" for side in ("A", "B") for name in EXPERT_MATRICES]
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -4,25 +4,25 @@ Text is tokenised as raw UTF-8 bytes (vocabulary 256): no tokenizer to train or 
 byte. An example is (input ids, target ids) of equal length, the targets being the next ids (IGNORE_INDEX where no
 loss is taken), as `peft.training.train_examples` takes them.
 
-The command line has one flag per field of the experiment's config dataclass; it runs the experiment, saves after
-every model, plots and prints the table.
+The command line (docs/cli.md) has the common flags and one flag per field of the experiment's config dataclass; it
+runs the experiment, saves after every model, plots and prints the table.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import math
 import random
+import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from llama.model import Transformer
 from peft.training.data import stdlib_docstrings
+from scripts._cli import experiment_parser, positive, start, write_results
 
 BYTE_VOCAB = 256
 
@@ -68,42 +68,77 @@ def perplexity(model: Transformer, stream: list[int], length: int, n_tokens: int
 
 
 # =====================================================================================================================
+# Plots
+# =====================================================================================================================
+
+def variant_colors(variants) -> dict:
+    """One colour per variant, the same in every panel (matplotlib's cycle restarts per axes and skips nothing, so a
+    panel that leaves a variant out would shift every colour after it)."""
+    return {v: f"C{i}" for i, v in enumerate(variants)}
+
+
+def readable_log_axis(ax, axis: str = "y") -> None:
+    """Label a log axis with plain numbers: 1-2-5 × 10^k over a wide range; over less than a decade (short runs),
+    about five evenly spaced ticks instead of matplotlib's overlapping minor labels (3×10^0, 4×10^0, …)."""
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter, ScalarFormatter
+
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    lo, hi = ax.get_ylim() if axis == "y" else ax.get_xlim()
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)) if hi / lo >= 10 else MaxNLocator(nbins=5))
+    plain = ScalarFormatter(useOffset=False)  # as many decimals as the tick spacing needs, no 10^k notation
+    plain.set_scientific(False)
+    target.set_major_formatter(plain)
+    target.set_minor_formatter(NullFormatter())
+
+
+# =====================================================================================================================
 # Command line
 # =====================================================================================================================
 
 def ablation_main(argv, *, doc: str, config_cls, variants, run, format_table, plot, name: str,
                   special_args: dict | None = None) -> dict:
-    """`special_args`: field name -> extra `add_argument` keywords for fields whose type the default can't tell."""
+    """The command line of a model ablation (docs/cli.md): the common flags, one flag per field of `config_cls`
+    (--seed is the field `seed`), and --max-steps where the config has several step counts.
+
+    `special_args`: field name -> extra `add_argument` keywords for fields whose type the default can't tell.
+    Writes OUT/results.json after every model (a run cut short keeps what it finished), OUT/results.md (the table)
+    and OUT/<name>_ablation.png.
+    """
     defaults = config_cls()
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in dataclasses.fields(defaults):
+    fields = [f for f in dataclasses.fields(defaults) if f.name != "seed"]
+    p = experiment_parser(doc, f"ablate_{name}", seed=defaults.seed)
+    for f in fields:
         flag, default = "--" + f.name.replace("_", "-"), getattr(defaults, f.name)
         if f.name == "variants":
-            p.add_argument(flag, nargs="+", default=list(variants), choices=variants)
+            p.add_argument(flag, nargs="+", default=list(variants), choices=variants, help="variants to run")
         elif special_args and f.name in special_args:
             p.add_argument(flag, **special_args[f.name])
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"(default {default})")
-    p.add_argument("--out", default=f"runs/ablate_{name}", help="output folder (default %(default)s)")
+            p.add_argument(flag, type=type(default), default=default, help=f.name.replace("_", " "))
+    step_fields = [f.name for f in fields if f.name.endswith("steps")]
+    if len(step_fields) > 1:
+        p.add_argument("--max-steps", type=positive(int), default=None,
+                       help=f"cap {', '.join(step_fields)} (smoke tests)")
     p.add_argument("--corpus-chars", type=int, default=3_000_000, help="docstring characters to read")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    cfg = config_cls(**{f.name: (tuple(getattr(a, f.name)) if f.name == "variants" else getattr(a, f.name))
-                        for f in dataclasses.fields(defaults)})
+    values = {f.name: (tuple(getattr(a, f.name)) if f.name == "variants" else getattr(a, f.name)) for f in fields}
+    if getattr(a, "max_steps", None):
+        values.update({key: min(values[key], a.max_steps) for key in step_fields})
+    cfg = config_cls(**values, seed=a.seed)  # checked before the output folder is made
+    out = start(a)
     print("config:", json.dumps(dataclasses.asdict(cfg)))
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
 
     def save(report):  # after every model: a run cut short keeps what it finished
-        (out / "results.json").write_text(json.dumps(report))
+        write_results(out, report)
 
     t0 = time.perf_counter()
     report = run(cfg, list(stdlib_docstrings(a.corpus_chars)), on_progress=save)
-    save(report)
     png = out / f"{name}_ablation.png"
     plot(report, png)
+    table = format_table(report)
+    write_results(out, report, table)
     print()
-    print(format_table(report))
-    print(f"\nwall time {time.perf_counter() - t0:.0f} s; results in {out / 'results.json'}, {png}")
+    print(table)
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; wrote {out / 'results.json'}, {out / 'results.md'}, {png}",
+          file=sys.stderr)
     return report

@@ -24,6 +24,7 @@ def cpu_only(args) -> dict:
     smoke = []
     os.environ["KERNELS_BACKEND"] = "triton"
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        print(f"  smoke {str(dtype).removeprefix('torch.')} (interpreter)", flush=True)
         x = torch.randn(5, 70).to(dtype)
         W = (torch.randn(48, 70) / 8).to(dtype)
         A, B = (torch.randn(8, 70) / 8).to(dtype), torch.randn(48, 8).to(dtype)
@@ -43,8 +44,9 @@ def cpu_only(args) -> dict:
     # host's load drifts during a run.
     timings = {"ours_quantise_s": float("inf"), "ours_dequantise_s": float("inf"),
                "bnb_quantise_s": float("inf"), "bnb_dequantise_s": float("inf")}
-    for _ in range(3):
+    for round_ in range(3):
         for side in ("ours", "bnb"):
+            print(f"  NF4 quantise + dequantise on CPU, round {round_ + 1}/3: {side} (a fresh process)", flush=True)
             measured = _time_nf4_cpu(side)
             if measured is None:
                 timings["bitsandbytes"] = "not installed"

@@ -1,6 +1,6 @@
 """Reporting for `bench_kernels.py`: the issue's targets evaluated on the measured rows, the tables (printed and
-written as markdown), the per-case progress line, the saved JSON / markdown, and the relative error that the
-accuracy columns report.
+written as markdown), the per-case progress line (said as a case starts, finished when it ends), OUT/results.json
+and OUT/results.md, and the relative error that the accuracy columns report.
 
 A row is one measured case: {"shape", "tokens", "rank", <column>: cell, ...}, where a cell is
 {"us", "error", "graph_us", "graph_error", rates...} (see `cell` in bench_kernels.py); a column not run is absent.
@@ -8,7 +8,7 @@ A row is one measured case: {"shape", "tokens", "rank", <column>: cell, ...}, wh
 
 from __future__ import annotations
 
-import json
+from scripts._cli import write_results
 
 LEGEND = ("Each time cell: do_bench us / CUDA-graph us. do_bench = median of the plain Python call with L2 flushed "
           "(includes host launch overhead when the GPU waits for the host); graph = median replay of a CUDA graph "
@@ -23,10 +23,14 @@ def rel_err(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
+def starting(**case):
+    """The case being measured, said before its first call: autotuning or torch.compile can take a minute on one."""
+    print("  " + " ".join(f"{k}={v}" for k, v in case.items()) + ": ", end="", flush=True)
+
+
 def progress(row, cols):
-    """One line per measured case, so a log cut short still holds the numbers."""
-    label = " ".join(f"{k}={row[k]}" for k in ("shape", "tokens", "rank") if k in row)
-    print(f"  {label}: " + ", ".join(f"{c} {fmt_us(row, c)} us" for c in cols if c in row), flush=True)
+    """The rest of the case's line, its times: a log cut short still holds the numbers."""
+    print(", ".join(f"{c} {fmt_us(row, c)} us" for c in cols if c in row), flush=True)
 
 
 # ---- targets ----------------------------------------------------------------------------------------------
@@ -196,8 +200,5 @@ def markdown(result) -> str:
 
 
 def save(result, out):
-    with open(out + ".json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    if "anchors" in result:
-        with open(out + ".md", "w") as f:
-            f.write(markdown(result))
+    """out/results.json, and out/results.md (the tables) once there are GPU results."""
+    write_results(out, result, markdown(result) if "anchors" in result else None)

@@ -3,15 +3,13 @@ dynamic NTK, YaRN, llama3 scaling, and a Llama 4-style NoPE-interleaved (iRoPE) 
 short fine-tune at 8L. Perplexity per length plus passkey retrieval.
 
     python scripts/ablate_context.py                          # the default run (≤ 10 min on 2 idle CPU cores)
-    python scripts/ablate_context.py --base-steps 20 --ft-steps 2 --eval-tokens 1024 --n-passkey 4   # smoke test
+    python scripts/ablate_context.py --max-steps 20 --eval-tokens 1024 --n-passkey 4   # smoke test
     python scripts/ablate_context.py --variants none linear irope --seed 1 --out runs/context1
 
-Writes results.json (everything, including every loss curve) and context_ablation.png into --out. Training goes
-through the project's one loop (`peft.training.train_examples`); the text is the standard library's docstrings (read
-from the running Python's sources, no download).
-
-Run by `scripts/ablate_context.py`, which supplies the text and the project's one training loop (`peft.training.loop`,
-passed in as `train_fn`, because llama/ never imports peft/).
+Writes results.json (everything, including every loss curve), results.md (the table) and context_ablation.png into
+--out (default runs/ablate_context/<timestamp>). Training goes through the project's one loop
+(`peft.training.train_examples`); the text is the standard library's docstrings (read from the running Python's
+sources, no download).
 
 Protocol (Position Interpolation, arXiv 2306.15595 §3, scaled down to a CPU budget):
   1. Data: the bytes (vocabulary 256) of the given documents, split into train / held-out by document. A fraction
@@ -53,7 +51,8 @@ from llama.model import Transformer  # noqa: E402
 from peft.training.data import IGNORE_INDEX  # noqa: E402
 from peft.training.loop import train_examples  # noqa: E402
 from scripts._ablation import (BYTE_VOCAB, ablation_main, byte_stream, next_token_example, perplexity,  # noqa: E402
-                               split_documents)
+                               readable_log_axis, split_documents, variant_colors)
+from scripts._cli import run_cli  # noqa: E402
 
 VARIANTS = ("none", "linear", "dynamic", "yarn", "llama3", "irope")
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -61,7 +60,7 @@ FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. Th
 
 @dataclass
 class ContextAblationConfig:
-    train_len: int = 64  # L, in bytes
+    seq_len: int = 64  # L, the training length in bytes
     max_ratio: int = 8  # evaluate at L, 2L, ... max_ratio·L; the static scalings use factor = max_ratio
     dim: int = 64
     n_layers: int = 4
@@ -82,8 +81,8 @@ class ContextAblationConfig:
         unknown = [v for v in self.variants if v not in VARIANTS]
         if unknown:
             raise ValueError(f"unknown context variants {unknown}; choose from {VARIANTS}")
-        if self.train_len < 56:
-            raise ValueError(f"train_len must be >= 56 bytes so a passkey prompt fits, got {self.train_len}")
+        if self.seq_len < 56:
+            raise ValueError(f"seq_len must be >= 56 bytes so a passkey prompt fits, got {self.seq_len}")
         if self.max_ratio < 2 or self.max_ratio & (self.max_ratio - 1):
             raise ValueError(f"max_ratio must be a power of two >= 2, got {self.max_ratio}")
         for key in ("base_steps", "ft_steps", "batch_tokens", "eval_tokens", "n_passkey"):
@@ -92,7 +91,7 @@ class ContextAblationConfig:
 
     @property
     def lengths(self) -> list[int]:
-        return [self.train_len * 2 ** k for k in range(int(math.log2(self.max_ratio)) + 1)]
+        return [self.seq_len * 2 ** k for k in range(int(math.log2(self.max_ratio)) + 1)]
 
 
 # -- data ------------------------------------------------------------------------------------------------------
@@ -139,14 +138,14 @@ def training_examples(stream: list[int], length: int, n: int, passkey_fraction: 
 
 def base_args(cfg: ContextAblationConfig, irope: bool) -> ModelArgs:
     """The tiny model; irope adds Llama 4's NoPE / chunked-attention / temperature layout at scale L."""
-    extra = dict(nope_layer_interval=4, attention_chunk_size=cfg.train_len, attn_temperature_tuning=True,
-                 floor_scale=float(cfg.train_len), attn_scale=0.1) if irope else {}
+    extra = dict(nope_layer_interval=4, attention_chunk_size=cfg.seq_len, attn_temperature_tuning=True,
+                 floor_scale=float(cfg.seq_len), attn_scale=0.1) if irope else {}
     return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, vocab_size=BYTE_VOCAB, multiple_of=32,
-                     rope_theta=cfg.rope_theta, max_seq_len=cfg.train_len * cfg.max_ratio, **extra)
+                     rope_theta=cfg.rope_theta, max_seq_len=cfg.seq_len * cfg.max_ratio, **extra)
 
 
 def scaling_for(variant: str, cfg: ContextAblationConfig) -> Optional[RopeScaling]:
-    s, L0 = float(cfg.max_ratio), cfg.train_len
+    s, L0 = float(cfg.max_ratio), cfg.seq_len
     return {"none": None, "irope": None,
             "linear": RopeScaling("linear", factor=s),
             "dynamic": RopeScaling("dynamic", factor=s, original_max_position_embeddings=L0),
@@ -185,10 +184,10 @@ def run(cfg: ContextAblationConfig, documents: list[str], log=print, on_progress
     t_start = time.perf_counter()
     train_docs, heldout_docs = split_documents(documents)
     train_stream, heldout = byte_stream(train_docs), byte_stream(heldout_docs)
-    if len(heldout) < cfg.eval_tokens + cfg.train_len * cfg.max_ratio:
+    if len(heldout) < cfg.eval_tokens + cfg.seq_len * cfg.max_ratio:
         raise ValueError(f"held-out text has {len(heldout)} bytes; need eval_tokens + longest window; give more "
                          f"documents or lower eval_tokens")
-    L, long = cfg.train_len, cfg.train_len * cfg.max_ratio
+    L, long = cfg.seq_len, cfg.seq_len * cfg.max_ratio
     rng = random.Random(cfg.seed)
     base_rows = cfg.batch_tokens // L * cfg.base_steps
     base_examples = training_examples(train_stream, L, base_rows, cfg.passkey_fraction, rng)
@@ -260,14 +259,16 @@ def plot(report: dict, path) -> None:
     import matplotlib.pyplot as plt
 
     lengths, L = report["lengths"], report["lengths"][0]
+    colors = variant_colors(VARIANTS)
     fig, axes = plt.subplots(2, 2, figsize=(11, 8), sharex=True)
     for col, stage in enumerate(("no_ft", "ft")):
         for variant, res in report["results"].items():
             if stage not in res:
                 continue
             ratio = [ell / L for ell in lengths]
-            axes[0, col].plot(ratio, [res[stage]["ppl"][ell] for ell in lengths], marker="o", label=variant)
-            axes[1, col].plot(ratio, [res[stage]["passkey"][ell] for ell in lengths], marker="o", label=variant)
+            for row, metric in enumerate(("ppl", "passkey")):
+                axes[row, col].plot(ratio, [res[stage][metric][ell] for ell in lengths], marker="o", label=variant,
+                                    color=colors[variant])
         title = "no fine-tune" if stage == "no_ft" else f"after {report['config']['ft_steps']} steps at " \
                                                           f"{lengths[-1] // L}L"
         axes[0, col].set(title=f"held-out perplexity, {title}", yscale="log", ylabel="perplexity per byte")
@@ -276,6 +277,7 @@ def plot(report: dict, path) -> None:
         axes[1, col].set_xscale("log", base=2)
         axes[1, col].set_xticks([ell / L for ell in lengths], [f"{ell // L}" for ell in lengths])
         axes[1, col].minorticks_off()
+        readable_log_axis(axes[0, col])
         axes[0, col].legend(fontsize=8)
     fig.suptitle(f"Context extension of a model trained at L = {L} bytes")
     fig.tight_layout()
@@ -293,4 +295,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -5,9 +5,9 @@ load-balancing (+ router z) loss, with and without the shared expert. Loss curve
     python scripts/ablate_moe.py --steps 10 --eval-tokens 2048  # smoke test
     python scripts/ablate_moe.py --n-experts 4 --capacity-factor 1.25 --seed 1 --out runs/moe1
 
-Writes results.json (loss curves, per-step expert shares) and moe_ablation.png into --out. Training goes through
-the project's one loop (`peft.training.train_examples`, which adds `model.aux_loss()` to the loss); the text is the
-standard library's docstrings, read at run time.
+Writes results.json (loss curves, per-step expert shares), results.md (the table) and moe_ablation.png into --out
+(default runs/ablate_moe/<timestamp>). Training goes through the project's one loop (`peft.training.train_examples`,
+which adds `model.aux_loss()` to the loss); the text is the standard library's docstrings, read at run time.
 
 Variants (same trunk, data order, steps and learning rate; MoE in every layer, E experts, dense hidden size F):
     dense                 SwiGLU of hidden F
@@ -42,7 +42,8 @@ from llama.model import Transformer  # noqa: E402
 from llama.moe import moe_layers  # noqa: E402
 from peft.training.loop import train_examples  # noqa: E402
 from scripts._ablation import (BYTE_VOCAB, ablation_main, byte_stream, mean_nll, random_windows,  # noqa: E402
-                               split_documents)
+                               split_documents, variant_colors)
+from scripts._cli import run_cli  # noqa: E402
 
 VARIANTS = ("dense", "moe", "moe-no-aux", "moe-no-shared", "moe-no-shared-no-aux")
 
@@ -167,17 +168,20 @@ def plot(report: dict, path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     E = report["config"]["n_experts"]
+    colors = variant_colors(VARIANTS)  # one colour per variant in all three panels (dense is absent from two)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for variant, r in report["results"].items():
         curve, smooth, ema = r["loss_curve"], [], None
         for x in curve:
             ema = x if ema is None else 0.95 * ema + 0.05 * x
             smooth.append(ema)
-        axes[0].plot(range(1, len(curve) + 1), smooth, label=variant)
+        axes[0].plot(range(1, len(curve) + 1), smooth, label=variant, color=colors[variant])
         if r["shares"]:
-            axes[1].plot([sum(max(s) for s in step) / len(step) * E for step in r["shares"]], label=variant)
+            imbalance = [sum(max(s) for s in step) / len(step) * E for step in r["shares"]]
+            axes[1].plot(range(1, len(imbalance) + 1), imbalance, label=variant, color=colors[variant])
     tails = [v for line in axes[0].get_lines() for v in line.get_ydata()[len(line.get_ydata()) // 4:]]
     if tails:  # the curves differ by a few hundredths of a nat: zoom on the last three quarters
         axes[0].set_ylim(min(tails) - 0.02, max(tails) + 0.02)
@@ -188,8 +192,12 @@ def plot(report: dict, path) -> None:
     for k, variant in enumerate(moe):
         shares = report["results"][variant]["eval_shares"]
         mean = [sum(layer[e] for layer in shares) / len(shares) for e in range(E)]
-        axes[2].bar([e + k * width for e in range(E)], mean, width=width, label=variant)
+        offset = (k - (len(moe) - 1) / 2) * width  # the variants' bars side by side, centred on their expert
+        axes[2].bar([e + offset for e in range(E)], mean, width=width, label=variant, color=colors[variant])
     axes[2].axhline(1 / E, color="k", lw=0.8, ls="--")
+    axes[2].set_xticks(range(E))
+    for ax in axes[:2]:  # steps are whole numbers
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes[2].set(title="held-out share per expert (mean over layers)", xlabel="expert", ylabel="share of tokens")
     for ax in axes:
         ax.legend(fontsize=8)
@@ -210,4 +218,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
 import llama  # noqa: E402
+from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
@@ -68,14 +69,12 @@ from scripts._bases import BaseConfig, pretrained_base, tokenizer  # noqa: E402
 from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
 from scripts._peft_report import format_tables, plot_results, plot_sweep  # noqa: E402
 
-BLOCK_LINEARS = ["wq", "wk", "wv", "wo", "w1", "w2", "w3"]
-
 # Each method's options. LoRA and QLoRA share one config (the QLoRA recipe's "all block linears"), so the pair
 # isolates the NF4 base. The prompt methods adapt every layer of the tiny base.
 METHODS: dict[str, dict] = {
     "full": {},
-    "lora": {"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS},
-    "qlora": {"r": 8, "alpha": 16.0, "target_modules": BLOCK_LINEARS},
+    "lora": {"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)},
+    "qlora": {"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)},
     "adapter_v1": {"adapter_len": 10},
     "adapter_v2": {"adapter_len": 10},
     "excitor": {"adapter_len": 10, "rank": 8},

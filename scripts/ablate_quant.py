@@ -47,12 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python s
 import llama  # noqa: E402
 from kernels import nf4_dequantize, nf4_quantize  # noqa: E402
 from kernels.nf4 import NF4_VALUES  # noqa: E402
+from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training.loop import evaluate_loss  # noqa: E402
 from scripts._bases import BaseConfig, heldout_rows, pretrained_base, raw_probe_accuracy, tokenizer  # noqa: E402
 from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
 
 BLOCK = 64  # QLoRA's block size for the first-level absmax constants
-BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 # =====================================================================================================================

@@ -16,20 +16,21 @@ before every call; includes the host's launch path whenever the GPU waits for it
 the replay of a CUDA graph holding one call (device time without host overhead; captured after a warm-up, so
 compilation and autotuning happen outside the capture; autograd ops captured forward-only under no_grad).
 Bandwidth / TFLOP/s fractions and the targets are computed from both. Outputs are checked against the references
-before timing. Prints tables; writes <out>.json and <out>.md.
+before timing. Prints a line as each case starts and one with its times when it ends (autotuning and torch.compile
+can take a minute on one case), then the tables; writes OUT/results.json (after every stage, so a run stopped from
+outside keeps what it measured) and OUT/results.md (the tables); OUT defaults to runs/bench_kernels/<timestamp>.
 
 Without a CUDA device it says so and runs a small correctness smoke of every kernel (Triton interpreter) and the
 CPU ratio "pure-PyTorch NF4 quantise + dequantise vs bitsandbytes on CPU" instead.
 Targets, tables and the saved files: _bench_kernels_report.py; the CPU-only mode: _bench_kernels_cpu.py.
 
-    python scripts/bench_kernels.py --seed 0 --out bench_kernels              # full sweep
-    python scripts/bench_kernels.py --quick --budget-s 200 --out bench_kernels  # the headline cases only
-    python scripts/bench_kernels.py --simulate                                # GPU code path on CPU, toy sizes
+    python scripts/bench_kernels.py --seed 0 --out runs/bench_kernels/full       # full sweep
+    python scripts/bench_kernels.py --quick --budget-s 200                       # the headline cases only
+    python scripts/bench_kernels.py --simulate                                   # GPU code path on CPU, toy sizes
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -40,10 +41,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # repo root: `scripts`, `kernels`
+# Without a CUDA device the kernels run in Triton's interpreter, which has to be chosen before triton is first
+# imported (kernels/_triton.py); an explicit TRITON_INTERPRET wins.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from scripts._bench_kernels_cpu import cpu_only  # noqa: E402
 from scripts._bench_kernels_report import (LEGEND, evaluate_targets, print_table, progress, rel_err,  # noqa: E402
-                                           save, tables)
+                                           save, starting, tables)
+from scripts._cli import experiment_parser, positive, run_cli, start  # noqa: E402
 
 # LLaMA projection weights [out, in] (Llama-2-7B and Llama-3-8B released shapes).
 SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "14336x4096": (14336, 4096),
@@ -181,6 +187,7 @@ def bench_dequant(shapes, device, timer, anchors, budget, compile_for, bnb) -> l
         if budget.out():
             rows.append({"shape": name, "skipped": "time budget"})
             continue
+        starting(shape=name)
         q = nf4_quantize(torch.randn(N, K, device=device, dtype=DTYPE) * 0.02)
         reference = nf4_dequantize_reference(q, DTYPE)
         tuned = _tuned_dequant(q.blocksize // 2)
@@ -260,6 +267,7 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
         if budget.out():
             rows.append({"shape": name, "tokens": M, "rank": r, "skipped": "time budget"})
             continue
+        starting(shape=name, tokens=M, rank=r)
         x = torch.randn(M, K, device=device, dtype=DTYPE)
         W = torch.randn(N, K, device=device, dtype=DTYPE) / K**0.5
         A = torch.randn(r, K, device=device, dtype=DTYPE) / K**0.5
@@ -309,6 +317,7 @@ def bench_lora(cases, device, timer, anchors, budget, compile_for) -> list[dict]
 def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list[dict]:
     from kernels import nf4_quantize, qlora_matmul
     from kernels import qlora as qlora_mod
+    from kernels import schedules
     from kernels.nf4_dequant import nf4_dequantize_reference
 
     rows = []
@@ -318,6 +327,7 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
         if budget.out():
             rows.append({"shape": name, "tokens": M, "rank": r, "skipped": "time budget"})
             continue
+        starting(shape=name, tokens=M, rank=r)
         if name not in quantised:
             quantised.clear()
             free(device)
@@ -333,10 +343,11 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
                    "rel_err_fused": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=True), expected)),
                    "rel_err_dequant_gemm": checked(lambda: rel_err(qlora_matmul(x, q, A, B, SCALE, fused=False),
                                                                    expected))}
-            row["fused_config"] = str(getattr(qlora_mod._tuned_qgemm, "best_config", ""))
-            row["fused_split_k"] = qlora_mod.split_k(M, N, K, device)
+            row["fused_split_k"] = schedules.split_k(M, N, K, device)
+            fused_kernel = qlora_mod._tuned_split_k if row["fused_split_k"] > 1 else qlora_mod._tuned_qgemm
+            row["fused_config"] = str(getattr(fused_kernel, "best_config", ""))
             columns = {"triton_fused": lambda: qlora_matmul(x, q, A, B, SCALE, fused=True),
-                       "triton_fused_one_split": one_split(qlora_mod, lambda: qlora_matmul(x, q, A, B, SCALE,
+                       "triton_fused_one_split": one_split(schedules, lambda: qlora_matmul(x, q, A, B, SCALE,
                                                                                          fused=True)),
                        "triton_dequant_gemm": lambda: qlora_matmul(x, q, A, B, SCALE, fused=False),
                        "eager_dequant_matmul": lambda: lora_eager(x, nf4_dequantize_reference(q, DTYPE), A, B, SCALE),
@@ -361,14 +372,14 @@ def bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb) -> list
     return rows
 
 
-def one_split(qlora_mod, fn):
+def one_split(schedules, fn):
     """fn run with the fused kernel's split-K switched off (the kernel as run 2 timed it), for comparison."""
     def run():
-        saved, qlora_mod.MAX_SPLIT_K = qlora_mod.MAX_SPLIT_K, 1
+        saved, schedules.MAX_SPLIT_K = schedules.MAX_SPLIT_K, 1
         try:
             return fn()
         finally:
-            qlora_mod.MAX_SPLIT_K = saved
+            schedules.MAX_SPLIT_K = saved
     return run
 
 
@@ -416,18 +427,18 @@ def stages(args):
     ]
 
 
+parser = experiment_parser(__doc__, "bench_kernels")
+parser.add_argument("--quick", action="store_true", help="headline cases only (about 3 minutes on an H200)")
+parser.add_argument("--budget-s", type=positive(float), default=float("inf"),
+                    help="stop starting new cases after this many seconds (the rest are marked skipped)")
+parser.add_argument("--simulate", action="store_true",
+                    help="run the GPU code path on CPU at toy sizes (checks the script, not the speed)")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_kernels", help="path stem: writes <out>.json and <out>.md")
-    parser.add_argument("--quick", action="store_true", help="headline cases only (about 3 minutes on an H200)")
-    parser.add_argument("--budget-s", type=float, default=float("inf"),
-                        help="stop starting new cases after this many seconds (the rest are marked skipped)")
-    parser.add_argument("--simulate", action="store_true",
-                        help="run the GPU code path on CPU at toy sizes (checks the script, not the speed)")
     args = parser.parse_args(argv)
-    torch.manual_seed(args.seed)
-    start = time.perf_counter()
+    out = start(args)
+    began = time.perf_counter()
 
     try:
         import triton
@@ -468,8 +479,8 @@ def main(argv=None):
             else:
                 result[kind] += bench_qlora(cases, device, timer, anchors, budget, compile_for, bnb)
             result["targets"] = evaluate_targets(result["dequant"], result["lora"], result["qlora"])
-            result["elapsed_s"] = time.perf_counter() - start
-            save(result, args.out)  # after every stage: a run stopped from outside keeps what it measured
+            result["elapsed_s"] = time.perf_counter() - began
+            save(result, out)  # after every stage: a run stopped from outside keeps what it measured
     if bnb is None:
         try:
             import bitsandbytes
@@ -477,16 +488,16 @@ def main(argv=None):
         except Exception:  # noqa: BLE001
             pass
     result.update(torch=torch.__version__, triton=triton_version, bitsandbytes=bnb_version, seed=args.seed,
-                  quick=args.quick, python=platform.python_version(), elapsed_s=time.perf_counter() - start)
+                  quick=args.quick, python=platform.python_version(), elapsed_s=time.perf_counter() - began)
     if "anchors" in result:
         print("\n" + LEGEND)
         for title, header, body in tables(result):   # the targets table is the last one printed
             print_table(title, header, body)
-    save(result, args.out)
-    print(f"\nwrote {args.out}.json" + (f" and {args.out}.md" if "anchors" in result else "")
-          + f" ({result['elapsed_s']:.0f} s)")
+    save(result, out)
+    print(f"\nwrote {out / 'results.json'}" + (f" and {out / 'results.md'}" if "anchors" in result else "")
+          + f" ({result['elapsed_s']:.0f} s)", file=sys.stderr)
     return result
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

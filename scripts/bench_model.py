@@ -25,26 +25,32 @@ CPU time of a single-threaded run (the default, --threads 1) is the robust measu
 does not count; on an idle machine the two agree. Tokens/s and ratios use the best (least disturbed) of several
 alternating runs of CPU time; the JSON keeps every run, wall and CPU.
 
-    python scripts/bench_model.py --seed 0 --out bench_model.json [--threads 2] [--compile]
+    python scripts/bench_model.py --seed 0 [--threads 2] [--compile] [--out runs/bench_model/mine]
+
+Writes OUT/results.json (every run, wall and CPU) and OUT/results.md (the table); OUT defaults to
+runs/bench_model/<timestamp>.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import os
 import platform
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Transformer
-from llama.generate import generate
-from llama.quantize import Int8Linear, int8_weight_bytes, quantize_int8
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
+
+from llama import ModelArgs, Transformer  # noqa: E402
+from llama.generate import generate  # noqa: E402
+from llama.quantize import Int8Linear, int8_weight_bytes, quantize_int8  # noqa: E402
+from scripts._cli import experiment_parser, positive, run_cli, start, write_results  # noqa: E402
 
 
 def bench_args(vocab_size: int = 32000) -> ModelArgs:
@@ -218,27 +224,24 @@ def int8_accuracy(model: Transformer, qmodel: Transformer, prompt: list[int], re
 # -- driver -------------------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="bench_model.json", help="JSON results file")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least sensitive to other load)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions per measurement")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=512)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--prompt-len", type=int, default=16)
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
-    parser.add_argument("--skip-train", action="store_true")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+parser = experiment_parser(__doc__, "bench_model")  # --threads 1: the least sensitive to other load
+parser.add_argument("--repeats", type=positive(int), default=3, help="timed repetitions per measurement")
+parser.add_argument("--batch-size", type=positive(int), default=4, help="rows of the training step")
+parser.add_argument("--seq-len", type=positive(int), default=512, help="tokens per row of the training step")
+parser.add_argument("--new-tokens", type=positive(int), default=128, help="tokens to decode")
+parser.add_argument("--prompt-len", type=positive(int), default=16, help="prompt tokens before decoding")
+parser.add_argument("--compile", action="store_true", help="also time torch.compile (minutes to compile)")
+parser.add_argument("--skip-train", action="store_true", help="decode rows only")
 
-    torch.manual_seed(args.seed)
+
+def main(argv=None) -> int:
+    args = parser.parse_args(argv)
+    out = start(args)
     model = Transformer(bench_args())
     hf = to_hf(model)
     gen = torch.Generator().manual_seed(args.seed)
     V = model.args.vocab_size
-    tokens = torch.randint(0, V, (args.batch, args.seq + 1), generator=gen)
+    tokens = torch.randint(0, V, (args.batch_size, args.seq_len + 1), generator=gen)
     prompt = torch.randint(0, V, (args.prompt_len,), generator=gen).tolist()
 
     # Same function? Logits and greedy tokens must agree before the timings mean anything.
@@ -262,9 +265,9 @@ def main(argv=None) -> int:
         print(f"  {workload:<16} {impl:<20} {numerics:<12} {n_tokens / best:9.1f} tok/s  (best CPU {best:.3f} s, "
               f"best wall {min(wall):.3f} s)", flush=True)
 
-    train = f"train {args.batch}x{args.seq}"
+    train = f"train {args.batch_size}x{args.seq_len}"
     decode = f"decode b1 +{args.new_tokens}"
-    n_train = args.batch * args.seq
+    n_train = args.batch_size * args.seq_len
     hf_forward = lambda t: hf(t).logits  # noqa: E731
     if not args.skip_train:
         model.train(), hf.train()
@@ -332,13 +335,9 @@ def main(argv=None) -> int:
         base = hf_best.get((r["workload"], "hf", "fp32"))
         r["vs_like"] = r["tokens_per_s"] / like if like else None
         r["vs_hf_fp32"] = r["tokens_per_s"] / base if base else None
-    print_table(results)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-        f.flush(), os.fsync(f.fileno())
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    table = format_table(results)
+    print(table)
+    print(f"wrote {write_results(out, results, table)}, {out / 'results.md'}", file=sys.stderr)
     return 0
 
 
@@ -364,7 +363,7 @@ def compile_rows(model, hf, qmodel, tokens, prompt, args, add, results, train, d
                     times[name].append(train_step(loss, tokens, autocast))
                     model.zero_grad(set_to_none=True), hf.zero_grad(set_to_none=True)
             for name, _ in losses:
-                add(train, name, numerics, times[name], args.batch * args.seq, like="hf+compile")
+                add(train, name, numerics, times[name], args.batch_size * args.seq_len, like="hf+compile")
         model.eval(), hf.eval()
     for name, m, numerics, like in (("ours+compile", model, "fp32", "hf"),
                                     ("ours int8+compile", qmodel, "int8-weights", "hf int8")):
@@ -379,28 +378,29 @@ def compile_rows(model, hf, qmodel, tokens, prompt, args, add, results, train, d
     print(f"  compile: {info}")
 
 
-def print_table(results):
-    print(f"\n{'workload':<16} {'impl':<20} {'numerics':<14} {'tokens/s':>9} {'CPU s':>7} {'wall s':>7} "
-          f"{'vs like':>8} {'vs hf fp32':>10}")
-    print("-" * 98)
+def format_table(results) -> str:
+    lines = [f"\n{'workload':<16} {'impl':<20} {'numerics':<14} {'tokens/s':>9} {'CPU s':>7} {'wall s':>7} "
+             f"{'vs like':>8} {'vs hf fp32':>10}", "-" * 98]
     for r in results["rows"]:
         star = "*" if "HF eager" in r["note"] else " "
         like = f"{r['vs_like']:.2f}x{star}" if r["vs_like"] is not None else ""
         base = f"{r['vs_hf_fp32']:.2f}x" if r["vs_hf_fp32"] is not None else ""
-        print(f"{r['workload']:<16} {r['impl']:<20} {r['numerics']:<14} {r['tokens_per_s']:>9.1f} "
-              f"{r['best_cpu_s']:>7.3f} {min(r['wall_s']):>7.3f} {like:>8} {base:>10}")
-    print("vs like: over the HF row with the same numerics (and compilation; * = over HF eager). "
-          "vs hf fp32: over HF float32 eager.")
-    print(f"threads={results['threads']}  parity: logits rel. err {results['parity']['logits_rel_err']:.1e}, "
-          f"greedy tokens equal: {results['parity']['greedy_16_equal']}")
-    print(f"int8 weights: {results['int8_weight_bytes'] / 1e6:.1f} MB vs {results['fp32_weight_bytes'] / 1e6:.1f} MB "
-          f"float32 (the bytes a decoding step reads)")
+        lines.append(f"{r['workload']:<16} {r['impl']:<20} {r['numerics']:<14} {r['tokens_per_s']:>9.1f} "
+                     f"{r['best_cpu_s']:>7.3f} {min(r['wall_s']):>7.3f} {like:>8} {base:>10}")
+    lines.append("vs like: over the HF row with the same numerics (and compilation; * = over HF eager). "
+                 "vs hf fp32: over HF float32 eager.")
+    lines.append(f"threads={results['threads']}  parity: logits rel. err {results['parity']['logits_rel_err']:.1e}, "
+                 f"greedy tokens equal: {results['parity']['greedy_16_equal']}")
+    lines.append(f"int8 weights: {results['int8_weight_bytes'] / 1e6:.1f} MB vs "
+                 f"{results['fp32_weight_bytes'] / 1e6:.1f} MB float32 (the bytes a decoding step reads)")
     for name, acc in results["int8_accuracy"].items():
-        print(f"accuracy {name}: max |Δlogit| {acc['max_abs_logit_diff']:.3f} (float32 logit std "
-              f"{acc['float32_logit_std']:.2f}, median top-2 margin {acc['float32_median_top2_margin']:.3f}), "
-              f"rel. err {acc['rel_logit_err']:.3f}, teacher-forced top-1 agreement {acc['top1_agreement']:.3f}, "
-              f"greedy tokens equal: {acc['greedy_equal']} (first divergence at {acc['first_divergence']})")
+        lines.append(f"accuracy {name}: max |Δlogit| {acc['max_abs_logit_diff']:.3f} (float32 logit std "
+                     f"{acc['float32_logit_std']:.2f}, median top-2 margin {acc['float32_median_top2_margin']:.3f}), "
+                     f"rel. err {acc['rel_logit_err']:.3f}, teacher-forced top-1 agreement "
+                     f"{acc['top1_agreement']:.3f}, greedy tokens equal: {acc['greedy_equal']} (first divergence at "
+                     f"{acc['first_divergence']})")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -5,26 +5,30 @@ plain UTF-8 bytes (vocabulary 256), and the model is a 4-layer, GQA, Llama-3-sty
 parameters. Runs in well under a minute on one CPU core; the output is deterministic for a given --seed (on one
 thread, the default).
 
-    python scripts/demo.py --seed 0 --steps 300 --out runs/demo.json
+    python scripts/demo.py --seed 0 --steps 300 --out runs/demo
+
+Writes OUT/results.json (losses, samples, zoo check); OUT defaults to runs/demo/<timestamp>.
 """
 
 from __future__ import annotations
 
-import argparse
 import codecs
 import contextlib
 import io
-import json
 import math
-import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llama import ModelArgs, Transformer
-from llama.generate import generate
-from llama.zoo import format_table, zoo_table
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
+
+from llama import ModelArgs, Transformer  # noqa: E402
+from llama.generate import generate  # noqa: E402
+from llama.zoo import format_table, zoo_table  # noqa: E402
+from scripts._cli import experiment_parser, positive, run_cli, start, write_results  # noqa: E402
 
 
 def zen_of_python() -> str:
@@ -71,18 +75,16 @@ def train(model: Transformer, data: torch.Tensor, steps: int, batch: int, seq: i
     return history
 
 
+parser = experiment_parser(__doc__, "demo")  # --threads 1 keeps the output bit-for-bit reproducible
+parser.add_argument("--steps", type=positive(int), default=300, help="optimizer steps")
+parser.add_argument("--batch-size", type=positive(int), default=16, help="windows per step")
+parser.add_argument("--seq-len", type=positive(int), default=64, help="bytes per window")
+parser.add_argument("--lr", type=positive(float), default=3e-3, help="peak learning rate")
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--threads", type=int, default=1, help="1 keeps the output bit-for-bit reproducible")
-    parser.add_argument("--out", default="runs/demo.json", help="JSON results file")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
+    out = start(args)
     generator = torch.Generator().manual_seed(args.seed)
 
     text = zen_of_python()
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
           f"{model.args.n_kv_heads} KV heads)")
 
     t0 = time.perf_counter()
-    history = train(model, data, args.steps, args.batch, args.seq, args.lr, generator)
+    history = train(model, data, args.steps, args.batch_size, args.seq_len, args.lr, generator)
     train_s = time.perf_counter() - t0
     model.eval()
 
@@ -116,15 +118,9 @@ def main(argv=None) -> int:
 
     results = dict(seed=args.seed, steps=args.steps, params=n_params, train_seconds=round(train_s, 2),
                    loss=history, samples=samples, zoo_matched=matched, zoo_presets=len(rows))
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=2)
-        f.flush(), os.fsync(f.fileno())
-    os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    print(f"wrote {write_results(out, results)}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

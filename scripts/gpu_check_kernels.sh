@@ -4,9 +4,9 @@
 #   2. runs the CUDA-parametrised kernel tests (pytest -m gpu; KERNELS_AUTOTUNE=0: one config per kernel, so the
 #      step is mostly compilation), log in $OUT/gpu_tests.log;
 #   3. runs scripts/bench_kernels.py --quick with a time budget, tables printed and written to
-#      $OUT/bench_kernels.{json,md} (the autotuned kernels' outputs are checked against references there too;
+#      $OUT/bench_kernels/results.{json,md} (the autotuned kernels' outputs are checked against references there too;
 #      every time twice: plain do_bench and CUDA-graph replay);
-#   4. prints the targets table last (read back from $OUT/bench_kernels.json, so it appears even if the
+#   4. prints the targets table last (read back from $OUT/bench_kernels/results.json, so it appears even if the
 #      benchmark was stopped by its timeout).
 # Whole script: under 5 minutes (tests <= 80 s, run 1 took 49 s; bench: no new case after 150 s, hard stop at
 # 200 s, results saved after every stage, so a stopped run keeps what it measured; the fused LoRA GEMM autotunes
@@ -20,6 +20,7 @@ OUT="${OUT:-$PWD/gpu_check_out}"
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_DEFAULT_FP_FUSION=1  # silences Triton 3.9's notice; every launch here sets fp fusion explicitly
+export TRITON_INTERPRET=0          # compiled kernels (one mode per process; tests/conftest.py picks this on a GPU too)
 
 PY=""
 for candidate in "${PYTHON:-}" .venv/bin/python python3 python; do
@@ -71,7 +72,7 @@ timeout 200 "$PY" scripts/bench_kernels.py --quick --budget-s 150 --seed 0 --out
 echo "   bench: rc=${PIPESTATUS[0]}, $((SECONDS - start)) s; results in $OUT"
 
 echo "== targets (do_bench: plain Python call, host overhead included; graph: CUDA-graph replay, device time)"
-"$PY" - "$OUT/bench_kernels.json" <<'EOF'
+"$PY" - "$OUT/bench_kernels/results.json" <<'EOF'
 import json, sys
 try:
     targets = json.load(open(sys.argv[1])).get("targets", [])

@@ -2,16 +2,16 @@
 × batch × sequence length, and the QLoRA paper's two headline figures reproduced from it.
 
     python scripts/memory.py                                   # LLaMA-7B and 65B, every method, bf16, batch 1, 512
-    python scripts/memory.py --models llama-3.1-8b --methods full qlora --batch 1 4 --seq-len 512 2048
-    python scripts/memory.py --no-grad-checkpointing --json mem.json
+    python scripts/memory.py --models llama-3.1-8b --methods full qlora --batch-size 1 4 --seq-len 512 2048
+    python scripts/memory.py --no-grad-checkpointing --out runs/memory/no_ckpt
 
-Sizes are GB = 1e9 bytes (the QLoRA paper's unit). The formulas are in peft/memory.py.
+Sizes are GB = 1e9 bytes (the QLoRA paper's unit). The formulas are in peft/training/memory.py. Writes
+OUT/results.json (the rows and the QLoRA checks) and OUT/results.md (the table); OUT defaults to
+runs/memory/<timestamp>. The calculator is deterministic: --seed changes nothing.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from llama.config import ModelArgs  # noqa: E402
 from peft.training.memory import DTYPE_BYTES, ESTIMATE_METHODS, estimate, table  # noqa: E402
+from scripts._cli import experiment_parser, positive, run_cli, start, write_results  # noqa: E402
 
 
 def qlora_claims() -> list[dict]:
@@ -35,37 +36,39 @@ def qlora_claims() -> list[dict]:
              "holds": qlora.total < 48e9}]
 
 
+parser = experiment_parser(__doc__, "memory")
+parser.add_argument("--models", nargs="+", default=["llama-7b", "llama-65b"], help="presets (llama.list_models())")
+parser.add_argument("--methods", nargs="+", default=list(ESTIMATE_METHODS), choices=ESTIMATE_METHODS,
+                    help="fine-tuning methods")
+parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPE_BYTES), help="weight dtypes")
+parser.add_argument("--batch-size", nargs="+", type=positive(int), default=[1], help="batch sizes")
+parser.add_argument("--seq-len", nargs="+", type=positive(int), default=[512], help="sequence lengths")
+parser.add_argument("--no-grad-checkpointing", action="store_true", help="keep every layer's activations")
+
+
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["llama-7b", "llama-65b"], help="presets (llama.list_models())")
-    p.add_argument("--methods", nargs="+", default=list(ESTIMATE_METHODS), choices=ESTIMATE_METHODS)
-    p.add_argument("--dtypes", nargs="+", default=["bf16"], choices=list(DTYPE_BYTES))
-    p.add_argument("--batch", nargs="+", type=int, default=[1])
-    p.add_argument("--seq-len", nargs="+", type=int, default=[512])
-    p.add_argument("--no-grad-checkpointing", action="store_true", help="keep every layer's activations")
-    p.add_argument("--json", help="also write the rows and the QLoRA checks to this file")
-    p.add_argument("--seed", type=int, default=0, help="accepted for uniformity; the calculator is deterministic")
-    a = p.parse_args(argv)
-    rows = table(a.models, a.methods, a.dtypes, a.batch, a.seq_len, not a.no_grad_checkpointing)
+    a = parser.parse_args(argv)
+    rows = table(a.models, a.methods, a.dtypes, a.batch_size, a.seq_len, not a.no_grad_checkpointing)
+    out = start(a)
     cols = ["model", "method", "dtype", "batch", "seq_len", "trainable", "trainable_pct", "weights_gb",
             "gradients_gb", "optimizer_gb", "activations_gb", "total_gb"]
-    print("| " + " | ".join(c.replace("_gb", " (GB)").replace("_pct", " %") for c in cols) + " |")
-    print("|" + " --- |" * len(cols))
+    lines = ["| " + " | ".join(c.replace("_gb", " (GB)").replace("_pct", " %") for c in cols) + " |",
+             "|" + " --- |" * len(cols)]
     for r in rows:
         cells = [f"{r[c]:,}" if c == "trainable" else f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c])
                  for c in cols]
-        print("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
     claims = qlora_claims()
     print(f"\nactivations: {'every layer kept' if a.no_grad_checkpointing else 'gradient checkpointing'}; "
           f"AdamW moments in fp32 (8 bytes per trainable parameter)")
     for c in claims:
         print(f"QLoRA paper: {c['claim']}: computed {c['computed_gb']:.1f} GB ({c['what']}) -> "
               f"{'reproduced' if c['holds'] else 'NOT reproduced'}")
-    out = {"rows": rows, "qlora_claims": claims}
-    if a.json:
-        Path(a.json).write_text(json.dumps(out, indent=1))
-    return out
+    results = {"rows": rows, "qlora_claims": claims}
+    print(f"wrote {write_results(out, results, chr(10).join(lines))}", file=sys.stderr)
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -8,6 +8,7 @@ import tiktoken
 
 from llama.chat_format import Llama2ChatFormat, Llama3ChatFormat, Llama4ChatFormat, chat_format_for
 from llama.tokenizer import Tokenizer
+from tests.reference.isolation import reference
 from tests.tokenizer_files import (META_LLAMA3_PATTERN, META_LLAMA4_PATTERN, hand_written_ranks, sample_text,
                                    train_bpe_ranks, train_sentencepiece, write_ranks)
 
@@ -109,7 +110,7 @@ def test_llama3_rejects_bad_dialogs(hand, sp):
         fmt.encode_dialog_prompt([{"role": "user", "content": "x"}, {"role": "user"}])
     with pytest.raises(TypeError, match="message 0 content must be a str"):
         fmt.encode_dialog_prompt([{"role": "user", "content": 3}])
-    with pytest.raises(TypeError, match="needs the Llama 3 \\(tiktoken\\) tokenizer"):
+    with pytest.raises(TypeError, match="needs a Llama 3 tokenizer, got a SentencePieceTokenizer"):
         Llama3ChatFormat(sp[1])
 
 
@@ -122,9 +123,6 @@ def test_llama4_prompt_equals_hugging_face_chat_template(tmp_path):
     """Hugging Face's Llama 4 chat template rendered for a dialog, encoded by tiktoken directly (o200k pattern, all
     specials allowed), equals our prompt. HF trims only the system message; Meta (and we) strip nothing, so the
     system content here has no surrounding whitespace while a user message keeps its trailing newline."""
-    from transformers.models.llama4.processing_llama4 import chat_template
-    from transformers.utils.chat_template_utils import render_jinja_template
-
     ranks = train_bpe_ranks(sample_text(), n_merges=300)
     tok = Tokenizer(write_ranks(tmp_path / "tokenizer.model", ranks), family="llama4")
     dialog = [
@@ -133,12 +131,11 @@ def test_llama4_prompt_equals_hugging_face_chat_template(tmp_path):
         {"role": "assistant", "content": " A South American camelid."},
         {"role": "user", "content": "Thanks — and 東京?"},
     ]
-    rendered, _ = render_jinja_template([dialog], chat_template=chat_template, add_generation_prompt=True,
-                                        bos_token="<|begin_of_text|>")
-    reference = tiktoken.Encoding("reference", pat_str=META_LLAMA4_PATTERN, mergeable_ranks=ranks,
-                                  special_tokens=tok.special_tokens)
-    assert rendered[0].startswith("<|begin_of_text|><|header_start|>system<|header_end|>\n\n")
-    expected = reference.encode(rendered[0], allowed_special="all")
+    rendered = reference().call("hf_llama.llama4_chat_template", dialog, "<|begin_of_text|>")
+    direct = tiktoken.Encoding("reference", pat_str=META_LLAMA4_PATTERN, mergeable_ranks=ranks,
+                               special_tokens=tok.special_tokens)
+    assert rendered.startswith("<|begin_of_text|><|header_start|>system<|header_end|>\n\n")
+    expected = direct.encode(rendered, allowed_special="all")
     assert Llama4ChatFormat(tok).encode_dialog_prompt(dialog) == expected
     assert chat_format_for(tok).encode_dialog_prompt(dialog) == expected
 
@@ -146,9 +143,9 @@ def test_llama4_prompt_equals_hugging_face_chat_template(tmp_path):
 def test_llama4_and_llama3_formats_need_their_own_tokenizer(tmp_path, hand):
     _, llama3 = hand
     llama4 = Tokenizer(write_ranks(tmp_path / "tokenizer.model", hand_written_ranks()), family="llama4")
-    with pytest.raises(TypeError, match="Llama4ChatFormat needs the Llama 4 \\(tiktoken\\) tokenizer, got the Llama 3"):
+    with pytest.raises(TypeError, match="Llama4ChatFormat needs a Llama 4 tokenizer, got the Llama 3"):
         Llama4ChatFormat(llama3)
-    with pytest.raises(TypeError, match="needs the Llama 3 \\(tiktoken\\) tokenizer, got the Llama 4 tokenizer"):
+    with pytest.raises(TypeError, match="needs a Llama 3 tokenizer, got the Llama 4 tokenizer"):
         Llama3ChatFormat(llama4)
     n = len(hand_written_ranks())  # header_start +5, header_end +6, eot +8
     assert Llama4ChatFormat(llama4).encode_message({"role": "ipython", "content": "Hi"}) == \

@@ -7,8 +7,10 @@ The expected numbers are typed in here (papers, Meta/HF configs, HF totals, coun
 import pytest
 import torch
 
-from llama import ModelArgs, Transformer, list_models
+from llama import ModelArgs, list_models
 from llama.config import PRESETS, RopeScaling, count_parameters
+from llama.registry import MULTIMODAL_PRESETS, all_presets
+from llama.vision.llama4_model import module_for
 
 # name: (exact published parameter count, SwiGLU hidden size F = HF intermediate_size)
 PUBLISHED = {
@@ -35,6 +37,9 @@ PUBLISHED = {
     # Llama 4 text models (text part of the HF totals; vision encoder and projector not included)
     "llama-4-scout": (107_769_861_120, None),
     "llama-4-maverick": (400_711_848_960, None),
+    # Llama 4 as released: HF safetensors totals of Llama-4-Scout-17B-16E and Llama-4-Maverick-17B-128E
+    "llama-4-scout-vision": (108_641_793_536, None),
+    "llama-4-maverick-vision": (401_583_781_376, None),
 }
 
 # name: (n_kv_heads, norm_eps, rope_theta, vocab_size, max_seq_len, tied, llama3 scaling factor or None)
@@ -54,6 +59,7 @@ GENERATION_ROWS = {
 }
 
 RELEASED = [name for name, preset in PRESETS.items() if preset.published is not None]
+RELEASED_MULTIMODAL = [name for name, preset in MULTIMODAL_PRESETS.items() if preset.published is not None]
 
 
 def dense_formula(a: ModelArgs) -> int:
@@ -74,7 +80,7 @@ def test_parameter_count_on_meta_device_equals_published(name):
     published, ffn = PUBLISHED[name]
     args = ModelArgs.from_name(name)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = module_for(args)  # the text Transformer, or Llama4Multimodal for the -vision presets
     assert model.norm.weight.device.type == "meta"  # nothing was allocated
     unique = {id(p): p for p in model.parameters()}  # tied matrices count once
     assert sum(p.numel() for p in unique.values()) == published
@@ -113,8 +119,16 @@ def test_zoo_table_reports_every_preset_matching(capsys):
 
     assert zoo.main([]) == 0
     out = capsys.readouterr().out
-    assert f"{len(RELEASED)}/{len(RELEASED)} released presets" in out
-    assert "405,853,388,800" in out
+    presets = all_presets()
+    exact = [name for name in RELEASED + RELEASED_MULTIMODAL if presets[name].exact]
+    shapes = [name for name in RELEASED + RELEASED_MULTIMODAL if not presets[name].exact]
+    assert f"{len(exact)}/{len(exact)} released presets reproduce their exact published" in out
+    assert f"{len(shapes)}/{len(shapes)} more" in out
+    # only releases without an exact published total are marked as counted from their shapes
+    assert {name for name in shapes} == {n for n in presets if n.startswith(("llama-7b", "llama-13b", "llama-33b",
+                                                                            "llama-65b", "code-llama"))} | {
+        "llama-3.2-90b-vision"}
+    assert "405,853,388,800" in out and "88,593,355,323*" in out and "6,738,415,616*" in out
 
 
 # -- bad input -----------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Generation with a KV cache (`llama.generate`), checked against cache-free forwards and Hugging Face.
 
 References are independent of the code under test: repeated full forwards without a cache, Hugging Face's
-`LlamaForCausalLM.generate`, and a hand-written nucleus rule.
+`LlamaForCausalLM.generate` (in the reference process, tests/reference/isolation.py), and a hand-written nucleus
+rule.
 """
 
 import math
@@ -11,6 +12,8 @@ import torch
 
 from llama import ModelArgs, Transformer
 from llama.generate import generate, nucleus, sample
+from tests.reference.hf import hf_state_dict
+from tests.reference.isolation import reference
 
 TINY = ["tiny-llama-1", "tiny-llama-2-gqa", "tiny-llama-3", "tiny-llama-3.2"]
 # Llama 4 text: MoE, NoPE layers and chunked local attention (chunk 16 in the tiny presets, crossed below)
@@ -95,9 +98,9 @@ def test_chunked_prefill_with_start_pos_equals_full_forward():
 # -- Hugging Face's greedy generate with identical weights ---------------------------------------------------------
 
 
-def hf_model_and_ours(name: str):
-    """A random HF LlamaForCausalLM, and our model loaded with its weights (HF -> Meta q/k permutation here)."""
-    transformers = pytest.importorskip("transformers")
+def hf_folder_and_ours(name: str, folder):
+    """A random HF LlamaForCausalLM saved in `folder`, and our model with its weights (HF -> Meta q/k permutation
+    here, independently of llama.formats)."""
     a = ModelArgs.from_name(name)
     rope = {"rope_type": "default", "rope_theta": a.rope_theta}
     if a.rope_scaling is not None:
@@ -105,18 +108,17 @@ def hf_model_and_ours(name: str):
         rope = {"rope_type": "llama3", "rope_theta": a.rope_theta, "factor": s.factor,
                 "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
                 "original_max_position_embeddings": s.original_max_position_embeddings}
-    config = transformers.LlamaConfig(
+    config = dict(
         vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.ffn_hidden_dim, num_hidden_layers=a.n_layers,
         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, max_position_embeddings=a.max_seq_len,
         rms_norm_eps=a.norm_eps, rope_parameters=rope, tie_word_embeddings=a.tie_word_embeddings,
-        initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM._from_config(config, attn_implementation="sdpa", dtype=torch.float64).eval()
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)  # no token is suppressed or ends generation
+    reference().call("hf_llama.save_random", "llama", config, str(folder))
 
     def hf_to_meta(w, n):  # [n·D, C]: HF's half-split rows -> Meta's interleaved pairs, per head
         return w.reshape(n, 2, a.head_dim // 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
 
-    sd = hf.state_dict()
+    sd = hf_state_dict(folder)
     ours = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
             "output.weight": sd["lm_head.weight"]}
     for i in range(a.n_layers):
@@ -132,20 +134,15 @@ def hf_model_and_ours(name: str):
                  f"layers.{i}.ffn_norm.weight": sd[p + "post_attention_layernorm.weight"]}
     model = Transformer(a).to(torch.float64)
     model.load_state_dict(ours, strict=True)
-    return hf, model.eval()
+    return model.eval()
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_greedy_equals_hf_generate(name):
-    hf, model = hf_model_and_ours(name)
+def test_greedy_equals_hf_generate(name, tmp_path):
+    model = hf_folder_and_ours(name, tmp_path / "hf")
     n = 16
     ours = generate(model, PROMPTS, max_new_tokens=n)  # one ragged batch
-    for prompt, row in zip(PROMPTS, ours):
-        ids = torch.tensor([prompt])
-        with torch.no_grad():
-            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, pad_token_id=0)
-        assert row == ref[0, len(prompt):].tolist()
+    assert ours == reference().call("hf_llama.greedy", str(tmp_path / "hf"), PROMPTS, n)  # one prompt at a time
 
 
 # -- sampling ------------------------------------------------------------------------------------------------------

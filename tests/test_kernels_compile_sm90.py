@@ -6,8 +6,17 @@ the launchers run with `launch` replaced by a recorder; each recorded launch is 
 Triton would specialise it on a device (same argument binder: int specialisation, 16-byte alignment) and compiled
 to a cubin for sm_90 with Triton's bundled ptxas. The default test compiles the config each launch would use
 with autotuning off (KERNELS_AUTOTUNE=0, what scripts/gpu_check_kernels.sh tests with); the slow one compiles
-every autotuning candidate and lists those that would not fit.
+every autotuning candidate (every schedule of kernels/schedules.py included) and lists those that would not fit.
+
+Compiling needs compiled-mode jit functions, i.e. a process without TRITON_INTERPRET=1 (one mode per process,
+kernels/_triton.py). When this process interprets (the CPU test run), each test runs itself again in a child
+pytest with TRITON_INTERPRET=0 and passes when the child passes.
 """
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +25,8 @@ import kernels.lora as lora
 import kernels.nf4_dequant as nf4_dequant
 import kernels.qlora as qlora
 from kernels import nf4_quantize
+from kernels._triton import INTERPRETED
+from kernels.schedules import TMA_SCHEDULES
 
 triton = pytest.importorskip("triton")
 from triton import knobs  # noqa: E402
@@ -26,11 +37,25 @@ from triton.runtime.jit import create_function_from_signature  # noqa: E402
 SM90_SHARED_BYTES = 232448  # 227 KB: the most shared memory one thread block may use on sm_90
 
 
+def in_compiling_process(request) -> bool:
+    """True when this process compiles kernels. Otherwise run this same test in a child process with
+    TRITON_INTERPRET=0 (markers and addopts cleared, so a slow test runs too), require that it passed, and return
+    False."""
+    if not INTERPRETED:
+        return True
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=",
+                          request.node.nodeid], cwd=Path(__file__).resolve().parents[1],
+                         env=dict(os.environ, TRITON_INTERPRET="0"), capture_output=True, text=True)
+    print(run.stdout[-6000:])
+    assert run.returncode == 0, f"child pytest (TRITON_INTERPRET=0) failed:\n{run.stdout[-6000:]}\n{run.stderr[-3000:]}"
+    return False
+
+
 def record_launches(monkeypatch, dtype, tokens):
     """Run the bf16/fp16/fp32 launchers on CPU tensors with a recording `launch`; returns (tuned, args, meta)."""
     recorded = []
 
-    def recorder(tuned, grid, *args, device, interpreter_meta, **meta):
+    def recorder(tuned, grid, *args, interpreter_meta, **meta):
         recorded.append((tuned, args, meta))
 
     for module in (lora, qlora, nf4_dequant):
@@ -76,7 +101,9 @@ def candidate_configs(tuned, args, meta, quick=None):
 
 
 @pytest.mark.parametrize("dtype, tokens", [(torch.bfloat16, 4096), (torch.bfloat16, 8), (torch.float32, 40)])
-def test_default_configs_compile_for_sm90(dtype, tokens, monkeypatch):
+def test_default_configs_compile_for_sm90(dtype, tokens, monkeypatch, request):
+    if not in_compiling_process(request):
+        return
     monkeypatch.setenv("KERNELS_AUTOTUNE", "0")     # read at call time by the prune hook: first surviving config
     for tuned, args, meta in record_launches(monkeypatch, dtype, tokens):
         (config,) = candidate_configs(tuned, args, meta)
@@ -85,16 +112,19 @@ def test_default_configs_compile_for_sm90(dtype, tokens, monkeypatch):
         if tuned.fn.__name__ == "_lora_gemm_kernel" and dtype != torch.float32 and config.kwargs["BLOCK_M"] >= 64:
             assert "wgmma" in kernel.asm["ptx"], "the dense GEMM should use Hopper's warpgroup MMA"
             candidates = candidate_configs(tuned, args, meta, quick=False)
-            for tma, persistent in ((True, False), (True, True), (False, True)):   # the other schedules
-                variant = next(c for c in candidates if (c.kwargs["TMA"], c.kwargs["PERSISTENT"]) == (tma, persistent))
+            for schedule in ("tma", "persistent_tma", "persistent"):             # kernels/schedules.py
+                variant = next(c for c in candidates if c.kwargs["SCHEDULE"] == schedule)
                 ptx = compile_sm90(tuned, args, meta, variant).asm["ptx"]
+                tma = schedule in TMA_SCHEDULES
                 assert "wgmma" in ptx, f"{variant}: no warpgroup MMA"
                 assert ("cp.async.bulk.tensor" in ptx) == tma, f"{variant}: TMA loads {'missing' if tma else 'used'}"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype, tokens", [(torch.bfloat16, 4096), (torch.bfloat16, 8), (torch.float16, 130)])
-def test_every_autotuning_candidate_compiles(dtype, tokens, monkeypatch):
+def test_every_autotuning_candidate_compiles(dtype, tokens, monkeypatch, request):
+    if not in_compiling_process(request):
+        return
     too_big = []
     for tuned, args, meta in record_launches(monkeypatch, dtype, tokens):
         for config in candidate_configs(tuned, args, meta):

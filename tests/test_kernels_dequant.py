@@ -2,7 +2,8 @@
 
 The reference is itself checked bit for bit against bitsandbytes in test_nf4_bnb_parity.py. Interpreter on CPU
 (bfloat16 output rounded to nearest even by the kernel's hand-written rounding, so it is exact there too), compiled
-on CUDA (skipped without a GPU). Outputs are NaN-poisoned before each launch; weights are drawn fresh.
+on CUDA (skipped without a GPU). Outputs are NaN-poisoned before each launch; weights are drawn fresh. The
+persistent schedule lives in kernels/schedules.py; argument checks in the public op (kernels/ops.py).
 """
 
 import pytest
@@ -12,7 +13,7 @@ import kernels
 import kernels.nf4_dequant as nf4_dequant
 from kernels import nf4_quantize
 from kernels.nf4_dequant import nf4_dequantize_reference, nf4_dequantize_triton
-from tests.kernel_testing import DEVICES, _poison_outputs  # noqa: F401
+from tests.kernel_testing import DEVICES, INTERPRETER, _poison_outputs  # noqa: F401
 
 
 # Odd element counts, blocks across rows, a partial last block, > 256 blocks (partial second-level block), one value.
@@ -39,6 +40,7 @@ def test_other_blocksizes(blocksize, device):
 
 @pytest.mark.parametrize("meta", [dict(BLOCKS=16, TREE=True, PER_SM=0), dict(BLOCKS=4, TREE=False, PER_SM=2)],
                          ids=["select-tree", "persistent"])
+@INTERPRETER
 def test_other_kernel_variants(meta, monkeypatch):
     """The autotuner may pick either lookup and either schedule on a GPU; the interpreter normally runs the gather
     lookup, one program per chunk. Persistent here: 2 programs per interpreter "SM" (6) over 26 chunks."""
@@ -66,9 +68,15 @@ def test_all_zero_blocks_are_exact_zeros(device):
     assert torch.equal(out[3:6], torch.zeros(3, 64, dtype=torch.float16, device=device))
 
 
-def test_bad_output_dtype():
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_output_dtype(backend, monkeypatch):
+    """Checked by the public op before anything runs, on both backends; float64 only from the reference."""
+    monkeypatch.setenv("KERNELS_BACKEND", backend)
     q = nf4_quantize(torch.randn(4, 64))
     with pytest.raises(TypeError, match="use one of"):
-        nf4_dequantize_triton(q, torch.int8)
-    with pytest.raises(TypeError, match="use one of"):
-        nf4_dequantize_reference(q, torch.int32)
+        kernels.nf4_dequantize(q, torch.int8 if backend == "triton" else torch.int32)
+    if backend == "triton":
+        with pytest.raises(TypeError, match="KERNELS_BACKEND=reference"):
+            kernels.nf4_dequantize(q, torch.float64)
+    else:
+        assert torch.equal(kernels.nf4_dequantize(q, torch.float64), nf4_dequantize_reference(q).double())

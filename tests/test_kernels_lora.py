@@ -1,7 +1,7 @@
 """Fused LoRA linear (kernels.lora): Triton forward and backward against a float64 autograd reference.
 
-On CPU the kernels run in Triton's interpreter (no environment variable needed: kernels._triton launches an
-interpreted twin for CPU tensors); the "cuda" cases run compiled and are skipped without a GPU.
+On CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py on a machine without
+a GPU); the "cuda" cases run compiled (TRITON_INTERPRET=0) and are skipped without a GPU.
 Coverage in the interpreter: float32 and float16 natively; bfloat16 through the kernels' UPCAST path (tiles
 converted to float32 after loading, float32 -> bfloat16 rounded to nearest even by hand), i.e. the bf16
 load/store/rounding logic is tested on CPU and the native bf16 `tl.dot` only on a GPU.
@@ -16,7 +16,8 @@ import kernels._triton as triton_plumbing
 import kernels.lora as lora_mod
 from kernels.lora import (LoRAMatmul, lora_backward_triton, lora_forward_triton, lora_gemm, lora_grad_dS_dB,
                           lora_matmul_reference)
-from tests.kernel_testing import DEVICE_DTYPES, DEVICES, GPU, _poison_outputs, assert_close  # noqa: F401
+from tests.kernel_testing import (DEVICE_DTYPES, DEVICES, GPU, INTERPRETER, _poison_outputs,  # noqa: F401
+                                  assert_close)
 
 
 def make(M, N, K, r, dtype, device, requires_grad=True):
@@ -52,10 +53,10 @@ def test_forward_and_backward_match_float64_autograd(shape, dtype, device):
     dy = torch.randn_like(y)
     y.backward(dy)
     y_ref, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, scale, dy)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(x.grad, dx_ref, dtype, "dx")
-    assert_close(A.grad, dA_ref, dtype, "dA")
-    assert_close(B.grad, dB_ref, dtype, "dB")
+    assert_close(y, y_ref, dtype, K + r, "y")
+    assert_close(x.grad, dx_ref, dtype, N + r, "dx")
+    assert_close(A.grad, dA_ref, dtype, N + M, "dA")      # dA = dSᵀ x, dS = s·dY B: N + M terms in a chain
+    assert_close(B.grad, dB_ref, dtype, K + M, "dB")      # dB = s·dYᵀ S, S = x Aᵀ
     assert y.dtype == x.grad.dtype == A.grad.dtype == B.grad.dtype == dtype
 
 
@@ -68,11 +69,11 @@ def test_public_op_leading_dims_and_backend_switch(device, monkeypatch):
     assert y.shape == (2, 3, 5, 24)
     y.sum().backward()
     y_ref, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 2.0, torch.ones(30, 24, dtype=torch.float64, device=device))
-    assert_close(y.reshape(30, 24), y_ref, torch.float32, "y")
-    assert_close(x3.grad.reshape(30, 40), dx_ref, torch.float32, "dx")  # dy has stride 0 here (sum's backward)
-    assert_close(A.grad, dA_ref, torch.float32, "dA")
+    assert_close(y.reshape(30, 24), y_ref, torch.float32, 44, "y")
+    assert_close(x3.grad.reshape(30, 40), dx_ref, torch.float32, 28, "dx")  # dy has stride 0 (sum's backward)
+    assert_close(A.grad, dA_ref, torch.float32, 24 + 30, "dA")
     monkeypatch.setenv("KERNELS_BACKEND", "reference")
-    assert_close(kernels.lora_matmul(x3, W, A, B, 2.0).reshape(30, 24), y_ref, torch.float32, "reference backend")
+    assert_close(kernels.lora_matmul(x3, W, A, B, 2.0).reshape(30, 24), y_ref, torch.float32, 44, "reference backend")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -86,7 +87,8 @@ def test_strided_inputs(device):
     B = torch.randn(r, N, device=device).t()
     y, S = lora_forward_triton(x, W, A, B, 0.75)
     assert not W.is_contiguous() and not x.is_contiguous() and not B.is_contiguous()
-    assert_close(y, lora_matmul_reference(x.double(), W.double(), A.double(), B.double(), 0.75), torch.float32, "y")
+    assert_close(y, lora_matmul_reference(x.double(), W.double(), A.double(), B.double(), 0.75), torch.float32,
+                 K + r, "y")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -109,25 +111,24 @@ def test_gemm_kernel_writes_every_element_and_plain_gemm(device):
     x, W, A, B = make(33, 47, 71, 8, torch.float16, device, requires_grad=False)
     out = torch.full((33, 47), float("nan"), dtype=torch.float16, device=device)
     lora_gemm(x, W, W.stride(0), W.stride(1), None, None, 1.0, out)
-    assert_close(out, x.double() @ W.double().t(), torch.float16, "plain GEMM")
+    assert_close(out, x.double() @ W.double().t(), torch.float16, 71, "plain GEMM")
 
 
-# The GEMM's schedule variants besides the default (one program per tile, pointer loads).
-VARIANTS = {"tma": dict(TMA=True, PERSISTENT=False), "persistent": dict(TMA=False, PERSISTENT=True),
-            "persistent-tma": dict(TMA=True, PERSISTENT=True)}
+# The GEMM's schedules besides the default one program per tile with pointer loads (kernels/schedules.py).
+SCHEDULES = ["tma", "persistent", "persistent_tma"]
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("device, dtype", [("cpu", torch.float32), pytest.param("cuda", torch.bfloat16, marks=GPU)])
-def test_gemm_variants_forward_and_backward(device, dtype, variant, monkeypatch):
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("device, dtype", [pytest.param("cpu", torch.float32, marks=INTERPRETER),
+                                           pytest.param("cuda", torch.bfloat16, marks=GPU)])
+def test_gemm_schedules_forward_and_backward(device, dtype, schedule, monkeypatch):
     """Tensor-descriptor (TMA) loads and the persistent schedule: forced in the interpreter (3 programs, so each
     walks several tiles), and on a GPU as the only autotuning candidate."""
-    wanted = VARIANTS[variant]
     if device == "cpu":
         monkeypatch.setattr(lora_mod, "tma_ok", lambda *args: True)
-        monkeypatch.setattr(lora_mod, "INTERPRETER_GEMM_META", dict(lora_mod.INTERPRETER_GEMM_META, **wanted))
+        monkeypatch.setattr(lora_mod, "INTERPRETER_GEMM_META", dict(lora_mod.INTERPRETER_GEMM_META, SCHEDULE=schedule))
     else:
-        chosen = [c for c in lora_mod._tuned_gemm.configs if all(c.kwargs[k] == v for k, v in wanted.items())
+        chosen = [c for c in lora_mod._tuned_gemm.configs if c.kwargs["SCHEDULE"] == schedule
                   and c.kwargs["BLOCK_M"] == 128]             # the tile the pruning keeps for 70 tokens
         monkeypatch.setattr(lora_mod._tuned_gemm, "configs", chosen[-1:])
         monkeypatch.setattr(lora_mod._tuned_gemm, "cache", {})
@@ -137,8 +138,8 @@ def test_gemm_variants_forward_and_backward(device, dtype, variant, monkeypatch)
     dy = torch.randn_like(y)
     y.backward(dy.contiguous())
     y_ref, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 0.5, dy)
-    assert_close(y, y_ref, dtype, "y")
-    assert_close(x.grad, dx_ref, dtype, "dx")
+    assert_close(y, y_ref, dtype, 96 + 8, "y")
+    assert_close(x.grad, dx_ref, dtype, 48 + 8, "dx")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -149,8 +150,8 @@ def test_grad_kernel_dS_dB(device):
     B = torch.randn(N, r, device=device)
     dS, dB = lora_grad_dS_dB(dy, S, B, 0.3)
     assert dS.dtype == dB.dtype == torch.float32
-    assert_close(dS, 0.3 * dy.double() @ B.double(), torch.float32, "dS")
-    assert_close(dB, 0.3 * dy.double().t() @ S.double(), torch.float32, "dB")
+    assert_close(dS, 0.3 * dy.double() @ B.double(), torch.float32, N, "dS")
+    assert_close(dB, 0.3 * dy.double().t() @ S.double(), torch.float32, M, "dB")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -195,6 +196,7 @@ def _args(**overrides):
     (dict(W=torch.randn(6, 8, requires_grad=True)), ValueError, "requires_grad_"),
     (dict(A=torch.randn(200, 8), B=torch.randn(6, 200)), ValueError, "KERNELS_BACKEND=reference"),
 ])
+@INTERPRETER
 def test_bad_inputs_raise_with_the_fix(overrides, error, match, monkeypatch):
     monkeypatch.setenv("KERNELS_BACKEND", "triton")
     with pytest.raises(error, match=match):
@@ -214,18 +216,65 @@ def test_default_backend_on_cpu_is_the_reference(monkeypatch):
     assert calls == []  # CPU tensors without KERNELS_BACKEND: plain PyTorch, the kernels are not launched
 
 
-def test_interpreted_launch_leaves_triton_language_unpatched():
-    """An interpreted launch must not leave the interpreter's numpy builtins in `triton.language` (Triton 3.9 does
-    for device-function calls such as `tl.cdiv`): later compilations in the process would fail."""
-    import triton.language as tl
+def test_one_triton_mode_per_process():
+    """Our kernels and Triton's own library functions were made by the same `@triton.jit` mode, the one
+    TRITON_INTERPRET asked for (an interpreted kernel calling a compiled `tl.cdiv` fails)."""
+    import os
 
-    owners = (tl, tl.core, tl.math, tl.core.tensor, tl.core.dtype)
-    before = [dict(vars(owner)) for owner in owners]
-    x, W, A, B = make(5, 40, 24, 4, torch.float32, "cpu", requires_grad=False)
-    lora_forward_triton(x, W, A, B, 0.5)
-    for owner, attrs in zip(owners, before):
-        changed = sorted(name for name in set(attrs) | set(vars(owner)) if vars(owner).get(name) is not attrs.get(name))
-        assert not changed, f"{owner.__name__}: {changed[:5]} left patched by the interpreter"
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert triton_plumbing.INTERPRETED == (os.environ.get("TRITON_INTERPRET") == "1")
+    for fn in (lora_mod._lora_gemm_kernel, lora_mod._tuned_gemm.fn, triton_plumbing.mma, tl.cdiv):
+        assert isinstance(fn, InterpretedFunction) == triton_plumbing.INTERPRETED, fn
+
+
+_CHILD = """
+import os, sys
+import triton
+os.environ["TRITON_INTERPRET"] = sys.argv[1]
+try:
+    import kernels
+except ImportError as e:
+    print("ImportError:", e)
+"""
+
+
+def test_triton_interpret_changed_after_import_is_refused():
+    """Setting TRITON_INTERPRET after triton was imported would mix modes: `import kernels` says how to fix it."""
+    import os
+    import subprocess
+    import sys
+
+    flipped = "0" if triton_plumbing.INTERPRETED else "1"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_INTERPRET"] = "1" if flipped == "0" else "0"     # what triton sees at import
+    run = subprocess.run([sys.executable, "-c", _CHILD, flipped], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "ImportError:" in run.stdout and "before the first `import triton`" in run.stdout, run.stdout + run.stderr
+
+
+_FORCED_ON_CPU = """
+import os, torch
+os.environ["KERNELS_BACKEND"] = "triton"
+import kernels
+try:
+    kernels.lora_matmul(torch.randn(4, 8), torch.randn(6, 8), torch.randn(2, 8), torch.randn(6, 2), 1.0)
+except RuntimeError as e:
+    print("RuntimeError:", e)
+"""
+
+
+def test_forced_triton_on_cpu_without_the_interpreter_names_the_fix():
+    """Compiled kernels cannot take CPU tensors: the op refuses before launching and names TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    run = subprocess.run([sys.executable, "-c", _FORCED_ON_CPU], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "RuntimeError:" in run.stdout and "TRITON_INTERPRET=1" in run.stdout, run.stdout + run.stderr
 
 
 def test_triton_allocator_is_set_in_every_launching_thread(monkeypatch):
@@ -266,6 +315,6 @@ def test_deterministic_mode_replaces_the_atomic_gradient_kernel(device, monkeypa
     finally:
         torch.use_deterministic_algorithms(previous)
     _, dx_ref, dA_ref, dB_ref = reference64(x, W, A, B, 0.5, dy)
-    for got, ref, what in zip(grads[0], (dx_ref, dA_ref, dB_ref), ("dx", "dA", "dB")):
-        assert_close(got, ref, torch.float32, what)
+    for got, ref, k, what in zip(grads[0], (dx_ref, dA_ref, dB_ref), (70 + 8, 70 + 37, 100 + 37), ("dx", "dA", "dB")):
+        assert_close(got, ref, torch.float32, k, what)
     assert all(torch.equal(a, b) for a, b in zip(*grads))

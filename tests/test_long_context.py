@@ -15,6 +15,7 @@ import torch
 
 from llama import ModelArgs, Transformer
 from llama.attention import causal_attention, chunked_causal_mask
+from tests.reference.tolerance import forward_tolerance, relative_error
 
 
 def pattern(T: int, start: int, chunk) -> torch.Tensor:
@@ -64,7 +65,8 @@ def test_long_prefix_logits_do_not_depend_on_later_tokens():
     x = torch.randint(0, 256, (1, 3000))
     with torch.no_grad():
         full, prefix = model(x), model(x[:, :1300])  # the prefix ends inside the third chunk
-    assert torch.allclose(full[:, :1300], prefix, rtol=1e-5, atol=1e-5)
+    # the same float32 computation on 3000 and 1300 tokens: only the blocking of the reductions differs
+    assert relative_error(full[:, :1300], prefix) <= forward_tolerance(model.args, x.shape[1], torch.float32)
 
 
 MEASURE = textwrap.dedent("""
@@ -144,12 +146,12 @@ def test_variants_and_base_layouts():
     irope = base_args(cfg, irope=True)
     specs = [irope.layer_spec(i) for i in range(irope.n_layers)]
     assert [s.use_rope for s in specs] == [True, True, True, False]
-    assert specs[0].attention_chunk_size == cfg.train_len and specs[3].temperature_tuning
+    assert specs[0].attention_chunk_size == cfg.seq_len and specs[3].temperature_tuning
     assert base_args(cfg, irope=False).layer_spec(3).use_rope
 
 
 def test_tiny_context_run_report_table_and_plot(tmp_path):
-    cfg = ContextAblationConfig(train_len=56, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
+    cfg = ContextAblationConfig(seq_len=56, max_ratio=2, dim=32, n_layers=4, n_heads=2, batch_tokens=192,
                                 base_steps=2, ft_steps=1, eval_tokens=192, n_passkey=2)
     report = run(cfg, DOCS, log=lambda *a: None)
     assert list(report["results"]) == list(VARIANTS) and report["lengths"] == [56, 112]
@@ -164,7 +166,7 @@ def test_tiny_context_run_report_table_and_plot(tmp_path):
 
 
 @pytest.mark.parametrize("kw, message", [(dict(variants=("none", "rerope")), "unknown context variants"),
-                                         (dict(train_len=32), "train_len must be >= 56"),
+                                         (dict(seq_len=32), "seq_len must be >= 56"),
                                          (dict(max_ratio=6), "max_ratio must be a power of two")])
 def test_bad_context_config(kw, message):
     with pytest.raises(ValueError, match=message):
@@ -172,7 +174,7 @@ def test_bad_context_config(kw, message):
 
 
 def test_context_script_end_to_end_through_the_project_training_loop(tmp_path):
-    main(["--train-len", "56", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
+    main(["--seq-len", "56", "--max-ratio", "2", "--dim", "32", "--n-heads", "2", "--batch-tokens", "192",
                  "--base-steps", "2", "--ft-steps", "1", "--eval-tokens", "192", "--n-passkey", "2",
                  "--variants", "none", "linear", "--corpus-chars", "100000", "--threads", "1", "--seed", "5",
                  "--out", str(tmp_path)])

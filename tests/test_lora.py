@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
 import peft
 from peft import lora as lora_module
 from tests.reference.paper_peft import (PRESETS, Adapters, base_weights, check_against_reference, forward_with_hidden,
                                         make_model, max_rel_error, reference_forward, tokens)
+from tests.reference.tolerance import forward_tolerance
 
 ALL = ("wq", "wk", "wv", "wo", "w1", "w2", "w3", "output")
 VARIANTS = {
@@ -209,7 +211,7 @@ def test_one_kernel_call_site(monkeypatch):
         calls.append((tuple(x.shape), x.dtype, scale))
         return F.linear(x, W) + scale * F.linear(F.linear(x, A), B)
 
-    monkeypatch.setattr(lora_module, "fused_lora_matmul", fake)
+    monkeypatch.setattr(kernels, "lora_matmul", fake)
     model = make_model("mha", dtype=torch.float32)
     peft.apply(model, peft.LoraConfig(r=4, alpha=8, target_modules=("wq",)))
     model(tokens(model.args, B=2, T=5))
@@ -286,6 +288,7 @@ def test_float32_through_the_kernels_package(monkeypatch, backend):
     out32.square().mean().backward()
     out64 = model64(toks)
     out64.square().mean().backward()
-    assert max_rel_error(out32.double(), out64.detach()) < 1e-5
+    bound = forward_tolerance(model32.args, toks.shape[1], torch.float32)
+    assert max_rel_error(out32.double(), out64.detach()) <= bound
     for (name, p32), p64 in zip(peft.adapter_parameters(model32).items(), peft.adapter_parameters(model64).values()):
-        assert max_rel_error(p32.grad.double(), p64.grad) < 1e-4, name
+        assert max_rel_error(p32.grad.double(), p64.grad) <= 2 * bound, name  # backward: every reduction once more

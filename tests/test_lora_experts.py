@@ -12,6 +12,11 @@ import llama
 import peft
 from peft.lora_experts import LoRAExperts
 from tests.reference.moe import PRESETS, make_model, moe_modules, randomize, reference_moe, rel_error, tokens
+from tests.reference.tolerance import tolerance
+
+# The routing weight is a float32 sigmoid in a float64 layer: the router logit's rounding to float32 and the
+# sigmoid's exp, add and divide, whose last bit depends on how many rows one call holds.
+SIGMOID_BOUND = tolerance(torch.float32, 4)
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -42,7 +47,7 @@ def test_moe_layer_matches_hand_written_formula(name, use_rslora):
         for dispatch in ("sorted", "dense"):
             moe.dispatch = dispatch
             with torch.no_grad():
-                assert rel_error(moe(x), expected) < 1e-6, dispatch  # float32 sigmoid ulp; see reference_moe
+                assert rel_error(moe(x), expected) <= SIGMOID_BOUND, dispatch  # see reference_moe
         # the update matters: the same layer without the adapters differs
         with torch.no_grad():
             moe.experts.merged = True  # forward with W only (merge flag without folding: base experts)
@@ -153,9 +158,10 @@ def test_kv_cache_decode_equals_full_forward(name):
         for t in range(7, toks.shape[1]):
             steps.append(model(toks[:, t:t + 1], start_pos=t))
         model.clear_cache()
-    # float32 router sigmoid (and QK-norm) whose last bit depends on how many rows one call holds: 1e-6 as in
+    # float32 router sigmoid (and QK-norm) whose last bit depends on how many rows one call holds, as in
     # test_llama4's cache test; an adapter missing from the decode path would differ by O(1)
-    assert rel_error(torch.cat(steps, dim=1), full) < 1e-6
+    a = model.args
+    assert rel_error(torch.cat(steps, dim=1), full) <= tolerance(torch.float32, a.n_layers * (a.head_dim + 9))
 
 
 # -- bad input --------------------------------------------------------------------------------------------------------
@@ -199,7 +205,7 @@ def test_dora_experts_identity_at_init_and_hand_written_formula(name):
         for dispatch in ("sorted", "dense"):
             moe.dispatch = dispatch
             with torch.no_grad():
-                assert rel_error(moe(x), expected) < 1e-6, dispatch
+                assert rel_error(moe(x), expected) <= SIGMOID_BOUND, dispatch
 
 
 def test_dora_experts_train_the_magnitude_and_merge():

@@ -2,9 +2,10 @@
 
 Our top-level `peft` package shadows Hugging Face's, so HF PEFT is installed outside the project's site-packages
 (`pip install --target <dir> --no-deps peft accelerate`, or the folder named by $HF_PEFT_DIR) and driven from a
-subprocess whose import path puts that folder first and whose working directory is not the repository.
+reference process (tests/reference/isolation.py) whose import path puts that folder first; the HF side is
+tests/reference/outside/hf_peft.py.
 
-Per case, the subprocess:
+Per case, the reference process:
   1. builds `LlamaForCausalLM` in float64 from the same base weights (Meta -> HF names, q/k rows permuted here),
   2. wraps it with HF's `get_peft_model(LoraConfig(...))`, copies in our LoRA tensors (lora_B / DoRA magnitude rows
      permuted for q_proj/k_proj), and returns its logits;
@@ -16,98 +17,23 @@ rounds to float32 in every LLaMA implementation, so the logits alone would hide 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import tempfile
-import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import peft
+from tests.reference.isolated_install import hf_peft_folder
+from tests.reference.isolation import reference
 from tests.reference.paper_peft import forward_with_hidden, make_model, max_rel_error, tokens
-
-HF_PEFT_PINS = ("peft==0.21.2", "accelerate==1.15.0")  # the versions this test was written against
 
 
 @pytest.fixture(scope="module")
 def hf_peft_dir() -> Path:
     """A folder holding HF `peft` (and `accelerate`), never the project's own environment."""
-    folder = Path(os.environ.get("HF_PEFT_DIR") or Path(tempfile.gettempdir()) / "llama-peft-zoo-hf-peft")
-    if not (folder / "peft" / "tuners").is_dir():
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(folder), "--no-deps",
-               *HF_PEFT_PINS]
-        try:
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.TimeoutExpired) as err:
-            pytest.skip(f"could not run pip to install Hugging Face peft into {folder}: {err}")
-        if done.returncode != 0:
-            pytest.skip(f"pip could not install Hugging Face peft into {folder} (offline?): "
-                        f"{done.stderr.strip().splitlines()[-1:]}")
-    return folder
+    return hf_peft_folder()
 
-
-HF_SCRIPT = textwrap.dedent('''
-    import json, sys
-    from pathlib import Path
-    import torch
-    from safetensors.torch import load_file, save_file
-    hf_dir, works = Path(sys.argv[1]), [Path(w) for w in sys.argv[2:]]
-    import peft as hf_peft
-    assert Path(hf_peft.__file__).resolve().is_relative_to(hf_dir.resolve()), hf_peft.__file__
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-
-    def base_model(work, case):
-        model = LlamaForCausalLM(LlamaConfig(**case["hf_config"])).to(torch.float64)
-        model.load_state_dict(load_file(str(work / "base.safetensors")), strict=True)
-        return model.eval()
-
-
-    def logits_and_hidden(model, tokens):
-        """Logits and the last hidden state before the final norm (the norm rounds to float32; this does not)."""
-        seen = []
-        norm = model.get_base_model().model.norm
-        handle = norm.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
-        with torch.no_grad():
-            logits = model(tokens).logits
-        handle.remove()
-        return logits.contiguous(), seen[-1].contiguous()
-
-
-    def run(work):
-        case = json.loads((work / "case.json").read_text())
-        tokens = load_file(str(work / "tokens.safetensors"))["tokens"]
-
-        # 1. HF PEFT's own LoRA with our tensors copied in
-        c = case["lora"]
-        model = get_peft_model(base_model(work, case), LoraConfig(
-            r=c["r"], lora_alpha=c["alpha"], target_modules=c["hf_targets"], use_rslora=c["use_rslora"],
-            use_dora=c["use_dora"], layers_to_transform=c["layers"], lora_dropout=0.0))
-        ours = load_file(str(work / "lora.safetensors"))  # HF module path -> tensors, rows already in HF order
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for key, value in ours.items():
-                params[key].copy_(value)
-        logits_hf_lora, hidden_hf_lora = logits_and_hidden(model, tokens)
-
-        # 2. our export_hf folder, loaded by HF PEFT
-        loaded = PeftModel.from_pretrained(base_model(work, case), str(work / "export"))
-        logits_export, hidden_export = logits_and_hidden(loaded, tokens)
-        n_lora = sum(1 for n, _ in loaded.named_parameters() if "lora_" in n)
-        save_file({"hf_lora": logits_hf_lora, "export": logits_export, "hf_lora_hidden": hidden_hf_lora,
-                   "export_hidden": hidden_export}, str(work / "logits.safetensors"))
-        (work / "info.json").write_text(json.dumps({"n_lora_tensors_loaded": n_lora,
-                                                    "peft_version": hf_peft.__version__}))
-
-
-    for work in works:
-        run(work)
-''')
 
 HF_MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
               "w1": "mlp.gate_proj", "w2": "mlp.down_proj", "w3": "mlp.up_proj"}
@@ -204,19 +130,12 @@ def prepare(case: str, work: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def hf_results(tmp_path_factory, hf_peft_dir) -> dict:
-    """Prepare every case, then run HF once (one interpreter start for all cases)."""
+    """Prepare every case, then run each through HF PEFT in the reference process (HF peft first on its path)."""
     root = tmp_path_factory.mktemp("hf_parity")
     cases = {case: prepare(case, root / case) for case in CASES}
-    (root / "run_hf.py").write_text(HF_SCRIPT)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["PYTHONPATH"] = str(hf_peft_dir)  # HF peft first; the repository is neither the cwd nor on the path
-    done = subprocess.run([sys.executable, str(root / "run_hf.py"), str(hf_peft_dir),
-                           *(str(c["work"]) for c in cases.values())],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
+    hf = reference(path=[hf_peft_dir])
     for c in cases.values():
-        c["hf"] = load_file(str(c["work"] / "logits.safetensors"))
-        c["info"] = json.loads((c["work"] / "info.json").read_text())
+        c["hf"] = hf.call("hf_peft.run_case", str(c["work"]), str(hf_peft_dir))
     return cases
 
 
@@ -224,7 +143,7 @@ def hf_results(tmp_path_factory, hf_peft_dir) -> dict:
 def test_lora_matches_hf_peft(hf_results, case):
     r = hf_results[case]
     assert max_rel_error(r["ours"], r["frozen"]) > 1e-3  # the adapter matters, so equality below means something
-    assert r["info"]["n_lora_tensors_loaded"] == r["n_tensors"]  # export_hf: every tensor found its module
+    assert r["hf"]["n_lora_tensors_loaded"] == r["n_tensors"]  # export_hf: every tensor found its module
     err_hf = max(max_rel_error(r["ours"], r["hf"]["hf_lora"]), max_rel_error(r["hidden"], r["hf"]["hf_lora_hidden"]))
     err_export = max(max_rel_error(r["ours"], r["hf"]["export"]), max_rel_error(r["hidden"], r["hf"]["export_hidden"]))
     print(f"{case}: vs HF PEFT LoRA rel. error {err_hf:.2e}; export_hf loaded by HF PEFT rel. error {err_export:.2e}")

@@ -137,11 +137,11 @@ def test_bad_input():
 
 
 def test_script_prints_7b_and_65b_and_the_two_claims(tmp_path):
-    out = tmp_path / "mem.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "memory.py"), "--methods", "full", "qlora",
-                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "| llama-7b | full | bf16 |" in proc.stdout and "| llama-65b | qlora | nf4+bf16 |" in proc.stdout
     assert proc.stdout.count("reproduced") == 2 and "NOT reproduced" not in proc.stdout
-    report = json.loads(out.read_text())
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "results.md").read_text().startswith("| model | method |")
     assert all(c["holds"] for c in report["qlora_claims"]) and len(report["rows"]) == 4

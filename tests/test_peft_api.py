@@ -11,6 +11,7 @@ import llama
 import peft
 from peft import count
 from tests.reference.paper_peft import make_model, max_rel_error, tokens
+from tests.reference.tolerance import tolerance
 
 CONFIGS = {
     "lora": peft.LoraConfig(r=4, alpha=8, target_modules=("wq", "wv", "w2"), use_rslora=True),
@@ -128,6 +129,45 @@ def test_apply_rejects_unknown_configs_and_models():
         peft.apply(torch.nn.Linear(4, 4), peft.LoraConfig())
 
 
+
+def biased_wq(model) -> None:
+    """Layer 0's wq replaced by an nn.Linear with a bias (no LLaMA linear has one)."""
+    N, K = model.layers[0].attention.wq.weight.shape
+    model.layers[0].attention.wq = torch.nn.Linear(K, N, dtype=torch.float64)
+
+
+def foreign_w2(model) -> None:
+    """Layer 1's w2 already replaced by something that is not the model's own nn.Linear."""
+    model.layers[1].feed_forward.w2 = torch.nn.Identity()
+
+
+def extended_layer_1(model) -> None:
+    """Layer 1's attention already carries an extension."""
+    model.layers[1].attention.extension = llama.model.AttentionExtension()
+
+
+# peft.apply checks the whole request against the model before changing anything
+@pytest.mark.parametrize("prepare, config, message", [
+    (biased_wq, peft.LoraConfig(target_modules=("wq",)), r"layers\.0\.attention\.wq has a bias"),
+    (biased_wq, peft.AdapterV2Config(adapter_layers=0), r"layers\.0\.attention\.wq has a bias"),
+    (foreign_w2, peft.LoraConfig(target_modules=("w2",)), r"layers\.1\.feed_forward\.w2 is a Identity, not a plain"),
+    # QLoRA quantises every block linear, targeted or not
+    (foreign_w2, peft.LoraConfig(target_modules=("wq",), quantize_base=True), r"layers\.1\.feed_forward\.w2 is a"),
+    (extended_layer_1, peft.AdapterV1Config(adapter_layers=1), r"layer 1 already has an attention extension"),
+    (extended_layer_1, peft.AdapterV2Config(adapter_layers=2), r"layer 1 already has an attention extension"),
+    (extended_layer_1, peft.ExcitorConfig(adapter_layers=1), r"layer 1 already has an attention extension"),
+])
+def test_apply_checks_the_request_before_changing_anything(prepare, config, message):
+    model = make_model("mha")
+    prepare(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=message):
+        peft.apply(model, config)
+    assert not hasattr(model, "peft_state") and [type(m) for m in model.modules()] == modules
+    assert all(p.requires_grad for p in model.parameters())  # nothing frozen either
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
 # -- python -m peft.count -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model_name, config, expected", [
     ("llama-7b", peft.LoraConfig(r=8, target_modules=("wq", "wv")), 4_194_304),  # Alpaca-LoRA, exact
@@ -177,7 +217,9 @@ def test_llama4_identity_gradients_and_decoding(preset, name):
         model.setup_cache(toks.shape[0], 16)
         steps = [model(toks[:, :5], start_pos=0)] + [model(toks[:, t:t + 1], start_pos=t) for t in range(5, 9)]
     # Llama 4 rounds q/k to float32 (complex64 RoPE, QK norm), so decoding matches to float32 precision only
-    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) < 1e-5
+    a = model.args
+    bound = tolerance(torch.float32, a.n_layers * (a.head_dim + 9))  # per layer as in test_llama4's cache test
+    assert max_rel_error(torch.cat(steps, dim=1), out.detach()) <= bound
 
 
 def test_export_hf_refuses_moe_shared_experts(tmp_path):

@@ -16,10 +16,10 @@ import torch
 import peft
 from kernels import nf4_quantize
 from kernels.nf4_dequant import nf4_dequantize_reference
-from peft.lora_experts import LoRAExperts, iter_experts
-from peft.qlora import BLOCK_LINEARS, dequantize_model
+from peft.lora_experts import LoRAExperts
+from peft.qlora import dequantize_model
 from peft.qlora_experts import NF4Experts, QLoRAExperts
-from peft.targets import iter_linears
+from peft.targets import BLOCK_LINEARS, iter_experts, iter_linears
 from tests.reference.moe import PRESETS, make_model, randomize, rel_error, tokens
 
 

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from peft.training import data as D
 from peft.training import checkpointing
-from peft.training.recipe import load_config, run
+from peft.training.config import load_config
+from peft.training.recipe import run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,16 +27,17 @@ sys.path.insert(0, {repo!r})
 import torch
 torch.set_num_threads(1)
 from peft.training import checkpointing
-from peft.training.recipe import load_config, run
+from peft.training.config import load_config
+from peft.training.recipe import run
 kill_after = int(os.environ.get("KILL_AFTER_STEP", "0"))
 kill_save = os.environ.get("KILL_WRITING_POINTER", "")
 if kill_save:
-    real = checkpointing.write_bytes_atomic
+    real = checkpointing.atomic_write_bytes
     def dying(path, data):
         if path.name == "latest" and data.decode() == kill_save:
             os.kill(os.getpid(), signal.SIGKILL)  # the step directory is complete and renamed; the pointer is not
         real(path, data)
-    checkpointing.write_bytes_atomic = dying
+    checkpointing.atomic_write_bytes = dying
 def hook(step, record):
     if step == kill_after:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -113,24 +115,73 @@ def test_checkpoint_contents(tmp_path, tokenizer_path):
     assert not list((tmp_path / "checkpoints").glob(".*tmp*"))
 
 
-def test_resume_rejects_another_model_or_method(tmp_path, tokenizer_path):
-    run(load_config(None, overrides(tmp_path, tokenizer_path, steps=4)), quiet=True)
-    args = overrides(tmp_path, tokenizer_path, steps=8) + ["--train.resume=true"]
-    with pytest.raises(ValueError, match=r"different run.*\n.*method"):
-        run(load_config(None, args + ["--method.name=lora"]), quiet=True)
-    with pytest.raises(ValueError, match=r"different run(.|\n)*model: checkpoint"):
-        run(load_config(None, args + ["--model.dim=64"]), quiet=True)
-    with pytest.raises(ValueError, match=r"different run(.|\n)*batch_size"):
-        other_batch = [a for a in args if not a.startswith("--train.batch_size")] + ["--train.batch_size=8"]
-        run(load_config(None, other_batch), quiet=True)
+class Stop(Exception):
+    """Raised by a callback to end a run after a checkpoint, as a crash would (no final/, no results.json)."""
+
+
+def crash_after(step):
+    def hook(done, record):
+        if done == step:
+            raise Stop
+    return [hook]
+
+
+def unfinished_run(tmp_path, tokenizer_path, *extra):
+    """An 8-step run that stopped during step 5, after its step-4 checkpoint (callbacks run before saving)."""
+    with pytest.raises(Stop):
+        run(load_config(None, overrides(tmp_path, tokenizer_path, steps=8) + list(extra)), crash_after(5), quiet=True)
+    assert checkpointing.latest(tmp_path / "checkpoints").name == "step-00000004"
+
+
+def test_resume_refuses_changed_settings_and_records_allowed_ones(tmp_path, tokenizer_path):
+    unfinished_run(tmp_path, tokenizer_path)
+    resume = overrides(tmp_path, tokenizer_path, steps=8) + ["--train.resume=true"]
+    # a new learning rate or shape would not continue the recorded run: refused, each change listed, nothing written
+    with pytest.raises(ValueError, match=r"differ from its config.toml: model.dim 32 -> 64; train.lr 0.003 -> 0.01"
+                                         r"\. A resumed run continues the recorded one"):
+        run(load_config(None, resume + ["--train.lr=0.01", "--model.dim=64"]), quiet=True)
+    assert not (tmp_path / "resumes.jsonl").exists()
+    # bookkeeping keys may change (here the micro-batch size: memory, not the gradient); the resume records them
+    out = run(load_config(None, [a for a in resume if "micro_batch" not in a] + ["--train.micro_batch_size=4"]),
+              quiet=True)
+    record = json.loads((tmp_path / "resumes.jsonl").read_text())
+    assert record == {"from_step": 4, "changed": {"train.micro_batch_size": [2, 4]}}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["resumes"] == [record] and results["steps"] == 8
+    # the totals cover the whole run, not only the steps after the resume
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    assert results["tokens"] == out.result.tokens == sum(r["tokens"] for r in logged)
+    # a finished run is never continued or rewritten
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match="holds a finished run"):
+        run(load_config(None, resume), quiet=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_checkpoint_refuses_other_settings_without_config_file(tmp_path, tokenizer_path):
+    """The loop's own check (callers of peft.training.train keep no config.toml): every optimisation setting."""
+    unfinished_run(tmp_path, tokenizer_path)
+    (tmp_path / "config.toml").unlink()
+    resume = overrides(tmp_path, tokenizer_path, steps=8) + ["--train.resume=true"]
+    with pytest.raises(ValueError, match=r"written with different settings.*lr: checkpoint 0.003 vs now 0.01"):
+        run(load_config(None, resume + ["--train.lr=0.01"]), quiet=True)
+    with pytest.raises(ValueError, match=r"written with different settings.*method.name: checkpoint 'full' vs now "
+                                         r"'lora'"):
+        run(load_config(None, resume + ["--method.name=lora"]), quiet=True)
+    with pytest.raises(ValueError, match=r"written with different settings.*model.dim: checkpoint 32 vs now 64"):
+        run(load_config(None, resume + ["--model.dim=64"]), quiet=True)
 
 
 def test_resume_without_checkpoint_and_overwrite_are_errors(tmp_path, tokenizer_path):
     with pytest.raises(ValueError, match="holds no checkpoint"):
         run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2) + ["--train.resume=true"]), quiet=True)
-    run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2)), quiet=True)
-    with pytest.raises(ValueError, match="already holds checkpoints.*train.resume=true"):
-        run(load_config(None, overrides(tmp_path, tokenizer_path, steps=2)), quiet=True)
+    unfinished_run(tmp_path / "a", tokenizer_path)
+    with pytest.raises(ValueError, match="already holds checkpoints of an unfinished run; continue it with --resume"):
+        run(load_config(None, overrides(tmp_path / "a", tokenizer_path, steps=8)), quiet=True)
+    run(load_config(None, overrides(tmp_path / "b", tokenizer_path, steps=2)), quiet=True)
+    with pytest.raises(ValueError, match="holds a finished run"):
+        run(load_config(None, overrides(tmp_path / "b", tokenizer_path, steps=2)), quiet=True)
 
 
 def test_dangling_pointer_is_explained(tmp_path):

@@ -1,18 +1,24 @@
 """llama.tokenizer against independent references: the sentencepiece library, a pure-Python byte-level BPE, a direct
-tiktoken.Encoding, Hugging Face tokenizers, and Meta's special-token ids written out by hand."""
+tiktoken.Encoding, Hugging Face tokenizers (transformers' converters and LlamaTokenizer run in the reference process,
+tests/reference/isolation.py), and Meta's special-token ids written out by hand."""
 
 import base64
 import math
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import regex
 import sentencepiece
 import tiktoken
+import tokenizers
 
 from llama import ModelArgs
-from llama.tokenizer import LLAMA3_PATTERN, LLAMA4_PATTERN, SentencePieceTokenizer, TiktokenTokenizer, Tokenizer
+from llama.chat_format import chat_format_for
+from llama.tokenizer import (LLAMA3_PATTERN, LLAMA4_PATTERN, HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer,
+                             Tokenizer)
+from tests.reference.isolation import reference
 from tests.tokenizer_files import (META_LLAMA3_PATTERN, META_LLAMA4_PATTERN, sample_text, single_byte_ranks,
                                    train_bpe_ranks, train_sentencepiece, write_llama3_sized_ranks, write_ranks)
 
@@ -152,23 +158,24 @@ def test_infilling_needs_a_code_llama_tokenizer(sp_tok):
         sp_tok.infilling_prompt("a", "b")
 
 
-def test_sentencepiece_matches_hugging_face_llama_tokenizer(files, sp_tok, tmp_path):
-    pytest.importorskip("google.protobuf", reason="transformers needs protobuf to read a sentencepiece model")
-    from transformers import LlamaTokenizer
+# Two known differences between HF's Llama tokenizers and Meta's sentencepiece, skipped where compared: HF fuses a
+# leading space of the text into the dummy "▁" prefix (its Metaspace pre-tokeniser; huggingface/transformers PR
+# #47700), and HF always reads "<s>"/"</s>" in the text as control tokens (huggingface/transformers#24569) where
+# Meta's sentencepiece encodes them as characters.
+def comparable_with_hf(texts: list[str]) -> list[str]:
+    return [t for t in texts if not t[:1].isspace() and "<s>" not in t and "</s>" not in t]
 
+
+def test_sentencepiece_matches_hugging_face_llama_tokenizer(files, sp_tok, tmp_path):
     shutil.copy(files["sp"], tmp_path / "tokenizer.model")
-    hf = LlamaTokenizer.from_pretrained(tmp_path)
-    assert (hf.bos_token_id, hf.eos_token_id, hf.unk_token_id) == (1, 2, 0)
-    # Two known differences, skipped here: HF fuses a leading space of the text into the dummy "▁" prefix
-    # (its Metaspace pre-tokeniser; huggingface/transformers PR #47700), and HF always reads "<s>"/"</s>" in the text
-    # as control tokens (huggingface/transformers#24569) where Meta's sentencepiece encodes them as characters.
-    texts = [t for t in TRICKY + sample_text(100, seed=3)
-             if not t[:1].isspace() and "<s>" not in t and "</s>" not in t]
+    texts = comparable_with_hf(TRICKY + sample_text(100, seed=3))
     assert len(texts) > 100
-    for text in texts:
+    hf = reference().call("hf_llama.llama_tokenizer", str(tmp_path), texts)
+    assert (hf["bos"], hf["eos"], hf["unk"]) == (1, 2, 0)
+    for text, hf_ids, hf_text in zip(texts, hf["ids"], hf["decoded"]):
         ids = sp_tok.encode(text, bos=False, eos=False)
-        assert hf.encode(text, add_special_tokens=False) == ids, text
-        assert hf.decode(ids) == sp_tok.decode(ids)
+        assert hf_ids == ids, text
+        assert hf_text == sp_tok.decode(ids)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -306,17 +313,79 @@ def test_long_runs_are_cut_like_meta(bpe_tok, files):
     ("llama3", META_LLAMA3_PATTERN, "<|begin_of_text|>Hi<|eot_id|><|python_tag|>"),
     ("llama4", META_LLAMA4_PATTERN, "<|begin_of_text|>Hi<|eot|><|python_start|>x<|python_end|>"),
 ])
-def test_bpe_matches_hugging_face_tokenizers(files, family, pattern, specials):
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
+def test_bpe_matches_hugging_face_tokenizers(files, family, pattern, specials, tmp_path):
     tok = Tokenizer(files["bpe"], family=family)
-    names = sorted(tok.special_tokens, key=tok.special_tokens.get)
-    hf = TikTokenConverter(vocab_file=str(files["bpe"]), pattern=pattern, extra_special_tokens=names).converted()
+    hf = tokenizers.Tokenizer.from_file(str(hub_tokenizer_json(files["bpe"], tok, pattern, tmp_path)))
     for text in TRICKY + sample_text(100, seed=17) + [specials]:
         # Hugging Face always treats special-token text as the special token.
         ids = tok.encode(text, bos=False, eos=False, allowed_special="all")
         assert hf.encode(text, add_special_tokens=False).ids == ids, text
         assert hf.decode(ids, skip_special_tokens=False) == tok.decode(ids)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Hugging Face tokenizer.json (hub folders), read by the tokenizers library
+# ---------------------------------------------------------------------------------------------------------------------
+
+CORPUS = TRICKY + sample_text(300, seed=23)
+
+
+def hub_tokenizer_json(ranks_file, tok: Tokenizer, pattern: str, folder) -> Path:
+    """tokenizer.json as the hub's Llama 3/4 files were made: transformers' TikTokenConverter on the ranks file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    names = sorted(tok.special_tokens, key=tok.special_tokens.get)
+    reference().call("hf_llama.tokenizer_json_from_tiktoken", str(ranks_file), pattern, names,
+                     str(folder / "tokenizer.json"))
+    return folder / "tokenizer.json"
+
+
+@pytest.mark.parametrize("family, pattern", [("llama3", META_LLAMA3_PATTERN), ("llama4", META_LLAMA4_PATTERN)])
+def test_hub_tokenizer_json_ids_equal_the_tokenizers_library_and_tiktoken(files, family, pattern, tmp_path):
+    meta = Tokenizer(files["bpe"], family=family)
+    library = tokenizers.Tokenizer.from_file(str(hub_tokenizer_json(files["bpe"], meta, pattern, tmp_path / "hub")))
+    hub = Tokenizer(tmp_path / "hub")  # a folder with tokenizer.json only
+    assert isinstance(hub, HFTokenizer) and hub.kind == "tokenizers" and hub.family == family
+    assert (hub.n_words, hub.bos_id, hub.eos_id, hub.pad_id, hub.special_tokens) == \
+        (meta.n_words, meta.bos_id, meta.eos_id, meta.pad_id, meta.special_tokens)
+    assert set(hub.stop_tokens) == set(meta.stop_tokens)
+    for text in CORPUS:
+        ids = hub.encode(text, bos=False, eos=False, allowed_special="all")
+        assert ids == library.encode(text, add_special_tokens=False).ids, text  # the library's own ids
+        assert ids == meta.encode(text, bos=False, eos=False, allowed_special="all"), text
+        assert hub.encode(text, bos=True, eos=False) == meta.encode(text, bos=True, eos=False), text  # specials as text
+        assert hub.decode(ids) == library.decode(ids, skip_special_tokens=False) == meta.decode(ids)
+    eot = "<|eot_id|>" if family == "llama3" else "<|eot|>"
+    text = f"a{eot}b<|begin_of_text|>c"
+    assert hub.encode(text, bos=False, eos=False, allowed_special={eot}) == \
+        meta.encode(text, bos=False, eos=False, allowed_special={eot})
+    dialog = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Hi {eot} there"}]
+    assert chat_format_for(hub).encode_dialog_prompt(dialog) == chat_format_for(meta).encode_dialog_prompt(dialog)
+
+
+def test_hub_tokenizer_json_of_a_sentencepiece_model(files, sp_tok, tmp_path):
+    shutil.copy(files["sp"], tmp_path / "tokenizer.model")
+    (tmp_path / "hub").mkdir()
+    reference().call("hf_llama.tokenizer_json_from_sentencepiece", str(tmp_path),
+                     str(tmp_path / "hub" / "tokenizer.json"))
+    library = tokenizers.Tokenizer.from_file(str(tmp_path / "hub" / "tokenizer.json"))
+    hub = Tokenizer(tmp_path / "hub")
+    assert hub.family == "llama2" and (hub.n_words, hub.bos_id, hub.eos_id, hub.pad_id) == (sp_tok.n_words, 1, 2, -1)
+    for text in CORPUS:
+        assert hub.encode(text, bos=False, eos=False, allowed_special="all") == \
+            library.encode(text, add_special_tokens=False).ids, text
+    for text in comparable_with_hf(CORPUS):
+        assert hub.encode(text, bos=True, eos=True) == sp_tok.encode(text, bos=True, eos=True), text
+
+
+def test_hub_tokenizer_config_names_bos_eos_pad(files, tmp_path):
+    meta = Tokenizer(files["bpe"])
+    hub_tokenizer_json(files["bpe"], meta, META_LLAMA3_PATTERN, tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text('{"bos_token": {"content": "<|begin_of_text|>"}, '
+                                                    '"eos_token": "<|eot_id|>", "pad_token": null}')
+    hub = Tokenizer(tmp_path / "tokenizer.json")
+    assert (hub.bos_id, hub.eos_id, hub.pad_id) == (meta.bos_id, meta.eot_id, meta.pad_id)  # Instruct: eos = eot
+    shutil.copy(files["bpe"], tmp_path / "tokenizer.model")
+    assert isinstance(Tokenizer(tmp_path), TiktokenTokenizer)  # a folder with both: Meta's file first
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -337,8 +406,6 @@ def test_llama4_pretokenizer_pattern_is_metas_and_tiktokens_o200k(monkeypatch):
 
 def test_llama4_special_token_ids_on_a_200000_rank_file(tmp_path):
     """Meta's ids (llama-models models/llama4/tokenizer.py) and Hugging Face's Llama4Config vision ids."""
-    from transformers import Llama4Config
-
     tok = Tokenizer(write_llama3_sized_ranks(tmp_path / "tokenizer.model", n_base=200_000))
     assert tok.family == "llama4"                                           # recognised from the 200,000 ranks
     assert tok.n_words == 202_048 == ModelArgs.from_name("llama-4-scout").vocab_size
@@ -352,9 +419,9 @@ def test_llama4_special_token_ids_on_a_200000_rank_file(tmp_path):
              "<|reserved_special_token_0|>": 201144, "<|reserved_special_token_903|>": 202047}
     for name, token_id in named.items():
         assert tok.special_tokens[name] == token_id, name
-    hf = Llama4Config()
+    hf = reference().call("hf_llama.llama4_vision_token_ids")
     assert (tok.special_tokens["<|image_start|>"], tok.special_tokens["<|image_end|>"],
-            tok.special_tokens["<|patch|>"]) == (hf.boi_token_index, hf.eoi_token_index, hf.image_token_index)
+            tok.special_tokens["<|patch|>"]) == (hf["boi"], hf["eoi"], hf["image"])
     assert tok.encode("<|eot|>", bos=True, eos=False, allowed_special="all") == [200000, 200008]
 
 
@@ -388,7 +455,7 @@ def test_unknown_family_and_family_on_a_sentencepiece_file(files):
 def test_missing_file_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Tokenizer(tmp_path / "nope.model")
-    with pytest.raises(FileNotFoundError, match="no tokenizer.model in folder"):
+    with pytest.raises(FileNotFoundError, match="no tokenizer.model or tokenizer.json in folder"):
         Tokenizer(tmp_path)
     with pytest.raises(TypeError, match="needs the path"):
         Tokenizer()

@@ -3,13 +3,18 @@ a config, and generation with an adapter attached vs merged."""
 
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import llama
+
 from peft.training import data as D
-from peft.training.recipe import build_config, format_config, load_config, load_run, parse_value, run
+from peft.training.config import build_config, load_config, parse_value, to_toml
+from peft.training.recipe import load_run, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,7 +51,7 @@ def test_file_plus_overrides(tmp_path):
     assert cfg.model.preset == "tiny-llama-3" and cfg.train.steps == 7 and cfg.train.lr == 3e-4
     assert cfg.method == {"name": "lora", "r": 4, "target_modules": ["wq", "wk"]}
     assert cfg.data.path == "/x/y.jsonl" and cfg.data.pack is False
-    text = format_config(cfg)
+    text = to_toml(cfg)
     assert "[train]\n" in text and "lr = 0.0003" in text and 'preset = "tiny-llama-3"' in text
     assert parse_value("1e-3") == 1e-3 and parse_value("true") is True and parse_value("runs/a b") == "runs/a b"
 
@@ -60,8 +65,20 @@ def test_every_shipped_config_parses():
 @pytest.mark.parametrize("overrides, match", [
     (["--trian.lr=1"], r"unknown config section 'trian'; did you mean 'train'\?"),
     (["--train.learning_rate=1"], r"unknown config key in \[train\] 'learning_rate'"),
-    (["--train.lr"], r"must look like --section.key=value"),
-    (["--lr=1"], r"must look like --section.key=value"),
+    (["--train.lr"], r"--train.lr needs a value"),
+    (["--lr=1"], r"overrides look like --section.key=value or --section.key value"),
+    (["--train.steps=ten"], r"train.steps must be an integer, got the string 'ten'"),
+    (["--train.steps=2.5"], r"train.steps must be an integer, got 2.5"),
+    (["--train.lr=fast"], r"train.lr must be a number, got the string 'fast'"),
+    (["--train.lr=nan"], r"train.lr must be a finite number"),
+    (["--data.pack=yes"], r"data.pack must be true or false, got the string 'yes'"),
+    (["--data.eval_fraction=inf"], r"data.eval_fraction must be a finite number"),
+    (["--data.source=csv"], r"unknown data.source 'csv'"),
+    (["--model.device=gpu"], r"model.device='gpu' is not a torch device name; use 'cuda'"),
+    (["--model.dim=-8"], r"model.dim must be a positive integer"),
+    (["--eval.max_new_tokens=-3"], r"eval.max_new_tokens must be a positive integer"),
+    (["--train.micro_batch_size=0"], r"train.micro_batch_size must be a positive integer"),
+    (["--method.name=lora", "--method.r=four"], r"method.r must be an integer, got the string 'four'"),
     (["--method.name=prefix"], r"unknown method 'prefix'"),
     (["--method.name=lora", "--method.rank=4"], r"unknown option of method 'lora' 'rank' \(valid: .*, r, "),
     (["--method.name=lora", "--method.alpah=4"], r"unknown option of method 'lora' 'alpah'; did you mean 'alpha'\?"),
@@ -85,14 +102,118 @@ def test_bad_config_files(tmp_path):
         build_config({"train": 3})
 
 
-def test_train_script_prints_resolved_config_and_rejects_unknown_keys(capsys):
+def test_printed_config_is_toml_that_reads_back_to_the_same_config(tmp_path):
+    for f in sorted((REPO / "configs").glob("*.toml")):
+        cfg = load_config(str(f), ["--method.r=4"] if "lora" in f.stem else [])
+        text = to_toml(cfg)
+        assert "null" not in text and "None" not in text
+        (tmp_path / "again.toml").write_text(text)
+        assert load_config(str(tmp_path / "again.toml")) == cfg, f
+    # a run record in JSON (null: the default) is read as well
+    (tmp_path / "run.json").write_text(json.dumps(cfg.to_dict()))
+    assert load_config(str(tmp_path / "run.json")) == cfg
+
+
+def test_overrides_with_a_space_and_string_fields_as_typed():
+    cfg = load_config(None, ["--train.lr", "3e-4", "--data.path", "2024", "--train.steps=7", "--data.pack", "false",
+                             "--method.name", "lora", "--method.target_modules", "['wq', 'wv']", "--train.min_lr_ratio",
+                             "0"])
+    assert cfg.train.lr == 3e-4 and cfg.train.steps == 7 and cfg.data.pack is False
+    assert cfg.data.path == "2024"  # a string field keeps the text: a path, not the integer 2024
+    assert cfg.method == {"name": "lora", "target_modules": ["wq", "wv"]} and cfg.train.min_lr_ratio == 0.0
+    assert isinstance(load_config(None, ["--train.lr=1"]).train.lr, float)  # an integer where a float goes
+
+
+def test_numbers_written_as_strings_in_a_file_name_the_field(tmp_path):
+    (tmp_path / "c.toml").write_text('[train]\nlr = "1e-3"\n')
+    with pytest.raises(ValueError, match=r"train.lr must be a number, got the string '1e-3'; write it without quotes"):
+        load_config(str(tmp_path / "c.toml"))
+    (tmp_path / "c.toml").write_text('[method]\nname = "lora"\nr = "8"\n')
+    with pytest.raises(ValueError, match=r"method.r must be an integer, got the string '8'; write it without quotes"):
+        load_config(str(tmp_path / "c.toml"))
+
+
+def test_train_script_flags_are_names_for_config_keys(capsys):
     train_script = script("train")
-    assert train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), "--train.lr=5e-4", "--seed", "7",
-                              "--dry-run"]) == {}
+    config = str(REPO / "configs" / "sft_lora.toml")
+    assert train_script.main(["--config", config, "--train.lr", "5e-4", "--seed", "7", "--no-progress", "--out",
+                              "elsewhere", "--dry-run"]) == {}
     printed = capsys.readouterr().out
-    assert "lr = 0.0005" in printed and "seed = 7" in printed and 'name = "lora"' in printed
+    cfg = _toml_loads(printed)
+    assert cfg["train"]["lr"] == 5e-4 and cfg["train"]["seed"] == 7 and cfg["train"]["progress"] is False
+    assert cfg["train"]["out_dir"] == "elsewhere" and cfg["method"]["name"] == "lora"
+    with pytest.raises(ValueError, match="--seed and --train.seed name the same setting"):
+        train_script.main(["--config", config, "--seed", "1", "--train.seed", "2", "--dry-run"])
     with pytest.raises(ValueError, match="unknown config key in \\[data\\] 'pth'"):
-        train_script.main(["--data.pth=x", "--dry-run"])
+        train_script.main(["--config", config, "--data.pth=x", "--dry-run"])
+    with pytest.raises(ValueError, match="no config: pass --config FILE"):
+        train_script.main([])
+
+
+def _toml_loads(text):
+    import tomllib
+    return tomllib.loads(text)
+
+
+def test_train_script_user_errors_are_one_line_and_exit_2():
+    """As a user sees it (a process of its own: run_cli); the messages themselves are tested in-process above."""
+    argv = [sys.executable, str(REPO / "scripts" / "train.py"), "--config", "configs/sft_lora.toml", "--trian.lr", "1",
+            "--dry-run"]
+    message = "error: unknown config section 'trian'; did you mean 'train'?"
+    done = subprocess.run(argv, capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+    debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, cwd=str(REPO), timeout=120)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and message in debug.stderr
+
+
+def test_config_toml_reproduces_the_run(tmp_path, tokenizer_path):
+    train_script = script("train")
+    shrunk = tiny(tmp_path / "a", tokenizer_path, "--model.checkpoint=", "--method.r=2")[1:]  # without out_dir
+    first = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), *shrunk, "--out",
+                               str(tmp_path / "a")])
+    again = train_script.main(["--config", str(tmp_path / "a" / "config.toml"), "--out", str(tmp_path / "b")])
+    assert [json.loads(line)["loss"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(line)["loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert again["eval_loss"] == first["eval_loss"] and again["tokens"] == first["tokens"]
+    assert (tmp_path / "b" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
+    assert (tmp_path / "a" / "final" / "config.toml").read_text() == (tmp_path / "a" / "config.toml").read_text()
+
+
+TINY_PRESETS = [name for name in llama.list_models() if name.startswith("tiny-") and not name.endswith("-vision")]
+
+
+def test_every_tiny_preset_trains_from_the_cli_at_its_own_vocabulary(tmp_path):
+    """configs/pretrain_bytes.toml: the byte tokenizer's 256 ids are every tiny preset's vocabulary."""
+    train_script = script("train")
+    shrink = ["--train.steps", "1", "--train.batch_size", "2", "--data.seq_len", "32", "--data.corpus_chars", "20000",
+              "--data.n_eval", "2", "--no-progress"]
+    for preset in TINY_PRESETS:
+        train_script.main(["--config", str(REPO / "configs" / "pretrain_bytes.toml"), "--model.preset", preset,
+                           "--out", str(tmp_path / preset), *shrink])
+        model = llama.load(tmp_path / preset / "final" / "model")
+        assert model.args == llama.ModelArgs.from_name(preset, max_seq_len=model.args.max_seq_len), preset
+        assert not (tmp_path / preset / "final" / "tokenizer.model").exists()  # bytes: no file
+    # and fine-tuned from the command line with a shipped SFT config
+    result = train_script.main(["--config", str(REPO / "configs" / "sft_lora.toml"), "--model.checkpoint",
+                                str(tmp_path / "tiny-llama-3.2" / "final" / "model"), "--data.tokenizer", "bytes",
+                                "--data.n_train", "32", "--data.n_eval", "2", "--eval.n_generate", "2",
+                                "--out", str(tmp_path / "sft"), *shrink[:6], "--no-progress"])
+    assert result["method"] == "lora" and result["exact_match"] is not None
+    model, tokenizer, _ = load_run(tmp_path / "sft")
+    assert tokenizer.n_words == model.args.vocab_size == 256
+    with pytest.raises(ValueError, match="'tiny-llama-4-scout-vision' is multimodal"):  # refused before training
+        train_script.main(["--config", str(REPO / "configs" / "pretrain_bytes.toml"), "--model.preset",
+                           "tiny-llama-4-scout-vision", "--out", str(tmp_path / "vision"), *shrink])
+
+
+def test_a_checkpoint_and_a_tokenizer_of_another_vocabulary_are_refused_before_training(tmp_path, tokenizer_path):
+    run(load_config(None, tiny(tmp_path / "base", tokenizer_path)), quiet=True)
+    with pytest.raises(ValueError, match="the tokenizer has 256 ids but the checkpoint .* has vocab_size="):
+        run(load_config(None, tiny(tmp_path / "sft", tokenizer_path, f"--model.checkpoint={tmp_path}/base/final/model",
+                                   "--data.tokenizer=bytes")), quiet=True)
+    with pytest.raises(ValueError, match="exact match would generate eval.max_new_tokens=40 tokens"):
+        run(load_config(None, tiny(tmp_path / "sft2", tokenizer_path, "--eval.max_new_tokens=40")), quiet=True)
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "sft2").exists()  # refused runs leave no folder
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -140,8 +261,9 @@ def test_generate_attached_equals_merged(tmp_path, tokenizer_path):
                                "--method.target_modules=['wq', 'wv', 'w1', 'w2']")), quiet=True)
     gen = script("generate")
     prompts = ["--prompt", "Sort: 3914\nAnswer:", "--prompt", "Add: 12+5\nAnswer:"]
-    attached = gen.main(["--run", str(tmp_path), *prompts, "--max-new-tokens", "8"])
-    merged = gen.main(["--run", str(tmp_path), "--merge", *prompts, "--max-new-tokens", "8"])
+    attached = gen.main(["--run", str(tmp_path), *prompts, "--max-new-tokens", "8", "--out", str(tmp_path / "g1")])
+    merged = gen.main(["--run", str(tmp_path), "--merge", *prompts, "--max-new-tokens", "8", "--out",
+                       str(tmp_path / "g2")])
     assert [r["completion"] for r in attached] == [r["completion"] for r in merged]
     # and the adapter really is loaded: its tensors equal the trained ones
     model, _, cfg = load_run(tmp_path)
@@ -155,13 +277,15 @@ def test_generate_full_checkpoint_and_errors(tmp_path, tokenizer_path):
     run(load_config(None, tiny(tmp_path, tokenizer_path)), quiet=True)
     gen = script("generate")
     rows = gen.main(["--checkpoint", str(tmp_path / "final" / "model"), "--tokenizer", tokenizer_path,
-                     "--prompt", "Sort: 12\nAnswer:", "--max-new-tokens", "4", "--json", str(tmp_path / "g.json")])
-    assert json.loads((tmp_path / "g.json").read_text()) == rows and rows[0]["tokens"] <= 4
-    with pytest.raises(SystemExit, match="exactly one of --run"):
+                     "--prompt", "Sort: 12\nAnswer:", "--max-new-tokens", "4", "--out", str(tmp_path / "g")])
+    assert json.loads((tmp_path / "g" / "results.json").read_text())["rows"] == rows and rows[0]["tokens"] <= 4
+    with pytest.raises(ValueError, match="exactly one of --run"):
         gen.main(["--prompt", "x"])
-    with pytest.raises(SystemExit, match="no prompt given"):
+    with pytest.raises(ValueError, match="no prompt given"):
         gen.main(["--run", str(tmp_path)])
-    with pytest.raises(FileNotFoundError, match="final/run.json not found"):
+    with pytest.raises(ValueError, match=r"the tokenizer has 256 ids but .* has vocab_size=\d+; pass the tokenizer"):
+        gen.main(["--checkpoint", str(tmp_path / "final" / "model"), "--tokenizer", "bytes", "--prompt", "x"])
+    with pytest.raises(FileNotFoundError, match="final/config.toml not found"):
         load_run(tmp_path / "nothing")
 
 
@@ -188,9 +312,12 @@ def test_generate_fill_in_the_middle(tmp_path, tokenizer_path, monkeypatch):
 
     monkeypatch.setattr(gen, "generate", fake_generate)
     rows = gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", str(code), "--prompt", "def f(x):\n",
-                     "--suffix", "\n    return x\n"])
+                     "--suffix", "\n    return x\n", "--out", str(tmp_path / "g")])
     assert seen == [([tok.infilling_prompt("def f(x):\n", "\n    return x\n")], (tok.eot_id, tok.eos_id))]
     assert rows == [{"prompt": "def f(x):\n", "completion": " x = 1", "tokens": len(middle) + 1, "stopped": True}]
-    with pytest.raises(SystemExit, match="no infilling pieces"):
-        gen.main(["--checkpoint", str(tmp_path / "model"), "--tokenizer", tokenizer_path, "--prompt", "a",
+    plain = Tokenizer(tokenizer_path)  # a SentencePiece model without Code Llama's pieces
+    save(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=plain.n_words, multiple_of=16,
+                               max_seq_len=128)), tmp_path / "plain", format="meta")
+    with pytest.raises(ValueError, match="no infilling pieces"):
+        gen.main(["--checkpoint", str(tmp_path / "plain"), "--tokenizer", tokenizer_path, "--prompt", "a",
                   "--suffix", "b"])

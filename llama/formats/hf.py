@@ -20,9 +20,10 @@ from typing import Optional
 
 import torch
 
+from ..checks import ConfigError
 from ..config import ModelArgs, RopeScaling
-from .io import (CheckpointError, check_state_dict, iter_safetensors, read_json, require_dense,
-                 torch_load_tensors, write_json, write_safetensors)
+from .io import (CheckpointError, check_fields, check_state_dict, field_error, iter_safetensors, read_json,
+                 require_dense, torch_load_tensors, write_json, write_safetensors)
 from .meta import match_preset
 
 CONFIG_FILE = "config.json"
@@ -42,6 +43,18 @@ PER_LAYER = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_pr
              "feed_forward.w1": "mlp.gate_proj", "feed_forward.w3": "mlp.up_proj",
              "feed_forward.w2": "mlp.down_proj",
              "attention_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# config.json numbers and flags (checked for their type before anything reads them), and the config.json name of
+# each ModelArgs field (for error messages).
+CONFIG_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+               "vocab_size", "max_position_embeddings", "head_dim", MAX_SEQ_LEN_KEY)
+CONFIG_REALS = ("rms_norm_eps", "rope_theta")
+CONFIG_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+ROPE_INTS, ROPE_REALS = ("original_max_position_embeddings",), ("rope_theta", "factor", "low_freq_factor",
+                                                                 "high_freq_factor", "beta_fast", "beta_slow",
+                                                                 "attention_factor", "mscale", "mscale_all_dim")
+CONFIG_NAMES = {"dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+                "n_kv_heads": "num_key_value_heads", "ffn_hidden_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+                "max_seq_len": "max_position_embeddings", "rope_theta": "rope_theta"}
 _FROM_HF_TOP = {v: k for k, v in TOP_LEVEL.items()}
 _FROM_HF_LAYER = {v: k for k, v in PER_LAYER.items()}
 _META_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)\.weight$")
@@ -114,17 +127,21 @@ def args_from_config(config: dict, *, path: Path) -> ModelArgs:
         if key not in config:
             raise CheckpointError(f"{path} has no {key!r}; it is not a complete LlamaConfig (restore the original "
                        f"or re-save it with LlamaConfig.save_pretrained)")
+    check_fields(config, path, ints=CONFIG_INTS, reals=CONFIG_REALS, bools=CONFIG_BOOLS)
     max_pos = config.get("max_position_embeddings", 2048)
     theta, scaling = rope_from_config(config, max_pos, path)
     dim, n_heads = config["hidden_size"], config["num_attention_heads"]
     head_dim = config.get("head_dim")
-    args = ModelArgs(
-        dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
-        n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
-        ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
-        rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len_from_config(config, scaling),
-        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        head_dim=None if head_dim in (None, dim // n_heads) else head_dim)
+    try:
+        args = ModelArgs(
+            dim=dim, n_layers=config["num_hidden_layers"], n_heads=n_heads,
+            n_kv_heads=config.get("num_key_value_heads") or n_heads, vocab_size=config["vocab_size"],
+            ffn_hidden_dim=config["intermediate_size"], norm_eps=config.get("rms_norm_eps", 1e-6),
+            rope_theta=theta, rope_scaling=scaling, max_seq_len=max_seq_len_from_config(config, scaling),
+            tie_word_embeddings=config.get("tie_word_embeddings", False),
+            head_dim=None if head_dim is None or n_heads < 1 or head_dim == dim // n_heads else head_dim)
+    except ConfigError as e:
+        raise field_error(path, e, CONFIG_NAMES) from None
     preset = match_preset(args, compare_context=True)
     if preset is not None:  # recover Meta's FFN rule (multiple_of, multiplier) and the preset's name
         args.multiple_of, args.ffn_dim_multiplier = preset.multiple_of, preset.ffn_dim_multiplier
@@ -136,9 +153,15 @@ def rope_from_config(config: dict, max_pos: int, path: Path, default_theta: floa
                      ) -> tuple[float, Optional[RopeScaling]]:
     """(theta, scaling) of an HF config, dense Llama or Llama 4 text, read with HF's conventions for L0."""
     # transformers >= 5: rope_parameters = {rope_type, rope_theta, ...}; 4.x: rope_theta + rope_scaling = {...}.
+    for name in ("rope_parameters", "rope_scaling"):
+        fields = config.get(name) or {}
+        if not isinstance(fields, dict):
+            raise CheckpointError(f"{path}: {name!r} must be a JSON object or null, got {fields!r}; restore the "
+                                  f"original")
+        check_fields(fields, f"{path} ({name})", ints=ROPE_INTS, reals=ROPE_REALS)
     params = config.get("rope_parameters") or {}
-    theta = float(params.get("rope_theta", config.get("rope_theta", default_theta)))
     scaling = dict(params if params.get("rope_type", "default") != "default" else (config.get("rope_scaling") or {}))
+    theta = params.get("rope_theta", config.get("rope_theta", default_theta))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "dynamic":  # HF's dynamic NTK scales past max_position_embeddings, whatever else is set
         scaling["original_max_position_embeddings"] = max_pos
@@ -158,7 +181,7 @@ def max_seq_len_from_config(config: dict, scaling: Optional[RopeScaling], defaul
     without the key ours accepts its design length s · L0."""
     max_pos = config.get("max_position_embeddings", default)
     if MAX_SEQ_LEN_KEY in config:
-        return int(config[MAX_SEQ_LEN_KEY])
+        return config[MAX_SEQ_LEN_KEY]
     return int(scaling.factor * max_pos) if scaling is not None and scaling.rope_type == "dynamic" else max_pos
 
 
@@ -266,13 +289,20 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
 # Writing
 
 
-def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[Path]:
-    """Write safetensors (sharded with an index above max_shard_size bytes), then config.json last."""
+def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """Write safetensors (sharded with an index above max_shard_size bytes), then config.json."""
+    config = config_from_args(args, next(iter(sd.values())).dtype)
     hf = {hf_name(k): v for k, v in _permuted(sd, args, permute_to_hf).items()
           if not (args.tie_word_embeddings and k == "output.weight")}
+    write_safetensors_shards(hf, folder, max_shard_size)
+    write_json(folder / CONFIG_FILE, config)
+
+
+def write_safetensors_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """model.safetensors, or model-0000k-of-0000n.safetensors files of at most max_shard_size bytes + an index."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
-    for key, tensor in hf.items():  # greedy fill in model order, as transformers does
+    for key, tensor in tensors.items():  # greedy fill in model order, as transformers does
         nbytes = tensor.numel() * tensor.element_size()
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append({})
@@ -281,27 +311,27 @@ def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_sha
         size += nbytes
     n = len(shards)
     names = [SAFETENSORS_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written = []
     for name, shard in zip(names, shards):
         write_safetensors(folder / name, shard, metadata={"format": "pt"})
-        written.append(folder / name)
     if n > 1:
-        total = sum(t.numel() * t.element_size() for t in hf.values())
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
         index = {"metadata": {"total_size": total},
                  "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
         write_json(folder / SAFETENSORS_INDEX, index)
-        written.append(folder / SAFETENSORS_INDEX)
-    dtype = next(iter(sd.values())).dtype
-    write_json(folder / CONFIG_FILE, config_from_args(args, dtype))
-    return written + [folder / CONFIG_FILE]
 
 
 def parse_size(size) -> int:
-    """Bytes from an int or a string like '5GB' (10^9) or '4GiB' (2^30)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(size), flags=re.IGNORECASE)
-    if m is None or float(m.group(1)) <= 0:
-        raise CheckpointError(f"max_shard_size {size!r} is not a size; use bytes or a string like '5GB' or '500MB'")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    """Bytes (>= 1) from an int or a string like '5GB' (10^9) or '4GiB' (2^30)."""
+    m = re.fullmatch(r"\s*(\d+\.?\d*|\.\d+)\s*([KMGT]?)(i?)B?\s*", size, flags=re.IGNORECASE) \
+        if isinstance(size, str) else None
+    if isinstance(size, int) and not isinstance(size, bool):
+        n_bytes = size
+    elif m is not None:
+        base = 1024 if m.group(3) else 1000
+        n_bytes = int(float(m.group(1)) * base ** "_KMGT".index(m.group(2).upper() or "_"))
+    else:
+        n_bytes = 0
+    if n_bytes < 1:
+        raise CheckpointError(f"max_shard_size {size!r} is not a positive size; use a number of bytes or a string "
+                              f"like '5GB' or '500MB'")
+    return n_bytes

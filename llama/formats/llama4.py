@@ -1,4 +1,4 @@
-"""Llama 4 text checkpoints: Hugging Face `Llama4ForCausalLM` and Meta's Llama 4 layout <-> `Transformer`.
+"""Llama 4 checkpoints: Hugging Face `Llama4ForCausalLM` / `Llama4ForConditionalGeneration` and Meta's Llama 4 layout.
 
 `llama.load` / `llama.save` (llama/formats/checkpoint.py) call `read_hf`, `read_meta`, `write_hf`, `write_meta` here when
 the folder or the model is a Llama 4 one; everything else (detection, building the model, atomic writes, stale
@@ -15,34 +15,42 @@ In memory (= `Transformer.state_dict()`): Meta's module names with unfused tenso
 Hugging Face (transformers 5.24 `modeling_llama4.py`): the same tensors under HF names, with the experts' gate
     and up matrices fused into `experts.gate_up_proj` [E, C, 2F] = [w1 | w3] on the last axis. q/k rows are NOT
     permuted: HF Llama 4 keeps Meta's interleaved (complex) RoPE. Multimodal folders (`Llama4ForConditionalGeneration`,
-    model_type "llama4") keep the text model under `language_model.`; their vision tensors are skipped.
+    model_type "llama4") keep the text model under `language_model.` and the vision encoder, adapter and projector
+    beside it; those are read and written by `llama/formats/llama4_vision.py` into a `Llama4Multimodal`.
 Meta (taken from llama-models' load hooks and HF's converter, not checked against a real download because
     none is available offline): per rank, `attention.wqkv.weight` = [wq_r; wk_r; wv_r] and dense
     `feed_forward.mlp.fc1_weight` = [w1_r; w3_r]; experts flattened, `moe_w_in_eD_F` [E·C, F/P] (w1),
     `moe_w_swiglu_eD_F` (w3), `moe_w_out_eF_D` [E·F/P, C] (w2); router transposed (`router_DE` [C, E]); norms renamed
     (`attention.wqkv.layer_norm_weight`, `feed_forward.norm.weight` in MoE layers,
     `feed_forward.mlp.layer_norm_weight` in dense layers). What those sources do not pin down, and this module therefore
-    does not handle: the vision encoder (dropped with a warning), KV heads repeated across ranks when P > Hkv (refused),
-    and quantized (fp8 / int4) Meta checkpoints.
+    does not handle: KV heads repeated across ranks when P > Hkv (refused), and quantized (fp8 / int4) Meta
+    checkpoints. Vision tensors keep their Meta names in memory (`llama4_vision.py` has their split dimensions).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config import PRESETS, ModelArgs, MoEArgs, RopeScaling, ffn_hidden_size, moe_hidden_size
-from .hf import max_seq_len_from_config, positions_config, rope_from_config, weight_files
-from .io import (CheckpointError, check_state_dict, iter_safetensors, read_json, torch_load_tensors,
-                 write_json, write_safetensors, write_torch)
-from .meta import shard_paths  # consolidated.NN.pth listing, shared with the dense reader
+from . import llama4_vision as vision
+from .hf import (CONFIG_BOOLS, CONFIG_INTS, CONFIG_REALS, max_seq_len_from_config, positions_config, rope_from_config,
+                 weight_files, write_safetensors_shards)
+from .io import (LLAMA4_FIELDS, CheckpointError, check_fields, check_state_dict, iter_safetensors, read_json,
+                 torch_load_tensors, write_json, write_torch)
+from .meta import PARAMS_INTS, PARAMS_REALS, shard_paths  # shared with the dense reader
 
-LLAMA4_FIELDS = ("moe_args", "nope_layer_interval", "use_qk_norm", "attention_chunk_size", "attn_temperature_tuning")
+# Llama 4's own numeric fields (checked for their type before anything reads them).
+HF_INTS = CONFIG_INTS + ("num_local_experts", "num_experts_per_tok", "interleave_moe_layer_step",
+                         "intermediate_size_mlp", "attention_chunk_size", "no_rope_layer_interval")
+HF_REALS = CONFIG_REALS + ("floor_scale", "attn_scale", "router_aux_loss_coef")
+HF_BOOLS = CONFIG_BOOLS + ("use_qk_norm", "attn_temperature_tuning")
+PARAMS_L4_INTS = PARAMS_INTS + ("nope_layer_interval", "attention_chunk_size")
+PARAMS_L4_REALS = PARAMS_REALS + ("ffn_exp", "floor_scale", "attn_scale")
 HF_MODEL_TYPES = ("llama4_text", "llama4")
 
 
@@ -159,9 +167,11 @@ def args_from_hf_config(config: dict, *, path) -> tuple[ModelArgs, str]:
 
 
 def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
-    prefix = ""
+    prefix, vision_args = "", None
     if config.get("model_type") == "llama4":  # multimodal: the text trunk lives in text_config / language_model.
+        vision_args = vision.args_from_hf(config, path=path)
         config, prefix = config.get("text_config") or {}, "language_model."
+    check_fields(config, path, ints=HF_INTS, reals=HF_REALS, bools=HF_BOOLS)
     if config.get("attention_bias") or config.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: attention biases or a non-SiLU activation are not Llama 4; cannot load")
     L = config.get("num_hidden_layers", 48)
@@ -189,14 +199,14 @@ def _args_from_hf_config(config: dict, path) -> tuple[ModelArgs, str]:
         attention_chunk_size=config.get("attention_chunk_size"), use_qk_norm=bool(config.get("use_qk_norm", True)),
         attn_temperature_tuning=bool(config.get("attn_temperature_tuning", True)),
         floor_scale=float(config.get("floor_scale", 8192)), attn_scale=float(config.get("attn_scale", 0.1)),
-        moe_args=moe, rope_complex64=True)
+        moe_args=moe, rope_complex64=True, vision_args=vision_args)
     return _with_preset_rule(args), prefix
 
 
 def _with_preset_rule(args: ModelArgs) -> ModelArgs:
     """Recover Meta's sizing rule (multiple_of, multiplier, ffn_exp) and name from a matching Llama 4 preset."""
     fields = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "moe_hidden_dim", "use_qk_norm",
-              "nope_layer_interval", "attention_chunk_size", "rope_scaling", "rope_theta")
+              "nope_layer_interval", "attention_chunk_size", "rope_scaling", "rope_theta", "vision_args")
     for name, preset in PRESETS.items():
         p = preset.args
         same = all(getattr(p, f) == getattr(args, f) for f in fields)
@@ -208,7 +218,18 @@ def _with_preset_rule(args: ModelArgs) -> ModelArgs:
 
 
 def hf_config_from_args(args: ModelArgs, dtype: torch.dtype) -> dict:
-    """A config.json that `Llama4ForCausalLM.from_pretrained` reads (transformers 5 field layout)."""
+    """A config.json that `Llama4ForCausalLM.from_pretrained` reads (transformers 5 field layout), or with
+    vision_args the `Llama4ForConditionalGeneration` one (the text config nested under text_config)."""
+    text = _hf_text_config(args, dtype)
+    if args.vision_args is None:
+        return text
+    v = args.vision_args
+    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": "llama4", "text_config": text,
+            "vision_config": vision.hf_config(v), "image_token_index": v.image_token_id,
+            "tie_word_embeddings": args.tie_word_embeddings, "dtype": text["dtype"]}
+
+
+def _hf_text_config(args: ModelArgs, dtype: torch.dtype) -> dict:
     scaling = args.rope_scaling.to_hf() if args.rope_scaling is not None else None
     moe = args.moe_args
     _require_shared_expert(args)
@@ -245,50 +266,35 @@ def read_hf(folder: Path) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     """(ModelArgs, our state dict) of a Llama4ForCausalLM / Llama4ForConditionalGeneration folder."""
     config_path = folder / "config.json"
     args, prefix = args_from_hf_config(read_json(config_path), path=config_path)
-    hf, skipped = {}, 0
+    hf, visual, outside = {}, {}, []
     for path in weight_files(folder):
         pairs = iter_safetensors(path) if path.suffix == ".safetensors" else torch_load_tensors(path).items()
         for key, tensor in pairs:
-            if not key.startswith(prefix):
-                skipped += 1  # vision_model.*, multi_modal_projector.*
-                continue
-            hf[key[len(prefix):]] = tensor
-    if skipped:
-        warnings.warn(f"{folder}: skipped {skipped} tensors outside the text model (vision encoder, projector)",
-                      stacklevel=3)
+            if key.startswith(prefix):
+                hf[key[len(prefix):]] = tensor
+            elif args.vision_args is not None and vision.from_hf(key) is not None:
+                visual[vision.from_hf(key)] = tensor  # vision_model.*, multi_modal_projector.*
+            else:
+                outside.append(key)  # named by the key check below
     sd, unknown = from_hf_state_dict(hf)
+    sd.update(visual)
+    unknown = [prefix + k for k in unknown] + outside
     if args.tie_word_embeddings and "output.weight" not in sd and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     check_state_dict(sd, args, config_file=str(config_path), weights=str(folder), extra_unexpected=tuple(unknown))
     return args, sd
 
 
-def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> list[Path]:
-    """model.safetensors (or shards + index, same names as the dense writer), then config.json last."""
-    hf = {k: v.contiguous() for k, v in to_hf_state_dict(sd).items()
+def write_hf(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, max_shard_size: int) -> None:
+    """model.safetensors (or shards + index, as the dense writer), then config.json."""
+    config = hf_config_from_args(args, next(iter(sd.values())).dtype)  # refuses what HF cannot hold, first
+    text = {k: v for k, v in sd.items() if not vision.is_vision_key(k)}
+    prefix = "language_model." if args.vision_args is not None else ""
+    hf = {prefix + k: v.contiguous() for k, v in to_hf_state_dict(text).items()
           if not (args.tie_word_embeddings and k == "lm_head.weight")}
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for key, tensor in hf.items():  # greedy fill in model order
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_size:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensor
-        size += nbytes
-    n = len(shards)
-    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-    written = []
-    for name, shard in zip(names, shards):
-        write_safetensors(folder / name, shard, metadata={"format": "pt"})
-        written.append(folder / name)
-    if n > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in hf.values())},
-                 "weight_map": {k: name for name, shard in zip(names, shards) for k in shard}}
-        write_json(folder / "model.safetensors.index.json", index)
-        written.append(folder / "model.safetensors.index.json")
-    write_json(folder / "config.json", hf_config_from_args(args, next(iter(sd.values())).dtype))
-    return written + [folder / "config.json"]
+    hf.update({k: v.contiguous() for k, v in vision.to_hf_state_dict(sd).items()})
+    write_safetensors_shards(hf, folder, max_shard_size)
+    write_json(folder / "config.json", config)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,12 +312,14 @@ _MOE_KEYS = ("num_experts", "capacity_factor", "auto_scale_F", "top_k", "interle
 def args_from_params(params: dict, *, path, max_seq_len: Optional[int] = None) -> ModelArgs:
     """ModelArgs of a Meta Llama 4 params.json ([LM4] `args.py` field names)."""
     try:
-        return _args_from_params(params.get("model", params), max_seq_len)
+        return _args_from_params(params.get("model", params), max_seq_len, path)
     except (TypeError, ValueError, KeyError) as e:
-        raise _config_error(path, e) from e
+        raise e if isinstance(e, CheckpointError) else _config_error(path, e) from e
 
 
-def _args_from_params(params: dict, max_seq_len: Optional[int]) -> ModelArgs:
+def _args_from_params(params: dict, max_seq_len: Optional[int], path) -> ModelArgs:
+    check_fields(params, path, ints=PARAMS_L4_INTS, reals=PARAMS_L4_REALS,
+                 bools=("use_scaled_rope", "use_qk_norm", "attn_temperature_tuning"))
     scaling = None
     if params.get("use_scaled_rope"):
         scaling = dataclasses.replace(_META_L4_SCALING, **{f: params[k] for f, k in _META_SCALING_KEYS.items()
@@ -328,7 +336,8 @@ def _args_from_params(params: dict, max_seq_len: Optional[int]) -> ModelArgs:
         floor_scale=float(params.get("floor_scale", 8192.0)), attn_scale=float(params.get("attn_scale", 0.1)),
         attention_chunk_size=params.get("attention_chunk_size"),
         moe_args=MoEArgs(**{k: moe[k] for k in _MOE_KEYS if k in moe}) if moe else None,
-        max_seq_len=max_seq_len or params.get("max_seq_len") or 131072, rope_complex64=True)
+        max_seq_len=max_seq_len or params.get("max_seq_len") or 131072, rope_complex64=True,
+        vision_args=vision.args_from_params(params["vision_args"], path=path) if params.get("vision_args") else None)
     if not (max_seq_len or params.get("max_seq_len")):
         preset = _with_preset_rule(args)
         if preset.name:
@@ -363,6 +372,8 @@ def params_from_args(args: ModelArgs) -> dict:
         params.update({k: getattr(args.rope_scaling, f) for f, k in _META_SCALING_KEYS.items()})
     if m is not None:
         params["moe_args"] = {k: getattr(m, k) for k in _MOE_KEYS}
+    if args.vision_args is not None:
+        params["vision_args"] = vision.params(args.vision_args)
     return params
 
 
@@ -372,7 +383,6 @@ def params_from_args(args: ModelArgs) -> dict:
 
 _IGNORED_META_RE = re.compile(r"(_extra_state|global_gate_stats_3E|running_gate_stats_3E|expert_activation_DE"
                    r"|^rope\.freqs)$")
-_VISION_RE = re.compile(r"^(vision_embeddings|vision_projection)\.")
 _SPLIT_DIM = {"attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0, "attention.wo.weight": 1,
               "feed_forward.w1.weight": 0, "feed_forward.w3.weight": 0, "feed_forward.w2.weight": 1,
               "feed_forward.experts.w1": 2, "feed_forward.experts.w3": 2, "feed_forward.experts.w2": 1,
@@ -422,6 +432,8 @@ def _unfuse_rank(shard: dict[str, torch.Tensor], args: ModelArgs, P: int) -> dic
 
 
 def _split_dim(key: str) -> Optional[int]:
+    if vision.is_vision_key(key):
+        return vision.split_dim(key)
     m = _OURS_LAYER_RE.match(key)
     return _SPLIT_DIM.get(m.group(2) if m else key)
 
@@ -448,6 +460,8 @@ def split_for_meta(sd: dict[str, torch.Tensor], args: ModelArgs, P: int) -> list
     bad = [f"{k}={v}" for k, v in sizes.items() if v % P]
     if bad:
         raise CheckpointError(f"cannot split into {P} model-parallel shards: {', '.join(bad)} not divisible by {P}")
+    if args.vision_args is not None:
+        vision.check_splittable(args.vision_args, P)
     shards: list[dict[str, torch.Tensor]] = [{} for _ in range(P)]
     for key, w in sd.items():
         dim = _split_dim(key)
@@ -489,28 +503,15 @@ def _fuse_rank(local: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, tor
 def read_meta(folder: Path, *, max_seq_len: Optional[int] = None) -> tuple[ModelArgs, dict[str, torch.Tensor]]:
     params_path = folder / "params.json"
     args = args_from_params(read_json(params_path), path=params_path, max_seq_len=max_seq_len)
-    shards, skipped = [], 0
-    for path in shard_paths(folder):
-        shard = {}
-        for k, v in torch_load_tensors(path).items():
-            if _VISION_RE.match(k):
-                skipped += 1
-            elif not _IGNORED_META_RE.search(k):
-                shard[k] = v
-        shards.append(shard)
-    if skipped:
-        warnings.warn(f"{folder}: skipped {skipped} vision tensors (this Transformer is the text trunk)", stacklevel=3)
-    sd = merge_meta_shards(shards, args)
+    shards = [{k: v for k, v in torch_load_tensors(path).items() if not _IGNORED_META_RE.search(k)}
+              for path in shard_paths(folder)]
+    sd = merge_meta_shards(shards, args)  # vision tensors (a multimodal params.json) keep Meta's names
     check_state_dict(sd, args, config_file=str(params_path), weights=str(folder))
     return args, sd
 
 
-def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> list[Path]:
+def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> None:
     params = params_from_args(args)
-    written = []
     for rank, shard in enumerate(split_for_meta(sd, args, num_shards)):
-        path = folder / f"consolidated.{rank:02d}.pth"
-        write_torch(path, shard)
-        written.append(path)
+        write_torch(folder / f"consolidated.{rank:02d}.pth", shard)
     write_json(folder / "params.json", params)
-    return written + [folder / "params.json"]

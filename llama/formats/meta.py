@@ -27,8 +27,9 @@ import torch
 
 from ..config import PRESETS, ModelArgs, RopeScaling, ffn_hidden_size
 from ..tokenizer import Tokenizer
-from .io import (LLAMA4_FIELDS, CheckpointError, read_json, require_dense, torch_load_tensors, write_json,
-                 write_torch)
+from ..checks import ConfigError
+from .io import (LLAMA4_FIELDS, CheckpointError, check_fields, field_error, read_json, require_dense,
+                 torch_load_tensors, write_json, write_torch)
 
 PARAMS_FILE = "params.json"
 SINGLE_FILE = "consolidated.pth"  # accepted by the HF converter for unsharded checkpoints
@@ -49,6 +50,13 @@ SCALING_KEYS = {"factor": "rope_scaling_factor", "high_freq_factor": "rope_high_
                 "original_max_position_embeddings": "rope_original_max_position_embeddings"}
 
 
+# Numeric fields of a params.json (checked for their type before anything reads them).
+PARAMS_INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "head_dim", "max_seq_len",
+               "rope_original_max_position_embeddings")
+PARAMS_REALS = ("ffn_dim_multiplier", "norm_eps", "rope_theta", "rope_scaling_factor", "rope_high_freq_factor",
+                "rope_low_freq_factor")
+
+
 def module_name(key: str) -> str:
     """'layers.3.attention.wq.weight' -> 'wq'; 'tok_embeddings.weight' -> 'tok_embeddings'."""
     return key.rsplit(".", 2)[-2]
@@ -58,34 +66,44 @@ def module_name(key: str) -> str:
 # params.json <-> ModelArgs
 
 
-def args_from_params(params: dict, *, path: Path, vocab_size: Optional[int] = None,
-                     max_seq_len: Optional[int] = None) -> ModelArgs:
-    """ModelArgs for a Meta params.json; `vocab_size` replaces a -1 entry (LLaMA 1 / 2 take it from the tokenizer)."""
+def check_params(params: dict, path: Path) -> dict:
+    """The fields of a dense params.json, checked before any weight is read; returns them unwrapped."""
     params = params.get("model", params)  # some releases wrap the fields in {"model": {...}}
     other = [k for k in ("moe_args", "nope_layer_interval", "vision_args", "vision_chunk_size") if k in params]
     if other:
-        raise CheckpointError(f"{path} describes a Llama 4 or Llama 3.2 Vision model ({other}); llama.load reads "
-                   f"the dense text generations (LLaMA 1 to Llama 3.3) only")
+        raise CheckpointError(f"{path} describes a Llama 4 or Llama 3.2 Vision model ({other}); this reader takes the "
+                   f"dense text generations (LLaMA 1 to Llama 3.3) only")
     for key in ("dim", "n_layers", "n_heads"):
         if key not in params:
             raise CheckpointError(f"{path} has no {key!r} field; it is not a Meta params.json (restore the original)")
+    check_fields(params, path, ints=PARAMS_INTS, reals=PARAMS_REALS, bools=("use_scaled_rope",),
+                 signed=("vocab_size",))  # LLaMA 1/2: -1, the tokenizer's size
+    return params
+
+
+def args_from_params(params: dict, *, path: Path, vocab_size: Optional[int] = None,
+                     max_seq_len: Optional[int] = None) -> ModelArgs:
+    """ModelArgs for a Meta params.json; `vocab_size` replaces a -1 entry (LLaMA 1 / 2 take it from the tokenizer)."""
+    params = check_params(params, path)
     vocab = params.get("vocab_size", -1)
     if vocab is None or vocab <= 0:
         if vocab_size is None:
             raise CheckpointError(f"{path} has vocab_size {vocab} and no tokenizer or weights tell the real size; "
                        f"put the model's tokenizer.model next to params.json")
         vocab = vocab_size
-    scaling = None
-    if params.get("use_scaled_rope", False):
-        scaling = dataclasses.replace(META_LLAMA3_SCALING, **{
-            field: float(params[key]) if field != "original_max_position_embeddings" else int(params[key])
-            for field, key in SCALING_KEYS.items() if key in params})
-    args = ModelArgs(
-        dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
-        n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
-        ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
-        rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling,
-        head_dim=params.get("head_dim"), max_seq_len=params.get("max_seq_len", 2048))
+    try:
+        scaling = None
+        if params.get("use_scaled_rope", False):
+            scaling = dataclasses.replace(META_LLAMA3_SCALING, **{
+                field: params[key] for field, key in SCALING_KEYS.items() if key in params})
+        args = ModelArgs(
+            dim=params["dim"], n_layers=params["n_layers"], n_heads=params["n_heads"],
+            n_kv_heads=params.get("n_kv_heads"), vocab_size=vocab, multiple_of=params.get("multiple_of", 256),
+            ffn_dim_multiplier=params.get("ffn_dim_multiplier"), norm_eps=params.get("norm_eps", 1e-5),
+            rope_theta=params.get("rope_theta", 10000.0), rope_scaling=scaling,
+            head_dim=params.get("head_dim"), max_seq_len=params.get("max_seq_len", 2048))
+    except ConfigError as e:
+        raise field_error(path, e, {f"RopeScaling.{f}": k for f, k in SCALING_KEYS.items()}) from None
     if scaling is not None and "rope_scaling_factor" not in params:
         args = _llama_3_2_factor(args)
     preset = match_preset(args, compare_context=False)
@@ -200,6 +218,7 @@ def read_meta(folder: Path, *, max_seq_len: Optional[int] = None) -> tuple[Model
     """(ModelArgs, merged state dict in Meta names) of a Meta checkpoint folder."""
     params_path = folder / PARAMS_FILE
     params = read_json(params_path)
+    check_params(params, params_path)
     paths = shard_paths(folder)
     shards = [{k: v for k, v in torch_load_tensors(p).items() if k not in IGNORED_KEYS} for p in paths]
     vocab = _vocab_size(folder, params, shards)
@@ -341,13 +360,9 @@ def split_state_dict(sd: dict[str, torch.Tensor], args: ModelArgs, num_shards: i
     return shards
 
 
-def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> list[Path]:
-    """Write consolidated.NN.pth shards, then params.json last (its presence marks a complete folder)."""
+def write_meta(args: ModelArgs, sd: dict[str, torch.Tensor], folder: Path, num_shards: int) -> None:
+    """Write consolidated.NN.pth shards, then params.json."""
     params = params_from_args(args)
-    written = []
     for rank, shard in enumerate(split_state_dict(sd, args, num_shards)):
-        path = folder / f"consolidated.{rank:02d}.pth"
-        write_torch(path, shard)
-        written.append(path)
+        write_torch(folder / f"consolidated.{rank:02d}.pth", shard)
     write_json(folder / PARAMS_FILE, params)
-    return written + [folder / PARAMS_FILE]

@@ -3,7 +3,8 @@
 A checkpoint is a directory `checkpoints/step-NNNNNNNN/` holding
 
     trainable.safetensors   every trainable parameter: the whole model for full fine-tuning, the adapter otherwise
-    state.pt                optimizer state, LR-schedule state, global step, data position, every rank's RNG states
+    state.pt                optimizer state, LR-schedule state, global step, data position, every rank's RNG states,
+                            and the run's totals so far (tokens, training time)
     meta.json               what the run was (model shape, method, data size, batch size, seed) and the tensor list
 
 and a pointer file `checkpoints/latest` naming the newest complete one.
@@ -33,36 +34,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+from llama.formats.io import atomic_write_bytes, fsync_dir, fsync_file
+
 POINTER = "latest"
-
-
-# =====================================================================================================================
-# Atomic file primitives
-# =====================================================================================================================
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Temporary file in the same directory, fsync, os.replace, fsync of the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def check_writable(out_dir: Path) -> None:
@@ -122,7 +96,7 @@ def _full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dic
 
 
 def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, schedule,
-         meta: dict, ctx, keep: int = 2, data_position: int = 0) -> Optional[Path]:
+         meta: dict, ctx, keep: int = 2, data_position: int = 0, totals: Optional[dict] = None) -> Optional[Path]:
     """Write checkpoint `step` (all ranks call this; rank 0 writes). Returns its directory on rank 0."""
     model_sd, optim_sd = _full_state(model, optimizer)
     rng = ctx.all_gather(_rng_state())
@@ -139,17 +113,17 @@ def save(ckpt_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Opt
         tmp.mkdir()
         save_file(model_sd, str(tmp / "trainable.safetensors"))
         torch.save({"step": step, "data_position": data_position, "optimizer": optim_sd,
-                    "schedule": schedule.state_dict(), "rng": rng}, tmp / "state.pt")
+                    "schedule": schedule.state_dict(), "rng": rng, "totals": dict(totals or {})}, tmp / "state.pt")
         (tmp / "meta.json").write_text(json.dumps({"step": step, "meta": meta, "parameters": _describe(model)},
                                                   indent=1, default=str))
         for name in ("trainable.safetensors", "state.pt", "meta.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+            fsync_file(tmp / name)
+        fsync_dir(tmp)
         if final.exists():  # a leftover of a run killed between this rename and the pointer update; never `latest`
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)
-        write_bytes_atomic(ckpt_dir / POINTER, final.name.encode())  # the commit point
+        fsync_dir(ckpt_dir)
+        atomic_write_bytes(ckpt_dir / POINTER, final.name.encode())  # the commit point
         _prune(ckpt_dir, keep)
     ctx.barrier()
     return final
@@ -189,7 +163,10 @@ def _check_compatible(path: Path, model: nn.Module, meta: dict) -> None:
     problems = []
     for key in sorted(set(saved["meta"]) | set(meta)):
         a, b = saved["meta"].get(key), json.loads(json.dumps(meta.get(key), default=str))
-        if a != b:
+        if a != b and isinstance(a, dict) and isinstance(b, dict):  # name the keys that differ, not the whole dict
+            problems += [f"{key}.{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}"
+                         for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        elif a != b:
             problems.append(f"{key}: checkpoint {a!r} vs now {b!r}")
     now = json.loads(json.dumps(_describe(model)))
     if saved["parameters"] != now:
@@ -198,22 +175,23 @@ def _check_compatible(path: Path, model: nn.Module, meta: dict) -> None:
         problems.append(f"parameters differ (only in one side: {missing[:3]}; different shape/dtype/trainability: "
                         f"{differ[:3]})")
     if problems:
-        raise ValueError(f"checkpoint {path} was written by a different run and cannot be resumed here:\n  "
-                         + "\n  ".join(problems) + "\nuse the same model, method and data settings, or start a "
-                         "fresh run in another train.out_dir")
+        raise ValueError(f"checkpoint {path} was written with different settings, so resuming would not continue "
+                         f"that run: {'; '.join(problems)}; resume with the run's own settings (scripts/train.py "
+                         f"--resume DIR reads them from DIR/config.toml) or start a fresh run in another out_dir")
 
 
-def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, meta: dict, ctx) -> int:
-    """Restore everything `save` wrote (on every rank) and return the global step to continue from."""
+def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedule, meta: dict, ctx
+         ) -> tuple[int, dict]:
+    """Restore everything `save` wrote (on every rank); return the global step to continue from and the totals."""
     _check_compatible(path, model, meta)
     state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, load_file(str(path / "trainable.safetensors")), options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
-    schedule.load_state_dict(state["schedule"])
     rng = state["rng"]
     if len(rng) != ctx.world_size:
         raise ValueError(f"checkpoint {path} was written by {len(rng)} processes; resume it with the same number "
                          f"(torchrun --nproc_per_node {len(rng)}) so every rank's random state is restored")
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, load_file(str(path / "trainable.safetensors")), options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"], options=options)
+    schedule.load_state_dict(state["schedule"])
     _set_rng_state(rng[ctx.rank])
-    return int(state["step"])
+    return int(state["step"]), dict(state.get("totals", {}))

@@ -4,7 +4,7 @@ Shapes: B batch (rows), T sequence length (positions per row).
 
 Sections, in the order a run uses them:
   1. a pre-training corpus that needs no download: the docstrings of the Python standard library, read at run time;
-  2. a SentencePiece BPE tokenizer trained on that corpus at first use and cached;
+  2. tokenizers: a SentencePiece BPE trained on that corpus at first use and cached, or plain UTF-8 bytes;
   3. synthetic instruction tasks defined in code (reverse, sort, add, recall), scored by exact match, with a
      held-out evaluation split;
   4. user data: a plain-text file (pre-training) or a JSONL file of {"prompt", "response"} objects (SFT);
@@ -29,7 +29,7 @@ import random
 import re
 import sys
 import sysconfig
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -37,8 +37,8 @@ import sentencepiece
 import torch
 
 import llama
+from llama.formats.io import atomic_write_bytes
 
-from .checkpointing import write_bytes_atomic
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: positions with this target add nothing to the loss
 
@@ -103,7 +103,7 @@ def builtin_corpus(cache: Optional[str | os.PathLike] = None, max_chars: int = 4
     if not docs:
         raise RuntimeError(f"no docstrings found under {sysconfig.get_paths()['stdlib']}; this Python ships without "
                            f"its standard-library sources: pass your own corpus with a text file (data.path=...)")
-    write_bytes_atomic(path, json.dumps(docs).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(docs).encode("utf-8"))
     return docs
 
 
@@ -144,8 +144,53 @@ def builtin_tokenizer(cache: Optional[str | os.PathLike] = None, vocab_size: int
     digest = hashlib.sha256("\x00".join(documents).encode("utf-8")).hexdigest()[:16]
     path = cache_dir(cache) / f"tokenizer-bpe{vocab_size}-{digest}.model"
     if not path.exists():
-        write_bytes_atomic(path, train_tokenizer(documents, vocab_size))
+        atomic_write_bytes(path, train_tokenizer(documents, vocab_size))
     return llama.Tokenizer(path)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids: 256 ids, the vocabulary of the `tiny-*` presets; no file, nothing to train.
+
+    The three special ids are ASCII's own control codes for the job, which text never needs: NUL (0) pads, STX
+    (start of text, 2) is bos, ETX (end of text, 3) is eos. Text that contains one of them is refused rather than
+    silently read as a special token. The same interface as `llama.Tokenizer` (encode, decode, n_words, bos_id,
+    eos_id, pad_id, stop_tokens); `path` is None.
+    """
+
+    kind = "bytes"
+    path = None
+    n_words = vocab_size = 256
+    pad_id, bos_id, eos_id = 0, 2, 3
+    stop_tokens = (3,)
+
+    def encode(self, s: str, *, bos: bool, eos: bool, **_) -> list[int]:
+        ids = list(s.encode("utf-8"))
+        for special in (self.pad_id, self.bos_id, self.eos_id):
+            if special in ids:
+                raise ValueError(f"text contains the control byte {special:#04x} at character {ids.index(special)}, "
+                                 f"which the byte tokenizer reserves (pad NUL, bos STX, eos ETX); remove it")
+        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of the byte ids (special ids dropped; a cut multi-byte character becomes U+FFFD)."""
+        bad = [t for t in ids if not 0 <= t < 256]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the byte tokenizer's vocabulary [0, 256)")
+        specials = (self.pad_id, self.bos_id, self.eos_id)
+        return bytes(t for t in ids if t not in specials).decode("utf-8", errors="replace")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer(n_words=256, pad_id=0, bos_id=2, eos_id=3)"
+
+
+def load_tokenizer(spec: Optional[str | os.PathLike], cache: Optional[str | os.PathLike] = None,
+                   vocab_size: int = 1024, corpus_chars: int = 4_000_000):
+    """The tokenizer a config names: "bytes" (ByteTokenizer), a tokenizer file, or None (the built-in BPE)."""
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec:
+        return llama.Tokenizer(spec)
+    return builtin_tokenizer(cache, vocab_size, builtin_corpus(cache, corpus_chars))
 
 
 # =====================================================================================================================
@@ -417,6 +462,9 @@ class Row:
     tokens: list[int]
     targets: list[int]
     segments: Optional[list[int]] = None  # None: a single sequence (plain causal attention)
+    # extra model inputs of this row (a multimodal model's image tensors, e.g. pixel_values [I, Tt, C, P, P]);
+    # collate stacks them along a new batch axis, so every row of a batch must give the same names and shapes
+    inputs: Optional[dict[str, torch.Tensor]] = None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -458,6 +506,7 @@ class Batch:
     targets: torch.Tensor  # [B, T] long, IGNORE_INDEX where there is no loss
     segment_ids: Optional[torch.Tensor]  # [B, T] long, or None when no row is packed
     n_tokens: int  # real (non-padding) input tokens, for tokens/s
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # extra model inputs, stacked per row: [B, ...]
 
     @property
     def n_targets(self) -> int:
@@ -465,7 +514,8 @@ class Batch:
 
     def to(self, device) -> "Batch":
         seg = None if self.segment_ids is None else self.segment_ids.to(device)
-        return Batch(self.tokens.to(device), self.targets.to(device), seg, self.n_tokens)
+        return Batch(self.tokens.to(device), self.targets.to(device), seg, self.n_tokens,
+                     {k: v.to(device) for k, v in self.inputs.items()})
 
 
 def collate(rows: Sequence[Row], pad_id: int, length: Optional[int] = None) -> Batch:
@@ -484,7 +534,11 @@ def collate(rows: Sequence[Row], pad_id: int, length: Optional[int] = None) -> B
             segs = r.segments if r.segments is not None else [0] * n
             segment_ids[i, :n] = torch.tensor(segs)
             segment_ids[i, n:] = (segs[-1] + 1) if segs else 0  # [B, T]: padding is one more segment
-    return Batch(tokens, targets, segment_ids, sum(len(r) for r in rows))
+    names = {tuple(sorted(r.inputs or {})) for r in rows}
+    if len(names) > 1:
+        raise ValueError(f"rows of one batch give different extra inputs {sorted(names)}; give every row the same")
+    inputs = {k: torch.stack([r.inputs[k] for r in rows]) for k in (rows[0].inputs or {})}
+    return Batch(tokens, targets, segment_ids, sum(len(r) for r in rows), inputs)
 
 
 class RowOrder:

@@ -14,6 +14,11 @@ Dividing every micro-batch's *sum* by the step's global token count N makes k mi
 exactly the gradient of one batch of k·b rows, even when micro-batches hold different numbers of target tokens
 (the mean-of-means bug: torchtune PR #1875, transformers PR #34191).
 
+Other objectives plug in through `Objective` (how to batch rows, what to count, what to sum): the reward model's
+pairwise loss and DPO (`peft.training.reward_model`, `peft.training.dpo`) count preference pairs, and DPO's NLL
+term counts chosen tokens. Each kind of count k gets its own step-global N_k, and the step minimises
+Σ_k (Σ over the step of the k-terms) / N_k, so the accumulation identity above holds for every objective.
+
 Multi-process runs (`torchrun --nproc_per_node N`) shard every transformer block and then the root with FSDP2
 (`torch.distributed.fsdp.fully_shard`). FSDP averages gradients over ranks, so each rank's loss is multiplied by the
 world size to keep the "sum / global N" normalisation. Only rank 0 writes files, logs and shows the progress bar.
@@ -27,8 +32,8 @@ import os
 import random
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -39,6 +44,8 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
+
+from llama.formats.io import atomic_write_bytes
 
 from . import checkpointing
 from .data import IGNORE_INDEX, Batch, Row, RowOrder, collate
@@ -52,7 +59,8 @@ class TrainConfig:
 
     steps: int = 100
     batch_size: int = 16  # rows per optimizer step, all micro-batches and ranks together
-    micro_batch_size: int = 16  # rows per forward pass on one rank (the knob that sets activation memory)
+    micro_batch_size: Optional[int] = None  # rows per forward pass on one rank (the knob that sets activation
+    #                                         memory); None: batch_size / world_size, one micro-batch per rank
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # the cosine decays from lr to lr·min_lr_ratio
     warmup_steps: int = 10
@@ -73,8 +81,11 @@ class TrainConfig:
 
     def __post_init__(self):
         for key in ("steps", "batch_size", "micro_batch_size", "log_every", "keep_checkpoints"):
-            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
-                raise ValueError(f"train.{key} must be a positive integer, got {getattr(self, key)!r}")
+            value = getattr(self, key)
+            if key == "micro_batch_size" and value is None:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"train.{key} must be a positive integer, got {value!r}")
         for key in ("warmup_steps", "eval_every", "save_every"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 0:
                 raise ValueError(f"train.{key} must be a non-negative integer, got {getattr(self, key)!r}")
@@ -190,38 +201,100 @@ def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [B, T, V] and the model's weighted auxiliary loss (0 for dense models).
 
+    The rows' extra inputs (`Row.inputs`, e.g. a multimodal model's pixel_values) go in as keyword arguments.
+
     Llama 4 mixture-of-experts models report their Switch load-balancing and ST-MoE router z-losses of the last
     forward through `Transformer.aux_loss()`, already multiplied by the coefficients in `args.moe_args`.
     """
-    kwargs = {} if batch.segment_ids is None else {"segment_ids": batch.segment_ids}
+    kwargs = dict(batch.inputs) if batch.segment_ids is None else {"segment_ids": batch.segment_ids, **batch.inputs}
     logits = model(batch.tokens, **kwargs)
     aux_loss = getattr(model, "aux_loss", None)
     aux = aux_loss() if aux_loss is not None else logits.new_zeros(())
     return logits, aux
 
 
-def accumulate_gradients(model: nn.Module, micro: Sequence[Batch], n_global: float, world_size: int = 1,
-                         autocast=None) -> tuple[float, bool]:
-    """Forward/backward every micro-batch of one optimizer step; returns (Σ CE over this rank, logits finite).
+@dataclass
+class Terms:
+    """One micro-batch's contribution to a step, as sums over its items, keyed by the kind of item they are counted
+    in ("tokens", "pairs"): the loop divides each sum by the step's global count of that kind."""
 
-    Each micro-batch contributes Σ_t CE_t / N with N the step's global target count, so after the last backward the
-    gradient is that of the token mean over the whole step, however the rows were split (× world_size: FSDP
-    averages over ranks). MoE auxiliary losses are per-token averages; weighting them by the micro-batch's share of
-    the targets keeps them token-weighted over the step as well.
+    objective: dict[str, torch.Tensor]  # differentiated: the step minimises Σ_k Σ_step objective[k] / N_k
+    loss: dict[str, float]  # what is logged as "loss" (for next-token training: the CE without auxiliary terms)
+    metrics: dict[str, tuple[float, str]] = field(default_factory=dict)  # name -> (sum, kind): logged as Σ / N_kind
+    logits_finite: bool = True
+
+
+class Objective:
+    """What one optimizer step minimises. `collate` turns rows into a micro-batch (with `.to(device)` and
+    `.n_tokens`), `counts` says how many items of each kind it holds, `__call__` runs the model on it."""
+
+    def collate(self, rows: Sequence) -> Batch:
+        raise NotImplementedError
+
+    def counts(self, batch) -> dict[str, int]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, batch) -> Terms:
+        raise NotImplementedError
+
+
+class NextTokenLoss(Objective):
+    """Cross-entropy of the targets (pre-training, SFT): Σ_t CE_t / N_tokens, plus the MoE auxiliary losses
+    weighted by each micro-batch's share of the targets (they are per-token averages)."""
+
+    def __init__(self, pad_id: int, length: Optional[int] = None):
+        self.pad_id, self.length = pad_id, length
+
+    def collate(self, rows: Sequence[Row]) -> Batch:
+        return collate(rows, self.pad_id, self.length)
+
+    def counts(self, batch: Batch) -> dict[str, int]:
+        return {"tokens": batch.n_targets}
+
+    def __call__(self, model: nn.Module, batch: Batch) -> Terms:
+        logits, aux = forward(model, batch)
+        ce = token_loss_sum(logits, batch.targets)
+        return Terms({"tokens": ce + aux * batch.n_targets}, {"tokens": float(ce.detach())},
+                     logits_finite=bool(torch.isfinite(logits.detach()).all()))
+
+
+def accumulate_gradients(model: nn.Module, micro: Sequence, n_global: dict[str, float] | float, world_size: int = 1,
+                         autocast=None, objective: Optional[Objective] = None) -> tuple[float, dict, bool]:
+    """Forward/backward every micro-batch of one optimizer step; returns (loss, metrics, logits finite), this
+    rank's shares (sum them over ranks for the step's values).
+
+    n_global: the step's global count of each kind of item (a number: target tokens). Each micro-batch contributes
+    Σ terms_k / N_k, so after the last backward the gradient is that of the per-item mean over the whole step,
+    however the rows were split (× world_size: FSDP averages over ranks). The default objective is next-token
+    cross-entropy on batches from `data.collate`.
     """
-    loss_sum, logits_finite = 0.0, True
+    objective = objective or NextTokenLoss(pad_id=0)
+    counts = n_global if isinstance(n_global, dict) else {"tokens": n_global}
+    loss, metrics, logits_finite = 0.0, {}, True
     for batch in micro:
         with autocast or nullcontext():
-            logits, aux = forward(model, batch)
-        ce = token_loss_sum(logits, batch.targets)
-        objective = (ce + aux * batch.n_targets) / n_global * world_size
-        objective.backward()
-        loss_sum += float(ce.detach())
-        logits_finite = logits_finite and bool(torch.isfinite(logits.detach()).all())
-    return loss_sum, logits_finite
+            terms = objective(model, batch)
+        value = sum(total / counts[kind] for kind, total in terms.objective.items())
+        (value * world_size).backward()
+        loss += sum(total / counts[kind] for kind, total in terms.loss.items())
+        for name, (total, kind) in terms.metrics.items():
+            metrics[name] = metrics.get(name, 0.0) + total / counts[kind]
+        logits_finite = logits_finite and terms.logits_finite
+    return loss, metrics, logits_finite
 
 
-@torch.no_grad()
+@contextmanager
+def evaluating(model: nn.Module):
+    """No gradients and eval mode (LoRA dropout off) inside the block; the model's mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
+
+
 def evaluate_loss(model: nn.Module, rows: Sequence[Row], micro_batch_size: int, pad_id: int,
                   length: Optional[int] = None, device=None) -> float:
     """Token-weighted mean cross-entropy over `rows`.
@@ -229,15 +302,13 @@ def evaluate_loss(model: nn.Module, rows: Sequence[Row], micro_batch_size: int, 
     Under FSDP every rank evaluates all rows: each forward pass is a collective (parameter all-gather), so all ranks
     must run the same number of them, and held-out sets are small.
     """
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), micro_batch_size):
-        batch = collate(rows[i:i + micro_batch_size], pad_id, length).to(device or _device(model))
-        logits, _ = forward(model, batch)
-        total += float(token_loss_sum(logits, batch.targets))
-        count += batch.n_targets
-    model.train(was_training)
+    with evaluating(model):
+        for i in range(0, len(rows), micro_batch_size):
+            batch = collate(rows[i:i + micro_batch_size], pad_id, length).to(device or _device(model))
+            logits, _ = forward(model, batch)
+            total += float(token_loss_sum(logits, batch.targets))
+            count += batch.n_targets
     return total / max(count, 1)
 
 
@@ -268,9 +339,9 @@ class MetricsLog:
     def _rewrite(self) -> None:
         if self.jsonl is None:
             return
-        checkpointing.write_bytes_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())
+        atomic_write_bytes(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records).encode())
         lines = [",".join(CSV_FIELDS)] + [self._csv_line(r) for r in self.records]
-        checkpointing.write_bytes_atomic(self.csv, ("\n".join(lines) + "\n").encode())
+        atomic_write_bytes(self.csv, ("\n".join(lines) + "\n").encode())
 
     @staticmethod
     def _csv_line(r: dict) -> str:
@@ -323,45 +394,71 @@ def _diagnose(model: nn.Module, logits_finite: bool, loss_finite: bool, grad_nor
             f"train.precision=fp32")
 
 
-def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: int, length: Optional[int] = None,
+# TrainConfig fields a resumed run must keep: everything that changes the numbers (the others only change memory,
+# logging and checkpointing: micro_batch_size, log_every, eval_every, save_every, keep_checkpoints, progress)
+RESUME_FIXED = ("steps", "batch_size", "lr", "min_lr_ratio", "warmup_steps", "weight_decay", "beta1", "beta2", "eps",
+                "grad_clip", "precision", "seed")
+
+
+def split_batch(cfg: TrainConfig, world_size: int) -> tuple[int, int]:
+    """(rows per rank, rows per micro-batch) of one optimizer step; a batch that does not split is an error."""
+    per_rank, rem = divmod(cfg.batch_size, world_size)
+    if rem or per_rank == 0:
+        raise ValueError(f"train.batch_size={cfg.batch_size} does not split over {world_size} processes; make it a "
+                         f"multiple of {world_size} (or run {_divisors(cfg.batch_size)} processes)")
+    micro = cfg.micro_batch_size or per_rank
+    if per_rank % micro:
+        raise ValueError(f"train.batch_size={cfg.batch_size} over {world_size} process(es) gives {per_rank} rows per "
+                         f"rank, not a whole number of micro_batch_size={micro}; make batch_size a multiple of "
+                         f"{world_size * micro}, or leave micro_batch_size unset (one micro-batch per rank)")
+    return per_rank, micro
+
+
+def _divisors(n: int) -> str:
+    return " or ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def train(model: nn.Module, rows: Sequence, cfg: TrainConfig, *, pad_id: Optional[int] = None,
+          length: Optional[int] = None, objective: Optional[Objective] = None,
           eval_rows: Optional[Sequence[Row]] = None, evaluators: Sequence[Callable[[nn.Module], dict]] = (),
           callbacks: Sequence[Callable[[int, dict], None]] = (), meta: Optional[dict] = None,
-          ctx: Optional[Dist] = None) -> TrainResult:
+          ctx: Optional[Dist] = None, desc: str = "train") -> TrainResult:
     """Train `model` (its requires_grad parameters) on `rows` for `cfg.steps` optimizer steps.
 
+    objective: what a step minimises (default: next-token cross-entropy of `data.Row`s padded with `pad_id`);
+        rows are whatever it collates (preference pairs for the reward model and DPO).
     length: pad every micro-batch to this many positions (packed rows); None pads to the longest row.
     eval_rows: held-out rows for the eval loss; evaluators: extra metrics (e.g. exact match), called at eval steps.
     callbacks(step, record): called on every rank after each logged step (tests use one to kill the process).
     meta: what a checkpoint must match on resume (model shape, method, data); stored in every checkpoint.
     """
+    if objective is None:
+        if pad_id is None:
+            raise ValueError("train() needs pad_id for next-token training (or an objective that collates its rows)")
+        objective = NextTokenLoss(pad_id, length)
     ctx = ctx or init_distributed()
-    per_rank, rem = divmod(cfg.batch_size, ctx.world_size)
-    if rem or per_rank % cfg.micro_batch_size:
-        raise ValueError(f"train.batch_size={cfg.batch_size} does not fit world_size={ctx.world_size} × "
-                         f"micro_batch_size={cfg.micro_batch_size}: each rank needs a whole number of micro-batches; "
-                         f"make batch_size a multiple of {ctx.world_size * cfg.micro_batch_size} or change the number "
-                         f"of processes")
-    accum = per_rank // cfg.micro_batch_size
+    per_rank, micro_size = split_batch(cfg, ctx.world_size)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else None
     if out_dir is not None and ctx.is_main:
         checkpointing.check_writable(out_dir)
     ckpt_dir = out_dir / "checkpoints" if out_dir else None
     meta = dict(meta or {})
-    # what a resumed run must share with the checkpoint (steps too: the LR schedule's length is part of its state)
-    meta.update(n_rows=len(rows), batch_size=cfg.batch_size, seed=cfg.seed, steps=cfg.steps)
+    # what a resumed run must share with the checkpoint: the data, and every setting of the optimisation (steps too:
+    # the LR schedule's length is part of its state); micro_batch_size and the bookkeeping keys may change
+    meta.update(n_rows=len(rows), **{key: getattr(cfg, key) for key in RESUME_FIXED})
 
     if ctx.world_size > 1:
         shard_model(model)
     device = _device(model)
     optimizer, schedule = build_optimizer(model, cfg)
-    start_step = 0
+    start_step, totals = 0, {}
     if ckpt_dir is not None:
         found = checkpointing.latest(ckpt_dir)
         if cfg.resume:
             if found is None:
                 raise ValueError(f"train.resume=true but {ckpt_dir} holds no checkpoint; start without resume or point "
                                  f"train.out_dir at the run to continue")
-            start_step = checkpointing.load(found, model, optimizer, schedule, meta, ctx)
+            start_step, totals = checkpointing.load(found, model, optimizer, schedule, meta, ctx)
         elif found is not None:
             raise ValueError(f"{out_dir} already holds checkpoints of a run (newest: {found.name}); pass "
                              f"train.resume=true to continue it, or choose a fresh train.out_dir")
@@ -371,23 +468,29 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
                 else nullcontext())
     bar = None
     if cfg.progress and ctx.is_main:
-        bar = tqdm(total=cfg.steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.steps, initial=start_step, desc=desc, dynamic_ncols=True, file=sys.stderr)
 
     model.train()
-    train_time, tokens_seen = 0.0, 0
+    # totals over the whole run, including the steps before a resume (stored in every checkpoint)
+    train_time, tokens_seen = totals.get("train_time_s", 0.0), totals.get("tokens", 0)
     trainable = [p for p in model.parameters() if p.requires_grad]
     for step in range(start_step, cfg.steps):
         t0 = time.perf_counter()
         # -- the rows of this step, this rank's share, and the global number of target tokens N ------------------
         step_rows = order.take(step * cfg.batch_size, cfg.batch_size)
         mine = step_rows[ctx.rank * per_rank:(ctx.rank + 1) * per_rank]
-        micro = [collate([rows[i] for i in mine[j:j + cfg.micro_batch_size]], pad_id, length).to(device)
-                 for j in range(0, per_rank, cfg.micro_batch_size)]
-        n_global = ctx.all_sum(sum(b.n_targets for b in micro))
-        if n_global == 0:
-            raise ValueError(f"step {step}: no target token in the whole batch; every row is masked (check the data)")
-        loss_sum, logits_finite = accumulate_gradients(model, micro, n_global, ctx.world_size, autocast)
-        loss = ctx.all_sum(loss_sum) / n_global
+        micro = [objective.collate([rows[i] for i in mine[j:j + micro_size]]).to(device)
+                 for j in range(0, per_rank, micro_size)]
+        n_global = {kind: ctx.all_sum(sum(objective.counts(b)[kind] for b in micro))
+                    for kind in objective.counts(micro[0])}
+        empty = [kind for kind, n in n_global.items() if n == 0]
+        if empty:
+            raise ValueError(f"step {step}: no target token (count '{empty[0]}') in the whole batch; every row is "
+                             f"masked (check the data)")
+        loss, metrics, logits_finite = accumulate_gradients(model, micro, n_global, ctx.world_size, autocast,
+                                                            objective)
+        loss = ctx.all_sum(loss)
+        metrics = {name: ctx.all_sum(value) for name, value in metrics.items()}
         # -- clip, guard against NaN/inf, update -------------------------------------------------------------------
         grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         grad_norm = float(_full(grad_norm))
@@ -407,12 +510,11 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
         done = step + 1
         # -- log, evaluate, checkpoint -----------------------------------------------------------------------------
         record = dict(step=done, loss=loss, lr=lr, grad_norm=grad_norm, tokens=n_tokens,
-                      tokens_per_s=n_tokens / dt, step_time_s=dt, elapsed_s=train_time)
+                      tokens_per_s=n_tokens / dt, step_time_s=dt, elapsed_s=train_time, **metrics)
         is_eval = (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps
         if is_eval and (eval_rows or evaluators):
             if eval_rows:
-                record["eval_loss"] = evaluate_loss(model, list(eval_rows), cfg.micro_batch_size, pad_id, length,
-                                                    device)
+                record["eval_loss"] = evaluate_loss(model, list(eval_rows), micro_size, pad_id, length, device)
             for fn in evaluators:
                 record.update(fn(model))
             model.train()
@@ -425,7 +527,8 @@ def train(model: nn.Module, rows: Sequence[Row], cfg: TrainConfig, *, pad_id: in
             bar.update(1)
         if ckpt_dir is not None and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
             checkpointing.save(ckpt_dir, done, model, optimizer, schedule, meta, ctx, keep=cfg.keep_checkpoints,
-                               data_position=done * cfg.batch_size)
+                               data_position=done * cfg.batch_size,
+                               totals={"tokens": tokens_seen, "train_time_s": train_time})
     if bar is not None:
         bar.close()
     return TrainResult(log.records, cfg.steps, train_time, tokens_seen, start_step or None)

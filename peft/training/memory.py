@@ -46,12 +46,11 @@ from ..adapter_v1 import AdapterV1Config
 from ..adapter_v2 import AdapterV2Config
 from ..api import apply
 from ..excitor import ExcitorConfig
-from ..lora import LoraConfig
-from ..lora_experts import MATRICES, iter_experts
+from ..lora_core import LoraConfig
+from ..targets import BLOCK_LINEARS, EXPERT_MATRICES, iter_experts
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 NF4_DQ_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA §3: 4-bit codes, 8-bit block constants (64), fp32 (256 × 64)
-BLOCK_LINEARS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 ESTIMATE_METHODS = ("full", "lora", "qlora", "adapter_v1", "adapter_v2", "excitor")
 
 
@@ -95,7 +94,8 @@ def parameter_counts(args, method: str, config=None) -> tuple[int, int, int]:
         if getattr(config, "quantize_base", False):  # block linears, and Llama 4's routed experts (peft.qlora_experts)
             quantized = sum(m.weight.numel() for layer in model.layers for n, m in layer.named_modules()
                             if n.split(".")[-1] in BLOCK_LINEARS)
-            quantized += sum(getattr(experts, w).numel() for _, _, experts in iter_experts(model) for w in MATRICES)
+            quantized += sum(getattr(experts, w).numel() for _, _, experts in iter_experts(model)
+                             for w in EXPERT_MATRICES)
             config = dataclasses.replace(config, quantize_base=False)  # the NF4 packing itself needs real data
         apply(model, config)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,217 +1,61 @@
 """A run from a config: which model, which data, which method, how to train — resolved, validated, executed.
 
-Scripts stay thin: `scripts/train.py` parses `--config FILE --section.key=value …` into a `RunConfig` and calls
-`run()`; the ablation builds `RunConfig`s in code and calls the same `run()`.
+Scripts stay thin: `scripts/train.py` parses `--config FILE --section.key=value …` into a `RunConfig`
+(`peft.training.config`) and calls `run()`; the ablation builds `RunConfig`s in code and calls the same `run()`.
 
-Config file format: TOML, one table per section (see `configs/`):
+A run with train.out_dir set writes one folder with a fixed layout:
 
-    [model]   preset, optional checkpoint folder (llama.load) and shape overrides
-    [data]    source = "task" | "jsonl" (SFT) or "corpus" | "text" (pre-training), sequence length, packing
-    [method]  name = "full" | "lora" | "qlora" | "adapter_v1" | "adapter_v2" | "excitor"; every other key is passed
-              to that method's config class (peft.LoraConfig, …) and checked against its fields
-    [train]   peft.training.TrainConfig
-    [eval]    exact-match generation settings
+    config.toml     the resolved config (written first; `--config` reads it back and reproduces the run)
+    metrics.jsonl   one record per logged step (metrics.csv: the same as a table)
+    checkpoints/    crash-safe training checkpoints (peft.training.checkpointing); `latest` names the newest
+    resumes.jsonl   one line per resume: the step it continued from and the bookkeeping keys it changed
+    final/          config.toml, tokenizer.model (unless the byte tokenizer), and model/ (full fine-tuning or
+                    pre-training: an HF folder) or adapter.safetensors (PEFT: the trainable tensors only)
+    results.json    written last: the run's summary. Its presence marks a finished run, which is never rewritten.
 
-Unknown sections and keys are errors that name the closest valid key.
+Everything that can be checked is checked before step 1: the folder (writable; no checkpoints of another run; not a
+finished run; on resume, the same settings as its config.toml), the tokenizer against the model's vocabulary, and
+the exact-match settings against the model's context.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import os
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 import llama
+from llama.formats.io import atomic_write_bytes, write_safetensors
 
-from ..adapter_v1 import AdapterV1Config
-from ..adapter_v2 import AdapterV2Config
 from ..api import apply
 from ..api import merge as merge_adapter
-from ..excitor import ExcitorConfig
-from ..lora import LoraConfig
+from . import checkpointing
 from . import data as D
-from .checkpointing import check_writable, trainable_names, write_bytes_atomic
-from .loop import Dist, TrainConfig, TrainResult, init_distributed, set_seed, train
+from .checkpointing import check_writable, trainable_names
+from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, ModelSection,
+                     RunConfig, build_config, differences, method_config, read_file, to_toml)
+from .loop import Dist, TrainResult, init_distributed, set_seed, split_batch, train
 
-METHODS = ("full", "lora", "qlora", "adapter_v1", "adapter_v2", "excitor")
-SFT_SOURCES, PRETRAIN_SOURCES = ("task", "jsonl"), ("corpus", "text")
-
-
-@dataclass
-class ModelSection:
-    preset: str = "tiny-llama-2-gqa"  # any name of llama.list_models(); ignored when `checkpoint` is given
-    checkpoint: Optional[str] = None  # a Meta or HF folder (llama.load): the pre-trained base
-    dim: Optional[int] = None  # shape overrides of the preset (None: keep the preset's value)
-    n_layers: Optional[int] = None
-    n_heads: Optional[int] = None
-    n_kv_heads: Optional[int] = None
-    multiple_of: Optional[int] = None
-    max_seq_len: Optional[int] = None
-    device: str = "cpu"  # "cpu" or "cuda"
-
-
-@dataclass
-class DataSection:
-    source: str = "task"  # "task" | "jsonl" (instruction tuning) or "corpus" | "text" (next-token pre-training)
-    task: str = "sort"  # source="task": reverse | sort | add | recall | mix
-    path: Optional[str] = None  # source="jsonl": {"prompt","response"} per line; source="text": plain text
-    eval_path: Optional[str] = None  # held-out file of the same kind (default: hold out eval_fraction of `path`)
-    eval_fraction: float = 0.05
-    n_train: int = 4000  # source="task": training examples
-    n_eval: int = 200  # held-out examples (tasks) or at most this many held-out rows (pre-training)
-    seq_len: int = 64  # positions per row
-    pack: bool = True  # SFT: pack several examples per row (attention blocked across them)
-    truncate: bool = False  # SFT: cut examples longer than seq_len instead of failing
-    tokenizer: Optional[str] = None  # a tokenizer.model file; None: the built-in BPE trained on the stdlib corpus
-    vocab_size: int = 1024  # size of the built-in tokenizer
-    corpus_chars: int = 4_000_000  # source="corpus": characters of stdlib docstrings to use
-    cache_dir: Optional[str] = None  # default $LLAMA_PEFT_CACHE or ~/.cache/llama-peft-zoo
-
-
-@dataclass
-class EvalSection:
-    n_generate: int = 200  # SFT: held-out examples scored by exact match after greedy generation (0: skip)
-    max_new_tokens: int = 16
-
-
-@dataclass
-class RunConfig:
-    model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
-    method: dict = field(default_factory=lambda: {"name": "full"})
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalSection = field(default_factory=EvalSection)
-
-    def to_dict(self) -> dict:
-        return {"model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
-                "method": dict(self.method), "train": dataclasses.asdict(self.train),
-                "eval": dataclasses.asdict(self.eval)}
-
-
-# =====================================================================================================================
-# Parsing: TOML file + --section.key=value overrides, strictly checked
-# =====================================================================================================================
-
-def _toml():
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib
-    return tomllib
-
-
-def parse_value(text: str) -> Any:
-    """A TOML literal (1e-3, true, "x", [1, 2]) when it parses as one, else the raw string (paths, names)."""
-    try:
-        return _toml().loads(f"v = {text}")["v"]
-    except Exception:
-        return text
-
-
-def _unknown(kind: str, key: str, valid: Sequence[str]) -> ValueError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown {kind} {key!r}{hint} (valid: {', '.join(sorted(valid))})")
-
-
-def _section(cls, values: dict, name: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            raise _unknown(f"config key in [{name}]", f"{key}", names)
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise ValueError(f"[{name}]: {err}") from None
-
-
-def build_config(raw: dict) -> RunConfig:
-    """RunConfig from a nested dict (a parsed TOML file with overrides applied)."""
-    sections = {"model": ModelSection, "data": DataSection, "method": None, "train": TrainConfig,
-                "eval": EvalSection}
-    for key, value in raw.items():
-        if key not in sections:
-            raise _unknown("config section", key, list(sections))
-        if not isinstance(value, dict):
-            raise ValueError(f"config section [{key}] must be a table of key = value pairs, got {value!r}")
-    method = dict(raw.get("method", {}))
-    method.setdefault("name", "full")
-    if method["name"] not in METHODS:
-        raise _unknown("method", str(method["name"]), METHODS)
-    method_config(method)  # validates the method's options now, before any work
-    return RunConfig(model=_section(ModelSection, raw.get("model", {}), "model"),
-                     data=_section(DataSection, raw.get("data", {}), "data"), method=method,
-                     train=_section(TrainConfig, raw.get("train", {}), "train"),
-                     eval=_section(EvalSection, raw.get("eval", {}), "eval"))
-
-
-def load_config(path: Optional[str], overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a TOML config (or start from the defaults) and apply `--section.key=value` overrides."""
-    raw: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {p} does not exist; see configs/ for examples")
-        try:
-            raw = _toml().loads(p.read_text())
-        except Exception as err:
-            raise ValueError(f"config file {p} is not valid TOML: {err}") from None
-    for item in overrides:
-        body = item[2:] if item.startswith("--") else item
-        if "=" not in body or "." not in body.split("=", 1)[0]:
-            raise ValueError(f"override {item!r} must look like --section.key=value (e.g. --train.lr=3e-4)")
-        key, value = body.split("=", 1)
-        section, name = key.split(".", 1)
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ValueError(f"override {item!r}: [{section}] is not a section")
-        raw[section][name] = parse_value(value)
-    return build_config(raw)
-
-
-def format_config(cfg: RunConfig) -> str:
-    """The resolved config as TOML-like text (printed at the start of every run)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    return "\n".join(lines)
+CONFIG_FILE, RESULTS_FILE, RESUMES_FILE = "config.toml", "results.json", "resumes.jsonl"
+# keys a resumed run may change: where and how often it logs, evaluates and saves, and the micro-batch size (memory;
+# the gradient is the same up to float rounding); every other key must equal the run's config.toml
+RESUME_FREE = ("train.out_dir", "train.resume", "train.progress", "train.log_every", "train.eval_every",
+               "train.save_every", "train.keep_checkpoints", "train.micro_batch_size")
 
 
 # =====================================================================================================================
 # Building: tokenizer, model, method, data
 # =====================================================================================================================
-
-def method_config(method: dict):
-    """The PEFT config object for `method` ({"name": ..., **options}); None for full fine-tuning."""
-    name, options = method["name"], {k: v for k, v in method.items() if k != "name"}
-    if name == "full":
-        if options:
-            raise ValueError(f"method 'full' takes no options, got {sorted(options)}; remove them from [method]")
-        return None
-    cls = {"lora": LoraConfig, "qlora": LoraConfig, "adapter_v1": AdapterV1Config,
-           "adapter_v2": AdapterV2Config, "excitor": ExcitorConfig}[name]
-    valid = [f.name for f in dataclasses.fields(cls)]
-    for key in options:
-        if key not in valid:
-            raise _unknown(f"option of method {name!r}", key, valid)
-    if name == "qlora":
-        if options.get("quantize_base") is False:
-            raise ValueError("method 'qlora' is LoRA on an NF4 base; drop quantize_base=false or use method 'lora'")
-        options["quantize_base"] = True
-    return cls(**options)
-
 
 def apply_method(model: nn.Module, method: dict) -> nn.Module:
     """Freeze the base and attach the method's trainable parameters (full fine-tuning: everything trains)."""
@@ -224,24 +68,26 @@ def apply_method(model: nn.Module, method: dict) -> nn.Module:
 
 
 def build_tokenizer(cfg: DataSection):
-    if cfg.tokenizer:
-        return llama.Tokenizer(cfg.tokenizer)
-    docs = D.builtin_corpus(cfg.cache_dir, cfg.corpus_chars)
-    return D.builtin_tokenizer(cfg.cache_dir, cfg.vocab_size, docs)
+    """data.tokenizer: a tokenizer file, "bytes" (256 ids), or unset (the built-in BPE on the stdlib corpus)."""
+    return D.load_tokenizer(cfg.tokenizer, cfg.cache_dir, cfg.vocab_size, cfg.corpus_chars)
 
 
 def build_model(cfg: ModelSection, vocab_size: int, seq_len: int) -> nn.Module:
-    """The base model: loaded from `checkpoint`, or the preset (with overrides) freshly initialised."""
+    """The base model: loaded from `checkpoint`, or the preset (with overrides) freshly initialised with the
+    tokenizer's vocabulary (`vocab_size`)."""
     if cfg.checkpoint:
         model = llama.load(cfg.checkpoint, device=cfg.device)
-        if model.args.vocab_size < vocab_size:
-            raise ValueError(f"the tokenizer has {vocab_size} ids but the checkpoint's vocab_size is "
-                             f"{model.args.vocab_size}; use the tokenizer the checkpoint was trained with "
-                             f"(data.tokenizer=...)")
+        if model.args.vocab_size != vocab_size:
+            raise ValueError(f"the tokenizer has {vocab_size} ids but the checkpoint {cfg.checkpoint} has "
+                             f"vocab_size={model.args.vocab_size}; use the tokenizer the checkpoint was trained with "
+                             f"(data.tokenizer=...; a run's is in its final/ folder, or 'bytes')")
     else:
         overrides = {k: getattr(cfg, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of",
                                                   "max_seq_len") if getattr(cfg, k) is not None}
         args = llama.ModelArgs.from_name(cfg.preset, vocab_size=vocab_size, **overrides)
+        if args.vision_args is not None:
+            raise ValueError(f"model.preset {cfg.preset!r} is multimodal and training runs are text-only; use its text "
+                             f"preset ({cfg.preset.removesuffix('-vision')!r})")
         with torch.device(cfg.device):
             model = llama.Transformer(args)
     if model.args.max_seq_len < seq_len:
@@ -339,38 +185,126 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def check_run_folder(cfg: RunConfig) -> Optional[dict]:
+    """Check train.out_dir before anything is built; on resume, return the bookkeeping keys that changed.
+
+    A fresh run needs a folder without checkpoints; a finished run (results.json) is never continued or rewritten;
+    a resumed run must have the settings of the run's config.toml, except the keys in RESUME_FREE.
+    """
+    out = Path(cfg.train.out_dir)
+    if (out / RESULTS_FILE).exists():
+        raise ValueError(f"{out} holds a finished run ({RESULTS_FILE} is written when a run ends) and a run's record "
+                         f"is never rewritten; choose a fresh train.out_dir (--out), or start from its final/ folder")
+    has_checkpoint = checkpointing.latest(out / "checkpoints") is not None
+    if not cfg.train.resume:
+        if has_checkpoint:
+            raise ValueError(f"{out} already holds checkpoints of an unfinished run; continue it with --resume {out} "
+                             f"(train.resume=true), or choose a fresh train.out_dir (--out)")
+        return None
+    if not has_checkpoint:
+        raise ValueError(f"train.resume=true but {out / 'checkpoints'} holds no checkpoint; start without resume or "
+                         f"point train.out_dir at the run to continue")
+    if not (out / CONFIG_FILE).is_file():
+        return {}  # a run written by code that keeps no config.toml: the checkpoint's own check still applies
+    recorded = build_config(read_file(out / CONFIG_FILE)).to_dict()
+    now = cfg.to_dict()
+    changed = differences(recorded, now, ignore=RESUME_FREE)
+    if changed:
+        listing = "; ".join(f"{key} {a!r} -> {b!r}" for key, (a, b) in changed.items())
+        raise ValueError(f"resuming {out} with settings that differ from its {CONFIG_FILE}: {listing}. A resumed run "
+                         f"continues the recorded one: drop these overrides (scripts/train.py --resume {out} uses "
+                         f"the recorded settings), or start a fresh run in another out_dir")
+    free = [key for key in RESUME_FREE if key not in ("train.out_dir", "train.resume")]
+    return {key: list(pair) for key, pair in differences(recorded, now).items() if key in free}
+
+
 def run(cfg: RunConfig, callbacks: Sequence[Callable[[int, dict], None]] = (), quiet: bool = False,
         ctx: Optional[Dist] = None) -> RunOutput:
-    """Build everything `cfg` describes, train, evaluate, and (with train.out_dir) export the result."""
+    """Build everything `cfg` describes, check it, train, evaluate, and (with train.out_dir) write the run folder."""
     ctx = ctx or init_distributed()
     say = (lambda *a: print(*a, file=sys.stderr, flush=True)) if ctx.is_main and not quiet else (lambda *a: None)
-    if cfg.train.out_dir and ctx.is_main:
-        check_writable(Path(cfg.train.out_dir))
-    tokenizer = build_tokenizer(cfg.data)
-    data = build_data(cfg.data, tokenizer)
-    set_seed(cfg.train.seed)  # before the model and its adapters are initialised, so their init is seeded
-    model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
-    total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
-    model = apply_method(model, cfg.method)
+    out_dir = Path(cfg.train.out_dir) if cfg.train.out_dir else None
+    split_batch(cfg.train, ctx.world_size)  # the batch must split over the processes: checked before anything
+    if cfg.model.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model.device={cfg.model.device!r} but this machine has no CUDA device (torch "
+                         f"{torch.__version__}); use model.device='cpu'")
+    resume_changes = None
+    created = out_dir is not None and not out_dir.exists()
+    if out_dir is not None:
+        if ctx.is_main:
+            check_writable(out_dir)
+        resume_changes = check_run_folder(cfg)
+    try:
+        tokenizer = build_tokenizer(cfg.data)
+        data = build_data(cfg.data, tokenizer)
+        set_seed(cfg.train.seed)  # before the model and its adapters are initialised, so their init is seeded
+        model = build_model(cfg.model, tokenizer.n_words, cfg.data.seq_len)
+        eval_examples = data.eval_examples[:cfg.eval.n_generate] if data.sft else []
+        check_generation(eval_examples, tokenizer, cfg.eval.max_new_tokens, model.args.max_seq_len)
+        total = count_parameters(model)  # the base model's size: the denominator of "% trainable" for every method
+        model = apply_method(model, cfg.method)
+    except Exception:
+        if created and ctx.is_main and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # a run refused before it began leaves no empty folder behind
+        raise
     trainable = sum(p.numel() for p in {id(p): p for p in model.parameters() if p.requires_grad}.values())
     say(f"model: {total:,} base parameters, {trainable:,} trainable ({100 * trainable / total:.3f}% of the base), "
         f"method {cfg.method['name']}; data: {len(data.rows)} rows of ≤ {cfg.data.seq_len} tokens")
+    if out_dir is not None and ctx.is_main:
+        if resume_changes is None:  # a fresh run: its config, first
+            atomic_write_bytes(out_dir / CONFIG_FILE, run_record(cfg).encode())
+        else:
+            step = json.loads((checkpointing.latest(out_dir / "checkpoints") / "meta.json").read_text())["step"]
+            with open(out_dir / RESUMES_FILE, "a") as f:
+                f.write(json.dumps({"from_step": step, "changed": resume_changes}) + "\n")
 
     evaluators = []
-    if data.sft and cfg.eval.n_generate > 0:
-        examples = data.eval_examples[:cfg.eval.n_generate]
-
+    if eval_examples:
         def exact_match(m):
-            acc, _ = exact_match_accuracy(m, tokenizer, examples, cfg.eval.max_new_tokens)
+            acc, _ = exact_match_accuracy(m, tokenizer, eval_examples, cfg.eval.max_new_tokens)
             return {"exact_match": acc}
         evaluators.append(exact_match)
     meta = {"model": model.args.to_dict(), "method": cfg.method, "data": dataclasses.asdict(cfg.data),
             "world_size": ctx.world_size}
     result = train(model, data.rows, cfg.train, pad_id=tokenizer.pad_id, length=data.length,
                    eval_rows=data.eval_rows, evaluators=evaluators, callbacks=callbacks, meta=meta, ctx=ctx)
-    if cfg.train.out_dir:
+    output = RunOutput(cfg, result, model, tokenizer, data, trainable, total)
+    if out_dir is not None:
         export(model, cfg, tokenizer, ctx)
-    return RunOutput(cfg, result, model, tokenizer, data, trainable, total)
+        if ctx.is_main:  # last: the mark of a finished run
+            atomic_write_bytes(out_dir / RESULTS_FILE, json.dumps(summary(output, ctx), indent=1).encode())
+    return output
+
+
+def run_record(cfg: RunConfig) -> str:
+    """The config.toml of a run folder: the resolved config without out_dir and resume (the folder is the file's)."""
+    return ("# the resolved config of this run (scripts/train.py --config FILE reproduces it; --resume DIR continues "
+            "it)\n" + to_toml(cfg, drop=("train.out_dir", "train.resume")))
+
+
+def summary(out: RunOutput, ctx: Dist) -> dict:
+    """What results.json records: the run's totals (over every resume) and its last logged metrics."""
+    last = out.result.history[-1] if out.result.history else {}
+    resumes = []
+    out_dir = out.config.train.out_dir
+    if out_dir and (Path(out_dir) / RESUMES_FILE).exists():
+        resumes = [json.loads(line) for line in (Path(out_dir) / RESUMES_FILE).read_text().splitlines() if line]
+    return {"method": out.config.method["name"], "trainable_params": out.trainable, "total_params": out.total,
+            "steps": out.result.final_step, "train_time_s": out.result.train_time_s, "tokens": out.result.tokens,
+            "final_loss": last.get("loss"), "eval_loss": last.get("eval_loss"),
+            "exact_match": last.get("exact_match"), "world_size": ctx.world_size, "threads": torch.get_num_threads(),
+            "resumes": resumes}
+
+
+def check_generation(examples: Sequence[D.Example], tokenizer, max_new_tokens: int, max_seq_len: int) -> None:
+    """Exact match generates after the last step: check now that every prompt plus its answer fits the context."""
+    if not examples:
+        return
+    longest = max(len(tokenizer.encode(e.prompt, bos=True, eos=False)) for e in examples)
+    if longest + max_new_tokens > max_seq_len:
+        raise ValueError(f"exact match would generate eval.max_new_tokens={max_new_tokens} tokens after held-out "
+                         f"prompts of up to {longest} tokens, past the model context max_seq_len={max_seq_len}; "
+                         f"lower eval.max_new_tokens, raise model.max_seq_len, or set eval.n_generate=0")
 
 
 def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[Path]:
@@ -386,8 +320,8 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         return None
     final = Path(cfg.train.out_dir) / "final"
     final.mkdir(parents=True, exist_ok=True)
-    write_bytes_atomic(final / "run.json", json.dumps(cfg.to_dict(), indent=1).encode())
-    shutil.copyfile(tokenizer.path, final / "tokenizer.model")
+    if tokenizer.path is not None:
+        shutil.copyfile(tokenizer.path, final / "tokenizer.model")
     if cfg.method["name"] == "full":
         base = llama.Transformer(model.args)
         base.load_state_dict(sd)  # strict: every weight of the model must have been gathered
@@ -399,21 +333,29 @@ def export(model: nn.Module, cfg: RunConfig, tokenizer, ctx: Dist) -> Optional[P
         if not tensors or empty:
             raise RuntimeError(f"the adapter to export is empty ({len(tensors)} tensors, empty: {empty[:3]}); the "
                                f"sharded parameters were not gathered")
-        tmp = final / ".adapter.safetensors.tmp"
-        save_file(tensors, str(tmp))
-        os.replace(tmp, final / "adapter.safetensors")
+        write_safetensors(final / "adapter.safetensors", tensors)
+    atomic_write_bytes(final / CONFIG_FILE, run_record(cfg).encode())  # last: final/ is complete
     ctx.barrier()
+    return final
+
+
+def final_folder(run_dir: str | os.PathLike) -> Path:
+    """run_dir/final of a finished run, or an error that says what `run_dir` is instead."""
+    final = Path(run_dir) / "final"
+    if not (final / CONFIG_FILE).is_file():
+        hint = (" (the run has not finished: resume it with scripts/train.py --resume DIR)"
+                if (Path(run_dir) / "checkpoints").is_dir() else "")
+        raise FileNotFoundError(f"{final / CONFIG_FILE} not found; pass the output folder of a finished "
+                                f"scripts/train.py run{hint}")
     return final
 
 
 def load_run(run_dir: str | os.PathLike, merge: bool = False, device: str = "cpu"):
     """(model, tokenizer, config) of a finished run: base + adapter attached (or merged, where the method can)."""
-    final = Path(run_dir) / "final"
-    if not (final / "run.json").is_file():
-        raise FileNotFoundError(f"{final / 'run.json'} not found; pass the train.out_dir of a finished run")
-    raw = json.loads((final / "run.json").read_text())
-    cfg = build_config(raw)
-    tokenizer = llama.Tokenizer(final / "tokenizer.model")
+    final = final_folder(run_dir)
+    cfg = build_config(read_file(final / CONFIG_FILE))
+    tokenizer = (D.ByteTokenizer() if cfg.data.tokenizer == "bytes"
+                 else llama.Tokenizer(final / "tokenizer.model"))
     if cfg.method["name"] == "full":
         return llama.load(final / "model", device=device), tokenizer, cfg
     set_seed(cfg.train.seed)

@@ -2,23 +2,27 @@
 
 The translation ModelArgs -> LlamaConfig below is written separately from `llama.formats.hf` (which reads and
 writes config.json for `llama.load` / `llama.save`), so a test that builds its reference here and loads it with
-`llama.load` checks our converter against Hugging Face's own reading of the config.
+`llama.load` checks our converter against Hugging Face's own reading of the config. The HF side runs in the
+reference process (`tests/reference/isolation.py`, code in `outside/hf_llama.py`); models stay there, folders and
+logits come back.
 
     args = GENERATIONS["llama-3.1-scaled-rope"]
-    hf = random_hf_model(args, dtype=torch.float64)      # LlamaForCausalLM with O(1) random weights
-    hf.save_pretrained(folder)                           # config.json + model.safetensors
-    relative_error(ours(tokens), hf_logits(hf, tokens))
+    save_hf_model(args, folder)                          # config.json + model.safetensors, by save_pretrained
+    relative_error(llama.load(folder)(tokens), hf_logits(folder, tokens))
 """
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
 
 from llama import ModelArgs, RopeScaling
+from tests.reference.isolation import reference
+from tests.reference.tolerance import relative_error  # noqa: F401  (re-exported for the parity tests)
 
 _TINY = dict(dim=64, n_layers=2, n_heads=4, vocab_size=256, multiple_of=32, max_seq_len=256)
 
@@ -45,15 +49,20 @@ GENERATIONS: dict[str, ModelArgs] = {
 }
 
 
-def hf_config(args: ModelArgs, **overrides) -> LlamaConfig:
-    """The LlamaConfig HF would hold for `args` (transformers 5 layout: theta inside rope_parameters)."""
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.rope_scaling is not None:
-        s = args.rope_scaling
-        assert s.rope_type == "llama3", "the reference only builds llama3 scaling"
-        rope = {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
-                "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
-                "original_max_position_embeddings": s.original_max_position_embeddings}
+def rope_parameters(args: ModelArgs) -> dict:
+    """HF's `rope_parameters` for `args` (transformers 5: theta inside; the reference builds llama3 scaling only)."""
+    if args.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    s = args.rope_scaling
+    assert s.rope_type == "llama3", "the reference only builds llama3 scaling"
+    return {"rope_type": "llama3", "rope_theta": args.rope_theta, "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor, "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position_embeddings}
+
+
+def hf_config(args: ModelArgs, **overrides) -> dict:
+    """The LlamaConfig fields HF would hold for `args` (transformers 5 layout: theta inside rope_parameters)."""
+    rope = rope_parameters(args)
     fields = dict(
         vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.ffn_hidden_dim,
         num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads, num_key_value_heads=args.n_kv_heads,
@@ -61,37 +70,21 @@ def hf_config(args: ModelArgs, **overrides) -> LlamaConfig:
         tie_word_embeddings=args.tie_word_embeddings, rope_parameters=rope, hidden_act="silu",
         attention_bias=False, mlp_bias=False)
     fields.update(overrides)
-    return LlamaConfig(**fields)
+    return fields
 
 
-@torch.no_grad()
-def random_hf_model(args: ModelArgs, *, dtype: torch.dtype = torch.float64, seed: int = 0,
-                    attn_implementation: str = "sdpa") -> LlamaForCausalLM:
-    """LlamaForCausalLM for `args` with weights large enough to make every term matter.
-
-    HF's default init (std 0.02, unit norm gains) gives near-uniform logits that hide mistakes, so projections get
-    std 1/sqrt(in_features) and the norm gains 1 + 0.1·N(0, 1) (a transposed or skipped gain then shows).
-    """
-    config = hf_config(args)
-    model = LlamaForCausalLM._from_config(config, attn_implementation=attn_implementation, dtype=dtype)
-    gen = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():  # tied lm_head is listed once, as embed_tokens
-        if p.ndim == 1:
-            p.copy_(1 + 0.1 * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-        else:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float64) / math.sqrt(p.shape[1]))
-    return model.eval()
+def save_hf_model(args: ModelArgs, folder: Path, *, dtype: torch.dtype = torch.float64, seed: int = 0,
+                  max_shard_size: Optional[str] = None) -> Path:
+    """A random LlamaForCausalLM for `args` (O(1) weights), written by HF's `save_pretrained` into `folder`."""
+    reference().call("hf_llama.save_random", "llama", hf_config(args), str(folder), dtype=dtype, seed=seed,
+                     max_shard_size=max_shard_size)
+    return Path(folder)
 
 
-@torch.no_grad()
-def hf_logits(model: LlamaForCausalLM, tokens: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=tokens).logits
-
-
-def relative_error(ours: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |ours - ref| / max |ref|, computed in float64."""
-    ours, ref = ours.double(), ref.double()
-    return ((ours - ref).abs().max() / ref.abs().max()).item()
+def hf_logits(folder: Path, tokens: torch.Tensor, *, dtype: torch.dtype = torch.float64, attn: str = "sdpa",
+              arch: str = "llama") -> torch.Tensor:
+    """Logits of HF's `from_pretrained(folder)` on `tokens`."""
+    return reference().call("hf_llama.logits", str(folder), tokens, arch=arch, dtype=dtype, attn=attn)
 
 
 def random_tokens(args: ModelArgs, batch: int = 2, length: int = 40, seed: int = 1) -> torch.Tensor:
@@ -99,16 +92,25 @@ def random_tokens(args: ModelArgs, batch: int = 2, length: int = 40, seed: int =
     return torch.randint(0, args.vocab_size, (batch, length), generator=gen)
 
 
-# The `hf_models` fixture of test_checkpoint.py and test_checkpoint_errors.py: random float64 HF models, built once
-# per test module and per `ModelArgs`.
+# The `hf_folders` fixture: float64 HF checkpoints written by save_pretrained, once per test module and ModelArgs.
 @pytest.fixture(scope="module")
-def hf_models():
+def hf_folders(tmp_path_factory):
     cache = {}
 
-    def get(args: ModelArgs):
-        key = repr(args)
+    def get(args: ModelArgs, dtype: torch.dtype = torch.float64) -> Path:
+        key = (repr(args), dtype)
         if key not in cache:
-            cache[key] = random_hf_model(args, dtype=torch.float64)
+            cache[key] = save_hf_model(args, tmp_path_factory.mktemp("hf"), dtype=dtype)
         return cache[key]
 
     return get
+
+
+def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """The HF-named tensors of a save_pretrained folder (a tied lm_head, stored once, listed under both names)."""
+    sd = {}
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        sd.update(load_file(path))
+    if "lm_head.weight" not in sd:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    return sd
