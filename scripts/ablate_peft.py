@@ -1,36 +1,52 @@
-"""The main job: pre-train (or reuse) a tiny LLaMA, then fine-tune it on one task with the same budget by full
-fine-tuning, LoRA, QLoRA, LLaMA-Adapter V1, V2 and Excitor, and compare them in one table.
+"""The main job: does a parameter-efficient method match full fine-tuning? Each method at its own tuned learning rate,
+over seeds, in two regimes: the one the papers measured in, and a new skill.
 
-    python scripts/ablate_peft.py                      # the default run (≤ 10 min on 2 CPU cores)
-    python scripts/ablate_peft.py --max-steps 3        # smoke test
-    python scripts/ablate_peft.py --task recall --methods lora qlora --seed 1 --out runs/recall
+    python scripts/ablate_peft.py                           # the default run (<= 10 min on 2 cores from an empty cache)
+    python scripts/ablate_peft.py --resweep                 # rerun the learning-rate sweep instead of reusing it
+    python scripts/ablate_peft.py --max-steps 2 --seeds 2   # smoke test
+    python scripts/ablate_peft.py --methods full lora adapter_v1 --seeds 5 --jobs 1 --out runs/five_seeds
 
-Writes results.json, results.md, loss_curves.png and one run folder per method into --out. Each run goes through
-`peft.training.recipe.run` and the one training loop.
+One task, `sort` ("Sort: 4912\\nAnswer:" -> "1249"), one fine-tuning budget, two pre-trained bases (scripts/_bases.py):
 
-1. Base: a tiny LLaMA pre-trained on the standard library's docstrings with the built-in BPE tokenizer (both made
-   on the machine, no download). It is cached under the cache directory, keyed by everything that determines it, and
-   reused by later runs.
-2. Fine-tuning: the same synthetic task (default "sort"), the same examples in the same order, the same number of
-   steps, batch and sequence length for full fine-tuning, LoRA, QLoRA, LLaMA-Adapter V1, V2 and Excitor. Only the
-   learning rate differs per method (each method's own scale; see METHODS), as in every paper compared here.
-3. Measured per method: trainable parameters (count and % of the base model), peak memory of one training step
-   (every live tensor: weights, gradients, optimizer state, activations; `peft.training.memory.measure_peak`), step time,
-   tokens/s, final held-out loss, and exact-match accuracy of greedy answers on held-out prompts.
+  skill  the papers' regime. LLaMA-Adapter tuned LLaMA on Alpaca, QLoRA tuned it on OASST1: a base that already
+         had the knowledge learned to answer in an instruction format. Here the base was pre-trained on docstrings
+         mixed with the skill written in raw form ("The digits of 4912 in ascending order are 1249."), and a small
+         instruction-formatted set asks for it.
+  new    the skill is new: the base saw docstrings only, so fine-tuning has to teach the computation itself.
 
-Outputs in `out`: results.json (everything, including every loss curve), results.md (the table), loss_curves.png,
-and one run directory per method (metrics.jsonl/csv, final adapter or model).
+Everything else is identical: the tokenizer, the model shape, the pre-training seed and length, the fine-tuning data,
+its order per seed, the number of steps, the batch and the sequence length. Per regime and method (full fine-tuning,
+LoRA, QLoRA, LLaMA-Adapter V1 and V2, Excitor):
+
+  1. Learning rate. One run per point of the method's grid (LR_GRID: three or four rates half a decade apart around
+     the method's usual scale) at the first seed; the rate with the lowest loss on a validation split (training-side
+     examples that are never trained on) is chosen. A choice on the edge of the grid is flagged. The sweep is cached
+     under <cache>/sweeps/ and reused by later runs with identical settings, which say so; `--resweep` reruns it.
+  2. Seeds. The chosen rate at `--seeds` seeds (the first is the sweep's own run): seed s fixes the adapter's
+     initialisation and the order of the training rows. Reported on the held-out test split (prompts that appear
+     neither in pre-training nor in tuning): mean and sample standard deviation over seeds of the test loss
+     (response tokens) and of exact match (the greedy answer equals the reference), and, seed by seed, the
+     difference to full fine-tuning at the same seed.
+
+Runs are independent, so `--jobs` worker processes run them side by side (results do not depend on --jobs; each run
+seeds itself and uses --threads torch threads). Denormal floats are flushed to zero in every process: they carry no
+signal at these magnitudes and make single-threaded float32 kernels several times slower on x86.
+
+Outputs in --out: results.json (every run: config, curve, validation and test metrics; one row per regime and method
+with seeds, exact_match_mean/std, eval_loss_mean/std, lr and the differences to full fine-tuning), results.md (the
+tables), results.png (every seed's exact match and loss, mean and spread), lr_sweep.png (validation loss over the
+grid), and <regime>/<method>/lr<lr>-seed<s>/metrics.jsonl per run.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import os
 import platform
-import shutil
+import resource
 import statistics
 import sys
 import time
@@ -39,75 +55,109 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
+import llama  # noqa: E402
 from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training import data as D  # noqa: E402
-from peft.training.checkpointing import check_writable  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
-from peft.training.recipe import (DataSection, EvalSection, ModelSection, RunConfig, apply_method,  # noqa: E402
-                                  build_data, build_model, exact_match_accuracy, run)
+from peft.training.recipe import apply_method, exact_match_accuracy  # noqa: E402
+from scripts._bases import BaseConfig, pretrained_base, tokenizer  # noqa: E402
+from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
+from scripts._peft_report import format_tables, plot_results, plot_sweep  # noqa: E402
 
-# Each method's options and peak learning rate. LoRA and QLoRA share one config (the QLoRA recipe's "all block
-# linears"), so the pair isolates the effect of the NF4 base. Adapters/Excitor use every layer of the tiny base.
-# Learning rates: the best held-out loss of a small sweep on the default task and budget (1e-3 … 1e-1; full
-# fine-tuning was already at 100% exact match with 1e-3). Prompt-based methods want much larger rates, as in their
-# papers (LLaMA-Adapter: 9e-3 at batch 64 with far larger models).
-METHODS: dict[str, tuple[dict, float]] = {
-    "full": ({}, 1e-3),
-    "lora": ({"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)}, 1e-2),
-    "qlora": ({"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)}, 1e-2),
-    "adapter_v1": ({"adapter_len": 10}, 1e-1),
-    "adapter_v2": ({"adapter_len": 10}, 3e-2),
-    "excitor": ({"adapter_len": 10, "rank": 8}, 3e-2),
+# Each method's options. LoRA and QLoRA share one config (the QLoRA recipe's "all block linears"), so the pair
+# isolates the NF4 base. The prompt methods adapt every layer of the tiny base.
+METHODS: dict[str, dict] = {
+    "full": {},
+    "lora": {"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)},
+    "qlora": {"r": 8, "alpha": 16.0, "target_modules": list(BLOCK_LINEARS)},
+    "adapter_v1": {"adapter_len": 10},
+    "adapter_v2": {"adapter_len": 10},
+    "excitor": {"adapter_len": 10, "rank": 8},
 }
+# The learning-rate grid: points half a decade apart around each method's usual scale (full fine-tuning ~1e-3; LoRA and
+# QLoRA ~1e-2 at this size; the prompt methods far higher, as in their papers: LLaMA-Adapter used 9e-3 at batch 64 on
+# 7B). Four points where the best rate differs between the two regimes, so that both choices are interior on the
+# default run; a choice on an edge is flagged in the results (widen the grid then).
+LR_GRID: dict[str, tuple[float, ...]] = {
+    "full": (3e-4, 1e-3, 3e-3, 1e-2),
+    "lora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "qlora": (1e-3, 3e-3, 1e-2, 3e-2),
+    "adapter_v1": (1e-1, 3e-1, 1.0),
+    "adapter_v2": (1e-2, 3e-2, 1e-1, 3e-1),
+    "excitor": (3e-2, 1e-1, 3e-1),
+}
+REGIMES = ("skill", "new")  # the papers' regime, then the new skill
+REGIME_TITLES = {"skill": "papers' regime: the base has the skill in raw form, tuning teaches the instruction format",
+                 "new": "new skill: the base never saw the task, tuning has to teach the computation"}
 
 
 @dataclass
-class AblationConfig:
+class MainJobConfig:
     task: str = "sort"
     methods: tuple = tuple(METHODS)
-    seed: int = 0
-    out: str = "runs/ablation"
+    seeds: int = 3  # seeds per method: seed, seed+1, …
+    seed: int = 0  # the bases' pre-training seed and the first fine-tuning seed (also the sweep's)
+    jobs: int = min(2, os.cpu_count() or 1)  # worker processes
+    threads: int = 1  # torch threads per process
     cache_dir: Optional[str] = None
-    device: str = "cpu"
-    # the base model and its pre-training
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    vocab_size: int = 1024
-    base_steps: int = 300
-    base_seq_len: int = 128
-    base_batch_size: int = 16
-    base_lr: float = 3e-3
-    # the fine-tuning budget, identical for every method
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    n_train: int = 4000
-    n_eval: int = 200
-    max_new_tokens: int = 12
-    max_steps: Optional[int] = None  # caps base_steps and steps (smoke tests)
-    memory_steps: int = 2  # optimizer steps under the memory tracker (a separate, untimed run); from the second
-    # step on, AdamW's moments exist during the forward/backward pass, so the peak is the steady-state one
+    resweep: bool = False
     progress: bool = True
+    # the bases (scripts/_bases.py)
+    dim: int = BaseConfig.dim
+    n_layers: int = BaseConfig.n_layers
+    base_steps: int = BaseConfig.steps
+    skill_fraction: float = BaseConfig.skill_fraction
+    # fine-tuning: identical for every method, seed and regime
+    steps: int = 100
+    batch_size: int = 8
+    seq_len: int = 64
+    n_train: int = 1000
+    n_val: int = 100
+    n_test: int = 200
+    max_new_tokens: int = 10
+    max_steps: Optional[int] = None  # caps base_steps and steps (smoke tests)
+    memory_steps: int = 2  # optimizer steps under the memory tracker (from the 2nd on, AdamW's moments are live)
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-        if self.max_steps is not None and self.max_steps <= 0:
-            raise ValueError(f"--max-steps must be positive, got {self.max_steps}")
-        if self.task not in list(D.TASKS) + ["mix"]:
-            raise ValueError(f"unknown task {self.task!r}; use one of {sorted(D.TASKS) + ['mix']}")
+            raise UsageError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if self.task not in D.RAW_SENTENCES:
+            raise UsageError(f"task {self.task!r} has no raw form for the papers' regime; use one of "
+                             f"{sorted(D.RAW_SENTENCES)}")
+        for name in ("seeds", "jobs", "threads", "steps", "base_steps", "n_train", "n_val", "n_test"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise UsageError(f"--max-steps must be >= 1, got {self.max_steps}")
 
     @property
-    def effective_steps(self) -> tuple[int, int]:
-        cap = self.max_steps or 10 ** 9
-        return min(self.base_steps, cap), min(self.steps, cap)
+    def finetune_steps(self) -> int:
+        return min(self.steps, self.max_steps or self.steps)
+
+    def base(self, regime: str) -> BaseConfig:
+        return BaseConfig(skill=self.task if regime == "skill" else None, skill_fraction=self.skill_fraction,
+                          dim=self.dim, n_layers=self.n_layers, seed=self.seed,
+                          steps=min(self.base_steps, self.max_steps or self.base_steps))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One fine-tuning run (method None: evaluate the base untouched)."""
+
+    regime: str
+    method: Optional[str]
+    lr: float
+    seed: int
+    base: str  # checkpoint folder
+    tokenizer: str  # tokenizer.model
+    cfg: MainJobConfig
+    out: Optional[str] = None  # folder for metrics.jsonl
 
 
 def _say(*args) -> None:
@@ -115,213 +165,296 @@ def _say(*args) -> None:
 
 
 # =====================================================================================================================
-# 1. The base model (cached)
+# One run
 # =====================================================================================================================
 
-def base_config(cfg: AblationConfig, tokenizer_path: str, out_dir: Path) -> RunConfig:
-    base_steps, _ = cfg.effective_steps
-    return RunConfig(
-        model=ModelSection(preset="tiny-llama-2-gqa", dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
-                           n_kv_heads=cfg.n_kv_heads, max_seq_len=max(cfg.base_seq_len, cfg.seq_len),
-                           device=cfg.device),
-        data=DataSection(source="corpus", seq_len=cfg.base_seq_len, tokenizer=tokenizer_path,
-                         cache_dir=cfg.cache_dir, n_eval=64),
-        method={"name": "full"},
-        train=TrainConfig(steps=base_steps, batch_size=cfg.base_batch_size, micro_batch_size=cfg.base_batch_size,
-                          lr=cfg.base_lr, warmup_steps=max(1, base_steps // 20), weight_decay=0.1, seed=cfg.seed,
-                          out_dir=str(out_dir), progress=cfg.progress, log_every=10),
-        eval=EvalSection(n_generate=0))
+@dataclass
+class TaskData:
+    rows: list  # packed training rows
+    val_rows: list
+    val_examples: list
+    test_rows: list
+    test_examples: list
 
 
-def pretrained_base(cfg: AblationConfig, tokenizer) -> tuple[Path, dict]:
-    """The base checkpoint folder, pre-training it first unless an identical one is cached."""
-    probe = base_config(cfg, str(tokenizer.path), Path("."))
-    recipe = {"config": probe.to_dict(), "tokenizer": hashlib.sha256(tokenizer.path.read_bytes()).hexdigest(),
-              "torch": torch.__version__}
-    for section, key in (("train", "out_dir"), ("train", "progress"), ("data", "tokenizer"), ("data", "cache_dir")):
-        recipe["config"][section].pop(key)  # where things live does not change the model (the tokenizer's bytes do)
-    key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
-    root = D.cache_dir(cfg.cache_dir) / "bases"
-    final = root / f"base-{key}"
-    if (final / "final" / "model" / "config.json").exists():
-        info = json.loads((final / "base.json").read_text())
-        _say(f"base: reusing the cached pre-trained model {final}")
-        return final / "final" / "model", {**info, "cached": True}
-    tmp = root / f".base-{key}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    _say(f"base: pre-training a {cfg.dim}-dim {cfg.n_layers}-layer LLaMA on stdlib docstrings "
-         f"({probe.train.steps} steps); cached for later runs")
-    t0 = time.perf_counter()
-    out = run(base_config(cfg, str(tokenizer.path), tmp))
-    info = {"pretrain_steps": probe.train.steps, "pretrain_time_s": time.perf_counter() - t0,
-            "pretrain_final_loss": out.result.history[-1]["loss"],
-            "pretrain_eval_loss": out.result.history[-1].get("eval_loss"), "parameters": out.total,
-            "tokens_seen": out.result.tokens, "key": key}
-    (tmp / "base.json").write_text(json.dumps(info, indent=1))
-    root.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # a concurrent run finished the same base first
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-    return final / "final" / "model", {**info, "cached": False}
+def task_data(cfg: MainJobConfig, tok) -> TaskData:
+    """Training and validation from the task's training split (disjoint), test from its held-out split."""
+    pool = D.task_examples(cfg.task, cfg.n_train + cfg.n_val, "train")
+    val, train_ex = pool[:cfg.n_val], pool[cfg.n_val:]
+    test = D.task_examples(cfg.task, cfg.n_test, "eval")
+    encode = lambda examples: [D.encode_sft(e, tok, cfg.seq_len, index=i) for i, e in enumerate(examples)]  # noqa
+    return TaskData(D.pack(encode(train_ex), cfg.seq_len), D.single_rows(encode(val)), val,
+                    D.single_rows(encode(test)), test)
 
 
-# =====================================================================================================================
-# 2. One method
-# =====================================================================================================================
-
-def method_config(cfg: AblationConfig, method: str, base: Path, tokenizer_path: str, out_dir: Path) -> RunConfig:
-    options, lr = METHODS[method]
-    options = dict(options)
-    if method in ("adapter_v1", "adapter_v2", "excitor"):
-        options["adapter_layers"] = cfg.n_layers
-    _, steps = cfg.effective_steps
-    return RunConfig(
-        model=ModelSection(checkpoint=str(base), device=cfg.device),
-        data=DataSection(source="task", task=cfg.task, seq_len=cfg.seq_len, pack=True, n_train=cfg.n_train,
-                         n_eval=cfg.n_eval, tokenizer=tokenizer_path, cache_dir=cfg.cache_dir),
-        method={"name": method, **options},  # "qlora" = these LoRA options + quantize_base (peft.training.recipe)
-        train=TrainConfig(steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=lr,
-                          warmup_steps=max(1, steps // 10), seed=cfg.seed, out_dir=str(out_dir),
-                          progress=cfg.progress, log_every=1),
-        eval=EvalSection(n_generate=cfg.n_eval, max_new_tokens=cfg.max_new_tokens))
+def train_config(cfg: MainJobConfig, lr: float, seed: int, steps: Optional[int] = None) -> TrainConfig:
+    steps = steps or cfg.finetune_steps
+    return TrainConfig(steps=steps, batch_size=cfg.batch_size, micro_batch_size=cfg.batch_size, lr=lr,
+                       warmup_steps=max(1, steps // 10), seed=seed, progress=False, log_every=1)
 
 
-def peak_memory(run_cfg: RunConfig, tokenizer, steps: int) -> int:
-    """Peak tensor bytes of `steps` optimizer steps of a fresh copy of the run (untimed, no files)."""
-    data = build_data(run_cfg.data, tokenizer)
-    set_seed(run_cfg.train.seed)
-    model = apply_method(build_model(run_cfg.model, tokenizer.n_words, run_cfg.data.seq_len), run_cfg.method)
-    cfg = dataclasses.replace(run_cfg.train, steps=steps, out_dir=None, progress=False)
-    return measure_peak(lambda: train(model, data.rows, cfg, pad_id=tokenizer.pad_id, length=data.length),
-                        model=model, device=run_cfg.model.device)
+def build(job: Job) -> torch.nn.Module:
+    set_seed(job.seed)  # before the adapter is initialised
+    model = llama.load(job.base)
+    if job.method is None:
+        return model
+    options = dict(METHODS[job.method])
+    if job.method in ("adapter_v1", "adapter_v2", "excitor"):
+        options["adapter_layers"] = model.args.n_layers  # every layer of the tiny base
+    return apply_method(model, {"name": job.method, **options})
 
 
-def evaluate_base(cfg: AblationConfig, base: Path, tokenizer) -> dict:
-    """Held-out loss and exact match of the untouched base (the floor every method starts from)."""
-    run_cfg = method_config(cfg, "full", base, str(tokenizer.path), Path("."))
-    data = build_data(run_cfg.data, tokenizer)
-    model = build_model(run_cfg.model, tokenizer.n_words, cfg.seq_len)
-    loss = evaluate_loss(model, data.eval_rows, cfg.batch_size, tokenizer.pad_id)
-    acc, _ = exact_match_accuracy(model, tokenizer, data.eval_examples, cfg.max_new_tokens)
-    return {"eval_loss": loss, "exact_match": acc}
+def scores(model, tok, cfg: MainJobConfig, rows, examples) -> tuple[float, float]:
+    """(loss over response tokens, exact match) on a split."""
+    loss = evaluate_loss(model, rows, cfg.batch_size, tok.pad_id)
+    return loss, exact_match_accuracy(model, tok, examples, cfg.max_new_tokens)[0]
+
+
+def fine_tune(job: Job) -> dict:
+    """Train one method at one learning rate and seed; score it on the validation and test splits."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    cfg = job.cfg
+    tok = llama.Tokenizer(job.tokenizer)
+    data = task_data(cfg, tok)
+    model = build(job)
+    record = {"regime": job.regime, "method": job.method or "base", "lr": job.lr, "seed": job.seed}
+    if job.method is not None:
+        result = train(model, data.rows, train_config(cfg, job.lr, job.seed), pad_id=tok.pad_id,
+                       length=cfg.seq_len)
+        if job.out:
+            Path(job.out).mkdir(parents=True, exist_ok=True)
+            (Path(job.out) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in result.history))
+        step_ms = [1000 * h["step_time_s"] for h in result.history[1:]] or [1000 * result.history[0]["step_time_s"]]
+        record.update(curve=[h["loss"] for h in result.history], step_time_ms=statistics.median(step_ms),
+                      trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
+    record["val_loss"], record["val_exact_match"] = scores(model, tok, cfg, data.val_rows, data.val_examples)
+    record["test_loss"], record["test_exact_match"] = scores(model, tok, cfg, data.test_rows, data.test_examples)
+    record.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - c0)
+    return record
+
+
+def pretrain(args: tuple) -> tuple[str, dict]:
+    base_cfg, cache, task, progress = args
+    path, info = pretrained_base(base_cfg, cache, task, progress=progress, say=_say)
+    return str(path), info
+
+
+def peak_memory(job: Job) -> float:
+    """Peak tensor MB of `memory_steps` optimizer steps of a fresh copy of the run (untimed, no files)."""
+    tok = llama.Tokenizer(job.tokenizer)
+    data = task_data(job.cfg, tok)
+    model = build(job)
+    cfg = train_config(job.cfg, job.lr, job.seed, steps=job.cfg.memory_steps)
+    return measure_peak(lambda: train(model, data.rows, cfg, pad_id=tok.pad_id, length=job.cfg.seq_len),
+                        model=model) / 2 ** 20
 
 
 # =====================================================================================================================
-# 3. The whole ablation
+# Worker processes
 # =====================================================================================================================
 
-def run_ablation(cfg: AblationConfig) -> dict:
-    t_start = time.perf_counter()
-    out = Path(cfg.out)
-    check_writable(out)
-    tokenizer = D.builtin_tokenizer(cfg.cache_dir, cfg.vocab_size, D.builtin_corpus(cfg.cache_dir))
-    base, base_info = pretrained_base(cfg, tokenizer)
-    base_eval = evaluate_base(cfg, base, tokenizer)
-    rows, curves = [], {}
+def _init_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+    torch.set_flush_denormal(True)
+
+
+class Workers:
+    """`jobs` spawned processes (or this one, for jobs=1) that map a function over independent runs, in order."""
+
+    def __init__(self, jobs: int, threads: int, progress: bool):
+        _init_process(threads)
+        self.progress = progress
+        self.pool = None
+        if jobs > 1:  # spawn, not fork: a forked child of a process that used OpenMP threads can hang
+            self.pool = multiprocessing.get_context("spawn").Pool(jobs, _init_process, (threads,))
+
+    def map(self, fn, items: list, desc: str) -> list:
+        it = map(fn, items) if self.pool is None else self.pool.imap(fn, items)
+        return list(tqdm(it, total=len(items), desc=desc, disable=not self.progress, file=sys.stderr))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+# =====================================================================================================================
+# The learning-rate sweep (cached) and the seeds
+# =====================================================================================================================
+
+def sweep_key(cfg: MainJobConfig, regime: str, method: str, base_key: str) -> str:
+    """Everything a sweep's runs depend on: the base, the task data, the budget, the method, its grid, the seed."""
+    fields = ("task", "seed", "steps", "batch_size", "seq_len", "n_train", "n_val", "n_test", "max_new_tokens",
+              "max_steps")
+    recipe = {"base": base_key, "regime": regime, "method": method, "options": METHODS[method],
+              "grid": LR_GRID[method], "torch": torch.__version__, **{f: getattr(cfg, f) for f in fields}}
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def choose(runs: list[dict]) -> dict:
+    """The sweep's choice: the lowest validation loss (smoother than exact match on 100 examples)."""
+    return min(runs, key=lambda r: r["val_loss"])
+
+
+def summarise(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for a single seed)."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def method_rows(cfg: MainJobConfig, regime: str, chosen: dict, runs: dict, sweeps: dict) -> list[dict]:
+    """One row per method: the chosen rate, every seed's test metrics, mean/std, and the paired differences to full
+    fine-tuning (method at seed s minus full at seed s)."""
+    rows = []
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
     for method in cfg.methods:
-        run_dir = out / method
-        if run_dir.exists():  # a previous ablation's run of this method: replaced, never resumed
-            shutil.rmtree(run_dir)
-        run_cfg = method_config(cfg, method, base, str(tokenizer.path), run_dir)
-        _say(f"--- {method}: {run_cfg.train.steps} steps, lr {run_cfg.train.lr:g}")
-        result = run(run_cfg)
-        hist = result.result.history
-        peak = peak_memory(run_cfg, tokenizer, cfg.memory_steps)
-        step_times = [h["step_time_s"] for h in hist[1:]] or [hist[0]["step_time_s"]]  # step 1 includes warm-up
-        rows.append({
-            "method": method, "trainable": result.trainable,
-            "trainable_pct": 100 * result.trainable / base_info["parameters"],
-            "peak_memory_mb": peak / 2 ** 20, "step_time_ms": 1000 * statistics.median(step_times),
-            "tokens_per_s": result.result.tokens / result.result.train_time_s,
-            "train_loss": hist[-1]["loss"], "eval_loss": hist[-1]["eval_loss"],
-            "exact_match": hist[-1]["exact_match"], "lr": run_cfg.train.lr,
-            "options": {k: v for k, v in run_cfg.method.items() if k != "name"}})
-        curves[method] = [[h["step"], h["loss"]] for h in hist]
-    wall = time.perf_counter() - t_start
+        per_seed = [runs[(regime, method, s)] for s in seeds]
+        em, loss = [r["test_exact_match"] for r in per_seed], [r["test_loss"] for r in per_seed]
+        grid = LR_GRID[method]
+        row = {"regime": regime, "method": method, "lr": chosen[method]["lr"], "seeds": seeds,
+               "lr_at_grid_edge": chosen[method]["lr"] in (grid[0], grid[-1]), "exact_match": em, "eval_loss": loss,
+               "trainable": per_seed[0]["trainable"], "step_time_ms": statistics.median(r["step_time_ms"]
+                                                                                         for r in per_seed),
+               "sweep_cached": sweeps[method]["cached"]}
+        row["exact_match_mean"], row["exact_match_std"] = summarise(em)
+        row["eval_loss_mean"], row["eval_loss_std"] = summarise(loss)
+        if "full" in cfg.methods:
+            full = [runs[(regime, "full", s)] for s in seeds]
+            d_em = [a - b["test_exact_match"] for a, b in zip(em, full)]
+            d_loss = [a - b["test_loss"] for a, b in zip(loss, full)]
+            row["delta_exact_match_vs_full"], row["delta_eval_loss_vs_full"] = d_em, d_loss
+            row["delta_exact_match_vs_full_mean"], row["delta_exact_match_vs_full_std"] = summarise(d_em)
+            row["delta_eval_loss_vs_full_mean"], row["delta_eval_loss_vs_full_std"] = summarise(d_loss)
+        rows.append(row)
+    return rows
+
+
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of the worker processes that have finished (the pool joins them)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
+    t0, c0 = time.perf_counter(), time.process_time() + children_cpu_s()
+    tok = tokenizer(cfg.cache_dir)  # trained once here (cached), before any worker needs it
+    workers = Workers(cfg.jobs, cfg.threads, cfg.progress)
+    try:
+        # -- 1. the two bases, side by side ---------------------------------------------------------------------------
+        bases = dict(zip(REGIMES, workers.map(
+            pretrain, [(cfg.base(r), cfg.cache_dir, cfg.task, False) for r in REGIMES], "bases")))
+        phases = {"tokenizer_and_bases_s": time.perf_counter() - t0}
+        for regime, (path, info) in bases.items():
+            _say(f"base {info['name']} ({regime}): raw-form probe {100 * info['raw_probe_exact_match']:.1f}% exact, "
+                 f"held-out loss {info['heldout_loss']}" + (" (cached)" if info["cached"] else ""))
+        job = lambda regime, method, lr, seed: Job(  # noqa: E731
+            regime, method, lr, seed, bases[regime][0], str(tok.path), cfg,
+            None if method is None else str(out / regime / method / f"lr{lr:g}-seed{seed}"))
+
+        # -- 2. the sweep: cached results, or one run per grid point at the first seed (plus the untouched bases) ---
+        sweeps, todo = {}, [job(r, None, 0.0, cfg.seed) for r in REGIMES]
+        root = D.cache_dir(cfg.cache_dir) / "sweeps"
+        for regime in REGIMES:
+            for method in cfg.methods:
+                path = root / f"{regime}-{method}-{sweep_key(cfg, regime, method, bases[regime][1]['key'])}.json"
+                if path.exists() and not cfg.resweep:
+                    sweeps[regime, method] = {"path": str(path), "cached": True,
+                                              "runs": json.loads(path.read_text())["runs"]}
+                else:
+                    sweeps[regime, method] = {"path": str(path), "cached": False, "runs": None}
+                    todo += [job(regime, method, lr, cfg.seed) for lr in LR_GRID[method]]
+        n_cached = sum(s["cached"] for s in sweeps.values())
+        if n_cached:
+            _say(f"learning rates: reusing {n_cached} cached sweep(s) of {len(sweeps)} from {root} "
+                 f"(pass --resweep to rerun them)")
+        t1 = time.perf_counter()
+        done = workers.map(fine_tune, todo, "sweep")
+        phases["sweep_s"] = time.perf_counter() - t1
+        base_evals = {r["regime"]: r for r in done[:len(REGIMES)]}
+        for key, sweep in sweeps.items():
+            if sweep["runs"] is None:
+                sweep["runs"] = [r for r in done[len(REGIMES):] if (r["regime"], r["method"]) == key]
+                root.mkdir(parents=True, exist_ok=True)
+                tmp = Path(sweep["path"] + f".tmp-{os.getpid()}")
+                tmp.write_text(json.dumps({"runs": sweep["runs"]}))
+                os.replace(tmp, sweep["path"])
+
+        # -- 3. the other seeds at each chosen rate ----------------------------------------------------------------
+        chosen = {key: choose(s["runs"]) for key, s in sweeps.items()}
+        runs = {(r, m, cfg.seed): c for (r, m), c in chosen.items()}
+        extra = [job(r, m, c["lr"], cfg.seed + i) for (r, m), c in chosen.items() for i in range(1, cfg.seeds)]
+        t1 = time.perf_counter()
+        for record in workers.map(fine_tune, extra, "seeds"):
+            runs[record["regime"], record["method"], record["seed"]] = record
+        phases["seeds_s"] = time.perf_counter() - t1
+        # -- 4. peak memory of one training step per method (regime-independent) -----------------------------------
+        memory = dict(zip(cfg.methods, workers.map(
+            peak_memory, [job("skill", m, chosen["skill", m]["lr"], cfg.seed) for m in cfg.methods], "memory")))
+    finally:
+        workers.close()
+
+    rows = []
+    for regime in REGIMES:
+        rows += method_rows(cfg, regime, {m: chosen[regime, m] for m in cfg.methods}, runs,
+                            {m: sweeps[regime, m] for m in cfg.methods})
+    total = bases["skill"][1]["parameters"]
+    for row in rows:
+        row["trainable_pct"] = 100 * row["trainable"] / total
+        row["peak_memory_mb"] = memory[row["method"]]
     report = {
-        "config": dataclasses.asdict(cfg), "base": {**base_info, **base_eval, "path": str(base)}, "rows": rows,
-        "curves": curves, "wall_time_s": wall,
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "device": cfg.device}}
+        "config": dataclasses.asdict(cfg), "regimes": {r: REGIME_TITLES[r] for r in REGIMES},
+        "bases": {r: {**info, "path": path, "test_loss": base_evals[r]["test_loss"],
+                      "test_exact_match": base_evals[r]["test_exact_match"]} for r, (path, info) in bases.items()},
+        "lr_grid": LR_GRID, "selection": "lowest validation loss at the first seed",
+        "sweep": [{"regime": r, "method": m, "cached": s["cached"], "path": s["path"], "chosen_lr": chosen[r, m]["lr"],
+                   "grid": [{k: run[k] for k in ("lr", "val_loss", "val_exact_match")} for run in s["runs"]]}
+                  for (r, m), s in sweeps.items()],
+        "rows": rows,
+        "runs": list(runs.values()),
+        "wall_time_s": time.perf_counter() - t0, "cpu_time_s": time.process_time() - c0 + children_cpu_s(),
+        "phase_wall_s": phases,
+        "environment": {"python": platform.python_version(), "torch": torch.__version__, "jobs": cfg.jobs,
+                        "threads": cfg.threads, "cpu_count": os.cpu_count(), "processor": platform.processor()}}
     (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(format_table(report) + "\n")
-    plot_curves(curves, out / "loss_curves.png", cfg.task)
+    (out / "results.md").write_text(format_tables(report) + "\n")
+    plot_results(report, out / "results.png")
+    plot_sweep(report, out / "lr_sweep.png")
     return report
-
-
-def format_table(report: dict) -> str:
-    head = ("| method | trainable params | % of model | peak memory (MB) | step (ms) | tokens/s | eval loss | "
-            "exact match |")
-    lines = [head, "|" + " --- |" * 8]
-    b = report["base"]
-    lines.append(f"| base (no fine-tuning) | 0 | 0 | – | – | – | {b['eval_loss']:.3f} | "
-                 f"{100 * b['exact_match']:.1f}% |")
-    for r in report["rows"]:
-        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['trainable_pct']:.2f} | {r['peak_memory_mb']:.1f} | "
-                     f"{r['step_time_ms']:.1f} | {r['tokens_per_s']:,.0f} | {r['eval_loss']:.3f} | "
-                     f"{100 * r['exact_match']:.1f}% |")
-    return "\n".join(lines)
-
-
-def plot_curves(curves: dict, path: Path, task: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for method, points in curves.items():
-        steps, losses = zip(*points)
-        ax.plot(steps, losses, label=method, linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (response tokens)")
-    ax.set_yscale("log")
-    ax.set_title(f"Fine-tuning the tiny base on '{task}': same data, same budget")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 # =====================================================================================================================
 # Command line
 # =====================================================================================================================
 
-def main(argv=None) -> dict:
-    d = AblationConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--task", default=d.task, help="reverse | sort | add | recall | mix (default %(default)s)")
+def parse(argv=None):
+    d = MainJobConfig()
+    p = experiment_parser(__doc__, "ablate_peft", seed=d.seed, threads=d.threads)
+    p.add_argument("--task", default=d.task, choices=sorted(D.RAW_SENTENCES), help="the skill")
     p.add_argument("--methods", nargs="+", default=list(d.methods), choices=list(METHODS))
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--out", default=d.out, help="output folder (default %(default)s)")
-    p.add_argument("--cache-dir", default=None, help="where the corpus, tokenizer and base model are cached "
+    p.add_argument("--seeds", type=positive(), default=d.seeds, help="fine-tuning seeds per method")
+    p.add_argument("--jobs", type=positive(), default=d.jobs, help="worker processes running runs side by side")
+    p.add_argument("--cache-dir", default=None, help="where the corpus, tokenizer, bases and sweeps are cached "
                    "(default $LLAMA_PEFT_CACHE or ~/.cache/llama-peft-zoo)")
-    p.add_argument("--device", default=d.device, help="cpu or cuda")
-    p.add_argument("--steps", type=int, default=d.steps, help="fine-tuning steps per method (default %(default)s)")
-    p.add_argument("--base-steps", type=int, default=d.base_steps, help="pre-training steps (default %(default)s)")
-    p.add_argument("--max-steps", type=int, default=None, help="cap every step count (smoke tests)")
-    p.add_argument("--n-eval", type=int, default=d.n_eval, help="held-out examples (default %(default)s)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the tiny matrices gain little "
-                   "from more, a busy machine loses a lot, and one thread gives the same bits on every machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
-    cfg = AblationConfig(task=a.task, methods=tuple(a.methods), seed=a.seed, out=a.out, cache_dir=a.cache_dir,
-                         device=a.device, steps=a.steps, base_steps=a.base_steps, max_steps=a.max_steps,
-                         n_eval=a.n_eval, progress=not a.no_progress)
-    t0 = time.perf_counter()
-    report = run_ablation(cfg)
-    print(format_table(report))
-    base = report["base"]
-    print(f"\ntask {cfg.task}; base: {base['parameters']:,} parameters, pre-trained {base['pretrain_steps']} steps"
-          f"{' (cached)' if base['cached'] else ''}; fine-tuning: {cfg.effective_steps[1]} steps × {cfg.batch_size} "
-          f"rows × {cfg.seq_len} tokens per method")
-    print(f"wall time {time.perf_counter() - t0:.1f} s; results in {cfg.out}/results.json, results.md, "
-          f"loss_curves.png")
+    p.add_argument("--resweep", action="store_true", help="rerun the learning-rate sweep even if it is cached")
+    p.add_argument("--steps", type=positive(), default=d.steps, help="fine-tuning steps per run")
+    p.add_argument("--base-steps", type=positive(), default=d.base_steps, help="pre-training steps per base")
+    p.add_argument("--n-test", type=positive(), default=d.n_test, help="held-out test examples")
+    p.add_argument("--max-steps", type=positive(), default=None, help="cap every step count (smoke tests)")
+    return p, p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    p, a = parse(argv)
+    cfg = MainJobConfig(task=a.task, methods=tuple(a.methods), seeds=a.seeds, seed=a.seed, jobs=a.jobs,
+                        threads=a.threads, cache_dir=a.cache_dir, resweep=a.resweep, progress=not a.no_progress,
+                        steps=a.steps, base_steps=a.base_steps, n_test=a.n_test, max_steps=a.max_steps)
+    out = start(a)
+    report = run_main_job(cfg, out)
+    print(format_tables(report))
+    print(f"\nwall time {report['wall_time_s']:.0f} s, CPU time {report['cpu_time_s']:.0f} s ({cfg.jobs} worker "
+          f"process(es) x {cfg.threads} thread(s)); "
+          f"results in {out}/results.json, results.md, results.png, lr_sweep.png")
     return report
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

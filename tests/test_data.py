@@ -239,3 +239,37 @@ def test_row_order_is_resumable_and_covers_each_epoch():
     assert D.RowOrder(10, seed=4).take(0, 10) != stream[:10]
     with pytest.raises(ValueError, match="no rows"):
         D.RowOrder(0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the skill in raw form (pre-training text of the main job's "papers' regime" base)
+
+
+def test_raw_skill_documents_show_correct_answers_outside_the_instruction_format_and_held_out_inputs():
+    docs = D.raw_skill_documents("sort", 300, seed=0)
+    assert len(docs) == 300 and docs == D.raw_skill_documents("sort", 300, seed=0)
+    held_out = {re.search(r"\d+", e.prompt).group() for e in D.task_examples("sort", 3000, "eval")}
+    pairs = []
+    for doc in docs:
+        assert "Sort:" not in doc and "Answer:" not in doc  # the instruction format is left for tuning to teach
+        # every sentence pairs the digits with their sorted form; parse both independently of the templates
+        found = re.findall(r"(\d{3,7})\D+?(\d{3,7})", doc)
+        assert len(found) >= 1
+        pairs += found
+    for x, y in pairs:
+        assert y == "".join(sorted(x, key=int)), (x, y)
+    assert not {x for x, _ in pairs} & held_out  # no held-out input ever appears in pre-training
+    assert len(pairs) > 600  # 2-5 sentences per document
+
+
+def test_raw_probes_ask_the_held_out_inputs_in_raw_form():
+    probes = D.raw_probe_examples("sort", 20)
+    held_out = D.task_examples("sort", 20, "eval")
+    for probe, ex in zip(probes, held_out):
+        digits = re.search(r"\d+", ex.prompt).group()
+        assert probe.prompt == f"The digits of {digits} in ascending order are" and probe.response == ex.response
+    assert D.raw_probe_correct(" 0123. Sorted, 12 becomes", "0123")
+    assert not D.raw_probe_correct(" 01234.", "0123")  # the whole first run of digits must match
+    assert not D.raw_probe_correct(" the digits 0123", "0123")  # and come first
+    with pytest.raises(ValueError, match="task 'add' has no raw form"):
+        D.raw_skill_documents("add", 3)

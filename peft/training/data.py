@@ -26,6 +26,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import sysconfig
 from dataclasses import dataclass, field
@@ -208,14 +209,20 @@ def _digits(rng: random.Random, lo: int, hi: int) -> str:
     return "".join(rng.choice("0123456789") for _ in range(rng.randint(lo, hi)))
 
 
-def _reverse(rng: random.Random) -> Example:
-    s = _digits(rng, 3, 7)
-    return Example(f"Reverse: {s}\nAnswer:", s[::-1])
+# The digit-string tasks: instruction prompt (with {x} for the digits) and the answer as a function of the digits.
+DIGIT_TASKS: dict[str, tuple[str, Callable[[str], str]]] = {
+    "reverse": ("Reverse: {x}\nAnswer:", lambda x: x[::-1]),
+    "sort": ("Sort: {x}\nAnswer:", lambda x: "".join(sorted(x))),
+}
 
 
-def _sort(rng: random.Random) -> Example:
-    s = _digits(rng, 3, 7)
-    return Example(f"Sort: {s}\nAnswer:", "".join(sorted(s)))
+def _digit_task(name: str) -> Callable[[random.Random], Example]:
+    instruction, answer = DIGIT_TASKS[name]
+
+    def make(rng: random.Random) -> Example:
+        x = _digits(rng, 3, 7)
+        return Example(instruction.format(x=x), answer(x))
+    return make
 
 
 def _add(rng: random.Random) -> Example:
@@ -232,8 +239,8 @@ def _recall(rng: random.Random) -> Example:
 
 
 TASKS: dict[str, Callable[[random.Random], Example]] = {
-    "reverse": _reverse,  # reverse a string of 3-7 digits
-    "sort": _sort,        # sort 3-7 digits ascending
+    "reverse": _digit_task("reverse"),  # reverse a string of 3-7 digits
+    "sort": _digit_task("sort"),        # sort 3-7 digits ascending
     "add": _add,          # add two integers in [0, 999]
     "recall": _recall,    # key-value recall: 3-5 letter=digit pairs, then one key is queried
 }
@@ -274,6 +281,61 @@ def task_examples(task: str, n: int, split: str = "train", seed: int = 0,
 def exact_match(prediction: str, reference: str) -> bool:
     """The task metric: the generated answer, stripped of surrounding whitespace, equals the reference exactly."""
     return prediction.strip() == reference.strip()
+
+
+# -- The same skills in raw form: pre-training text for a base that has the skill before it is asked for -------------
+# LLaMA had seen sorted lists, lookups and arithmetic in free text long before Alpaca asked for them in an instruction
+# format. These documents do the same for a digit task in miniature (the main job's "papers' regime",
+# scripts/ablate_peft.py): the skill appears in free-text sentences, never in the task's instruction format (so
+# instruction tuning still has a format to learn), and never on digits whose instruction prompt is held out (so the
+# held-out split stays unseen).
+
+RAW_SENTENCES: dict[str, tuple[str, ...]] = {  # {x}: the digits, {y}: the answer
+    "sort": ("The digits of {x} in ascending order are {y}.", "Sorted, {x} becomes {y}.",
+             ">>> ''.join(sorted('{x}'))\n'{y}'", "Putting the digits {x} in order gives {y}.", "{x} sorted is {y}."),
+    "reverse": ("The digits of {x} in reverse order are {y}.", "Reversed, {x} becomes {y}.", ">>> '{x}'[::-1]\n'{y}'",
+                "Reading the digits {x} backwards gives {y}.", "{x} reversed is {y}."),
+}
+RAW_PROBES = {"sort": "The digits of {x} in ascending order are", "reverse": "The digits of {x} in reverse order are"}
+
+
+def _raw_task(task: str) -> tuple[str, Callable[[str], str]]:
+    if task not in RAW_SENTENCES:
+        raise ValueError(f"task {task!r} has no raw form; use one of {sorted(RAW_SENTENCES)}")
+    return DIGIT_TASKS[task]
+
+
+def raw_skill_documents(task: str, n: int, seed: int = 0, eval_fraction: float = 0.1,
+                        sentences: tuple[int, int] = (2, 5)) -> list[str]:
+    """`n` documents of 2-5 free-text sentences, each showing `task`'s answer on fresh training-split digits."""
+    instruction, answer = _raw_task(task)
+    rng = random.Random(f"raw-{task}-{seed}")
+    docs = []
+    while len(docs) < n:
+        lines = []
+        for _ in range(rng.randint(*sentences)):
+            x = _digits(rng, 3, 7)
+            if not _is_eval(instruction.format(x=x), eval_fraction):
+                lines.append(rng.choice(RAW_SENTENCES[task]).format(x=x, y=answer(x)))
+        if lines:
+            docs.append(" ".join(lines))
+    return docs
+
+
+def raw_probe_examples(task: str, n: int, seed: int = 0, eval_fraction: float = 0.1) -> list[Example]:
+    """The held-out inputs of `task_examples(task, n, "eval")`, asked in raw form ("The digits of 4912 in ascending
+    order are"): what the base can do before any instruction tuning. Score with `raw_probe_correct`."""
+    instruction, answer = _raw_task(task)
+    prefix, suffix = instruction.split("{x}")
+    inputs = [e.prompt[len(prefix):len(e.prompt) - len(suffix)]
+              for e in task_examples(task, n, "eval", seed, eval_fraction)]
+    return [Example(RAW_PROBES[task].format(x=x), answer(x)) for x in inputs]
+
+
+def raw_probe_correct(continuation: str, answer: str) -> bool:
+    """Free text goes on after the answer (" 1249. Sorted, …"): the first run of digits must be the answer."""
+    found = re.match(r"\s*(\d+)", continuation)
+    return found is not None and found.group(1) == answer
 
 
 # =====================================================================================================================

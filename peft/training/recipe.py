@@ -42,7 +42,7 @@ from ..api import merge as merge_adapter
 from . import checkpointing
 from . import data as D
 from .checkpointing import check_writable, trainable_names
-from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, EvalSection, ModelSection,  # noqa: F401
+from .config import (PRETRAIN_SOURCES, SFT_SOURCES, DataSection, ModelSection,
                      RunConfig, build_config, differences, method_config, read_file, to_toml)
 from .loop import Dist, TrainResult, init_distributed, set_seed, split_batch, train
 
