@@ -60,13 +60,14 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python scripts/...` from anywhere
 
 import llama  # noqa: E402
+from llama.formats.io import atomic_write_bytes  # noqa: E402
 from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training import data as D  # noqa: E402
 from peft.training.loop import TrainConfig, evaluate_loss, set_seed, train  # noqa: E402
 from peft.training.memory import measure_peak  # noqa: E402
 from peft.training.recipe import apply_method, exact_match_accuracy  # noqa: E402
 from scripts._bases import BaseConfig, pretrained_base, tokenizer  # noqa: E402
-from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
+from scripts._cli import UsageError, experiment_parser, positive, run_cli, start, write_results  # noqa: E402
 from scripts._peft_report import format_tables, plot_results, plot_sweep  # noqa: E402
 
 # Each method's options. LoRA and QLoRA share one config (the QLoRA recipe's "all block linears"), so the pair
@@ -262,7 +263,8 @@ class Workers:
     """`jobs` spawned processes (or this one, for jobs=1) that map a function over independent runs, in order."""
 
     def __init__(self, jobs: int, threads: int, progress: bool):
-        _init_process(threads)
+        self.threads_before = torch.get_num_threads()
+        _init_process(threads)  # this process too: it runs the jobs itself for jobs=1, and must round like a worker
         self.progress = progress
         self.pool = None
         if jobs > 1:  # spawn, not fork: a forked child of a process that used OpenMP threads can hang
@@ -276,6 +278,8 @@ class Workers:
         if self.pool is not None:
             self.pool.close()
             self.pool.join()
+        torch.set_num_threads(self.threads_before)
+        torch.set_flush_denormal(False)  # IEEE behaviour again (the process default) for whoever called run_main_job
 
 
 # =====================================================================================================================
@@ -374,9 +378,7 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
             if sweep["runs"] is None:
                 sweep["runs"] = [r for r in done[len(REGIMES):] if (r["regime"], r["method"]) == key]
                 root.mkdir(parents=True, exist_ok=True)
-                tmp = Path(sweep["path"] + f".tmp-{os.getpid()}")
-                tmp.write_text(json.dumps({"runs": sweep["runs"]}))
-                os.replace(tmp, sweep["path"])
+                atomic_write_bytes(Path(sweep["path"]), json.dumps({"runs": sweep["runs"]}).encode())
 
         # -- 3. the other seeds at each chosen rate ----------------------------------------------------------------
         chosen = {key: choose(s["runs"]) for key, s in sweeps.items()}
@@ -414,8 +416,7 @@ def run_main_job(cfg: MainJobConfig, out: Path) -> dict:
         "phase_wall_s": phases,
         "environment": {"python": platform.python_version(), "torch": torch.__version__, "jobs": cfg.jobs,
                         "threads": cfg.threads, "cpu_count": os.cpu_count(), "processor": platform.processor()}}
-    (out / "results.json").write_text(json.dumps(report, indent=1))
-    (out / "results.md").write_text(format_tables(report) + "\n")
+    write_results(out, report, format_tables(report))
     plot_results(report, out / "results.png")
     plot_sweep(report, out / "lr_sweep.png")
     return report

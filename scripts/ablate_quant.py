@@ -33,7 +33,6 @@ levels against the N(0, 1) block distribution).
 from __future__ import annotations
 
 import copy
-import json
 import platform
 import sys
 import time
@@ -50,7 +49,8 @@ from kernels.nf4 import NF4_VALUES  # noqa: E402
 from peft.targets import BLOCK_LINEARS  # noqa: E402
 from peft.training.loop import evaluate_loss  # noqa: E402
 from scripts._bases import BaseConfig, heldout_rows, pretrained_base, raw_probe_accuracy, tokenizer  # noqa: E402
-from scripts._cli import UsageError, experiment_parser, positive, run_cli, start  # noqa: E402
+from scripts._cli import (UsageError, experiment_parser, flush_denormals, positive, run_cli, start,  # noqa: E402
+                          write_results)
 
 BLOCK = 64  # QLoRA's block size for the first-level absmax constants
 
@@ -259,12 +259,11 @@ def main(argv=None) -> dict:
     if a.n % 1024:
         raise UsageError(f"--n must be a multiple of 1024, got {a.n}")
     out = start(a)
-    torch.set_flush_denormal(True)
     base = BaseConfig(skill="sort", steps=a.base_steps)  # the main job's "skill" base at its default shape
-    report = run(base, a.n, a.seed, a.cache_dir, a.n_probe, not a.no_progress)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    with flush_denormals():
+        report = run(base, a.n, a.seed, a.cache_dir, a.n_probe, not a.no_progress)
     table = format_table(report)
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, report, table)
     plot(report, out / "quantisation.png")
     print(table)
     print(f"\nwall time {report['wall_time_s']:.0f} s, CPU time {report['cpu_time_s']:.0f} s; results in {out}/")

@@ -26,7 +26,6 @@ Outputs in --out: results.json, results.md, zero_init.png (training loss per ste
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import sys
@@ -42,7 +41,7 @@ from peft.adapter_v1 import AdaptionPrompt  # noqa: E402
 from peft.training.loop import set_seed, train  # noqa: E402
 from peft.training.recipe import apply_method  # noqa: E402
 from scripts._bases import BaseConfig, pretrained_base, tokenizer  # noqa: E402
-from scripts._cli import experiment_parser, positive, run_cli, start  # noqa: E402
+from scripts._cli import experiment_parser, flush_denormals, positive, run_cli, start, write_results  # noqa: E402
 from scripts.ablate_peft import MainJobConfig, scores, task_data, train_config  # noqa: E402
 
 INITS = ("zero", "random")
@@ -166,12 +165,11 @@ def main(argv=None) -> dict:
                    "(default $LLAMA_PEFT_CACHE or ~/.cache/llama-peft-zoo)")
     a = p.parse_args(argv)
     out = start(a)
-    torch.set_flush_denormal(True)
     cfg = MainJobConfig(seed=0, cache_dir=a.cache_dir, steps=a.steps, base_steps=a.base_steps, n_test=a.n_test)
-    report = run(cfg, [a.seed + i for i in range(a.seeds)], a.lr, a.random_std, not a.no_progress)
-    (out / "results.json").write_text(json.dumps(report, indent=1))
+    with flush_denormals():
+        report = run(cfg, [a.seed + i for i in range(a.seeds)], a.lr, a.random_std, not a.no_progress)
     table = format_table(report)
-    (out / "results.md").write_text(table + "\n")
+    write_results(out, report, table)
     plot(report, out / "zero_init.png")
     print(table)
     print(f"\nwall time {report['wall_time_s']:.0f} s, CPU time {report['cpu_time_s']:.0f} s; results in {out}/")

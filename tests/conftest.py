@@ -9,7 +9,9 @@ the compiled ones. Cases that need the other mode are skipped with the reason (t
 tests/test_kernels_compile_sm90.py compiles in a child process of its own when this one interprets.
 
 Also: scripts write only under their --out folder (docs/cli.md), so a test that runs one without --out would leave
-runs/ in the checkout; the session fails if it appeared.
+runs/ in the checkout; the session fails if it appeared. And a script that flushes denormal floats to zero (the
+ablations do, for speed) must switch IEEE behaviour back on when it returns: a test that leaves it off fails, since
+every later test would run on another arithmetic.
 """
 
 import os
@@ -40,3 +42,12 @@ def nothing_written_into_the_checkout():
     existed = runs.exists()
     yield
     assert existed or not runs.exists(), f"a test wrote {runs} into the checkout: give every script an --out"
+
+
+@pytest.fixture(autouse=True)
+def denormals_not_left_flushed():
+    yield
+    import torch
+
+    assert torch.tensor(1e-40, dtype=torch.float32).item() != 0, (
+        "this test left torch.set_flush_denormal(True) on: wrap the flushing code in scripts._cli.flush_denormals()")
